@@ -1,0 +1,27 @@
+"""Dependencies the routes declare: the engine and the loaded model's facts, from app.state."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.engine.engine import Engine
+from app.engine.errors import EngineStopped
+from app.models.loader import ModelInfo
+
+
+def get_engine(request: Request) -> Engine:
+    engine: Engine | None = getattr(request.app.state, "engine", None)
+    if engine is None or not engine.is_running:
+        raise EngineStopped("the model is not ready")
+    return engine
+
+
+def get_model_info(request: Request) -> ModelInfo:
+    info: ModelInfo = request.app.state.model_info
+    return info
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+ModelInfoDep = Annotated[ModelInfo, Depends(get_model_info)]

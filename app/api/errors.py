@@ -1,0 +1,103 @@
+"""Every error leaves as JSON {"error": {"type", "message", "field"}} with a fixed status per kind."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.engine.errors import EngineError, EngineStopped, InvalidRequest, Overloaded, RequestTimeout
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[EngineError], int] = {
+    InvalidRequest: 422,
+    Overloaded: 429,
+    RequestTimeout: 504,
+    EngineStopped: 503,
+}
+
+
+def status_for(error: EngineError) -> int:
+    for kind, status in STATUS.items():
+        if isinstance(error, kind):
+            return status
+    return 500
+
+
+def error_body(kind: str, message: str, field: str | None = None) -> dict[str, Any]:
+    return {"error": {"type": kind, "message": message, "field": field}}
+
+
+def engine_error_response(error: EngineError) -> JSONResponse:
+    headers = {}
+    if isinstance(error, Overloaded):
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    elif isinstance(error, EngineStopped):
+        headers["Retry-After"] = "5"
+    return JSONResponse(error_body(error.kind, error.message, error.field), status_code=status_for(error),
+                        headers=headers)  # fmt: skip
+
+
+def _field(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or None
+
+
+def _message(err: dict[str, Any]) -> str:
+    field = _field_of(err)
+    kind = err.get("type", "")
+    if kind == "json_invalid":
+        return f"request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}"
+    if kind == "extra_forbidden":
+        return f"unknown field '{field}'"
+    if kind == "missing":
+        return f"'{field}' is required"
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"{field}: {msg}" if field else msg
+
+
+def _field_of(err: dict[str, Any]) -> str | None:
+    # A JSON syntax error's location is a character offset, not a field.
+    return None if err.get("type") == "json_invalid" else _field(tuple(err.get("loc", ())))
+
+
+async def _validation(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    first = errors[0] if errors else {"msg": "invalid request"}
+    body = error_body("invalid_request", _message(first), _field_of(first))
+    if len(errors) > 1:
+        body["error"]["details"] = [
+            {"field": _field_of(e), "message": _message(e)} for e in errors[:20]
+        ]
+    return JSONResponse(body, status_code=422)
+
+
+async def _engine(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, EngineError)
+    return engine_error_response(exc)
+
+
+async def _http(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    kinds = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+    return JSONResponse(error_body(kinds.get(exc.status_code, "http_error"), str(exc.detail)),
+                        status_code=exc.status_code, headers=getattr(exc, "headers", None))  # fmt: skip
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(EngineError, _engine)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,114 @@
+"""HTTP request and response bodies. Unknown fields are refused (422), so typos never pass silently."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerateRequest(StrictModel):
+    prompt: str = Field(min_length=1, description="Text to continue.")
+    max_new_tokens: int | None = Field(default=None, ge=1, description="New tokens at most (wins over max_length).")
+    max_length: int | None = Field(default=None, ge=1, description="Prompt + new tokens (transformers' meaning).")
+    temperature: float | None = Field(default=None, ge=0, description="0 = greedy. Setting it turns on sampling.")
+    top_k: int | None = Field(default=None, ge=0, description="Keep the k most likely tokens; 0 = off.")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass; 1 = off.")
+    repetition_penalty: float | None = Field(default=None, gt=0, description="1 = off; > 1 discourages repeats.")
+    do_sample: bool | None = Field(
+        default=None,
+        description="Sample instead of greedy decoding. Unset: sampling when temperature, top_k or top_p is given.",
+    )
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Seed for reproducible sampling.")
+    stop: list[str] | str | None = Field(default=None, description="Stop strings, trimmed from the output.")
+    num_return_sequences: int = Field(default=1, ge=1, description="Sequences to return (needs sampling when > 1).")
+    return_full_text: bool = Field(default=False, description="Prepend the prompt to each generated text.")
+    ignore_eos: bool = Field(default=False, description="Keep generating past the end-of-sequence token.")
+    stream: bool = Field(default=False, description="Server-Sent Events: one event per text delta, then a final one.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: list[str] | str | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 16:
+            raise ValueError("at most 16 stop strings")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        if any(len(s) > 256 for s in stops):
+            raise ValueError("stop strings must be at most 256 characters")
+        return stops
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Generation(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["length", "stop", "eos"]
+    completion_tokens: int
+    seed: int | None = Field(default=None, description="The seed this sequence was sampled with (None: greedy).")
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    model: str
+    generations: list[Generation]
+    usage: Usage
+    queue_seconds: float
+    total_seconds: float
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class EngineLimitsInfo(BaseModel):
+    max_batch_size: int
+    max_batch_tokens: int
+    max_prefill_tokens: int
+    max_queued_requests: int
+    max_prompt_tokens: int
+    max_new_tokens: int
+    default_max_new_tokens: int
+    max_return_sequences: int
+    request_timeout: float
+
+
+class EngineStateInfo(BaseModel):
+    running_requests: int
+    running_rows: int
+    waiting: int
+    steps: int
+    generated_tokens: int
+    completed_requests: int
+    failed_requests: int
+    kv_cache_bytes: int
+
+
+class InfoResponse(BaseModel):
+    version: str
+    model: str
+    source: str
+    architecture: str
+    parameters: int
+    device: str
+    dtype: str
+    context_length: int
+    vocab_size: int
+    has_chat_template: bool
+    limits: EngineLimitsInfo
+    engine: EngineStateInfo

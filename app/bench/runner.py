@@ -1,0 +1,218 @@
+"""The benchmark: N concurrent HTTP clients send a seeded mixed workload and we measure what they see.
+
+Workload (defaults): 64 requests, prompts of 20-200 tokens, max_new_tokens 16-128, 32 in flight, greedy
+with ignore_eos so every system generates exactly the same number of tokens.
+`--compare` starts each system itself (textgen's engine and the two baselines in app/bench/baselines.py)
+on the same model, one after the other, and reads each server's peak RSS from /proc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+TEXT = (
+    "The history of the river town begins with a ferry crossing, a mill and a handful of farms along the "
+    "northern bank. Over three centuries the settlement grew into a market centre, then an industrial city "
+    "whose brick warehouses still line the water. Engineers built a stone bridge in the eighteenth century, "
+    "and the arrival of the railway brought textile factories, workers from the surrounding valleys and a "
+    "rapid expansion of housing. The twentieth century saw decline as the mills closed, followed by a slow "
+    "renewal in which the old docks became offices, museums and apartments. Today the town is known for its "
+    "festivals, its university and a football club that has spent most of its existence in the lower divisions. "
+)
+WORDS_PER_TOKEN = 0.75  # English prose with GPT-2-style BPE
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt: str
+    max_new_tokens: int
+
+
+@dataclass
+class Result:
+    ok: bool
+    status: int
+    ttft: float
+    latency: float
+    completion_tokens: int
+
+
+def workload(n: int, seed: int, prompt_tokens: tuple[int, int], new_tokens: tuple[int, int]) -> list[Job]:
+    rng = random.Random(seed)
+    words = TEXT.split()
+    jobs = []
+    for _ in range(n):
+        count = max(1, int(rng.randint(*prompt_tokens) * WORDS_PER_TOKEN))
+        start = rng.randrange(len(words))
+        prompt = " ".join(words[(start + i) % len(words)] for i in range(count))
+        jobs.append(Job(prompt, rng.randint(*new_tokens)))
+    return jobs
+
+
+async def _one(client: httpx.AsyncClient, job: Job, stream: bool) -> Result:
+    body = {"prompt": job.prompt, "max_new_tokens": job.max_new_tokens, "ignore_eos": True, "stream": stream}
+    started = time.perf_counter()
+    ttft = None
+    tokens = 0
+    try:
+        if stream:
+            async with client.stream("POST", "/generate", json=body) as r:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    event = json.loads(line[6:])
+                    if event["type"] == "token" and ttft is None:
+                        ttft = time.perf_counter() - started
+                    elif event["type"] == "done":
+                        tokens = event["usage"]["completion_tokens"]
+                    elif event["type"] == "error":
+                        return Result(False, event.get("status", 500), 0, time.perf_counter() - started, 0)
+                status = r.status_code
+        else:
+            r = await client.post("/generate", json=body)
+            status = r.status_code
+            if status == 200:
+                tokens = r.json()["usage"]["completion_tokens"]
+    except httpx.HTTPError:
+        return Result(False, 0, 0, time.perf_counter() - started, 0)
+    latency = time.perf_counter() - started
+    return Result(status == 200, status, ttft if ttft is not None else latency, latency, tokens)
+
+
+async def drive(url: str, jobs: list[Job], concurrency: int, stream: bool) -> tuple[list[Result], float]:
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
+
+        async def gated(job: Job) -> Result:
+            async with gate:
+                return await _one(client, job, stream)
+
+        started = time.perf_counter()
+        results = await asyncio.gather(*(gated(j) for j in jobs))
+        return list(results), time.perf_counter() - started
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def summarize(name: str, results: list[Result], wall: float, rss_mb: float | None) -> dict[str, object]:
+    ok = [r for r in results if r.ok]
+    tokens = sum(r.completion_tokens for r in ok)
+    return {
+        "system": name,
+        "ok": f"{len(ok)}/{len(results)}",
+        "gen tokens": tokens,
+        "wall s": round(wall, 1),
+        "tok/s": round(tokens / wall, 1),
+        "req/s": round(len(ok) / wall, 2),
+        "TTFT p50": round(statistics.median([r.ttft for r in ok]), 2) if ok else None,
+        "TTFT p95": round(_pct([r.ttft for r in ok], 0.95), 2),
+        "lat p50": round(statistics.median([r.latency for r in ok]), 2) if ok else None,
+        "lat p95": round(_pct([r.latency for r in ok], 0.95), 2),
+        "peak RSS MB": None if rss_mb is None else round(rss_mb),
+    }
+
+
+def print_table(rows: list[dict[str, object]]) -> None:
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.rjust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).rjust(widths[c]) for c in cols))
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("server did not become ready")
+
+
+def _command(system: str, model: str | None, port: int, max_batch: int) -> list[str]:
+    model_args = ["--model", model] if model else []
+    if system == "engine":
+        return [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--log-level", "warning", *model_args]
+    return [sys.executable, "-m", "app.bench.baselines", "--system", system, "--port", str(port),
+            "--max-batch", str(max_batch), *model_args]  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server to load (without --compare)")
+    parser.add_argument("--pid", type=int, help="server pid, to report its peak RSS (without --compare)")
+    parser.add_argument("--compare", action="store_true", help="start engine, static and sequential servers in turn")
+    parser.add_argument("--systems", default="engine,static,sequential", help="with --compare: which, in order")
+    parser.add_argument("--model", help="with --compare: model for every system (default: the server's default)")
+    parser.add_argument("--port", type=int, default=8123, help="with --compare: port for the servers it starts")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, nargs=2, default=(20, 200), metavar=("MIN", "MAX"))
+    parser.add_argument("--new-tokens", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    jobs = workload(args.requests, args.seed, tuple(args.prompt_tokens), tuple(args.new_tokens))
+    print(f"workload: {len(jobs)} requests, {args.concurrency} concurrent, prompts {args.prompt_tokens[0]}-"
+          f"{args.prompt_tokens[1]} tokens, max_new_tokens {args.new_tokens[0]}-{args.new_tokens[1]}, greedy, "
+          f"ignore_eos; {os.cpu_count()} CPUs")  # fmt: skip
+    rows = []
+    if not args.compare:
+        results, wall = asyncio.run(drive(args.url, jobs, args.concurrency, stream=True))
+        rows.append(summarize(args.url, results, wall, peak_rss_mb(args.pid) if args.pid else None))
+    else:
+        url = f"http://127.0.0.1:{args.port}"
+        for system in args.systems.split(","):
+            proc = subprocess.Popen(_command(system, args.model, args.port, args.concurrency))
+            try:
+                _wait_ready(url, proc)
+                results, wall = asyncio.run(drive(url, jobs, args.concurrency, stream=system == "engine"))
+                rows.append(summarize(system, results, wall, peak_rss_mb(proc.pid)))
+            finally:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            print_table(rows)  # as it goes: the sequential run is long
+    print()
+    print_table(rows)
+    by = {str(r["system"]): float(r["tok/s"]) for r in rows}  # type: ignore[arg-type]
+    for other in ("static", "sequential"):
+        if "engine" in by and other in by and by[other]:
+            print(f"engine / {other}: {by['engine'] / by[other]:.2f}x tokens/s")
+    return 0

@@ -1,0 +1,50 @@
+"""Settings: every knob comes from the environment (prefix TEXTGEN_) or the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_STORE = Path(__file__).resolve().parent.parent / "model_store"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TEXTGEN_", extra="ignore")
+
+    # Model
+    model: str | None = Field(
+        default=None,
+        description="Model name or hub id. Unset: gpt2 if it is available locally, else smollm2-135m-instruct.",
+    )
+    model_store: Path = Field(default=DEFAULT_STORE, description="Folder holding pulled models.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="auto = bf16 (or fp16) on GPU, fp32 on CPU."
+    )
+    threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; unset = torch default.")
+    verify_weights: bool = Field(default=True, description="Check the manifest's sha256 of the weights on load.")
+    pull_missing: bool = Field(default=True, description="Pull the offline default model if it is missing.")
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    # Engine limits
+    max_batch_size: int = Field(default=32, ge=1, description="Rows decoded together in one step.")
+    max_batch_tokens: int = Field(
+        default=32768,
+        ge=16,
+        description="KV-cache budget in tokens: the sum over running rows of prompt + max new tokens.",
+    )
+    max_prefill_tokens: int = Field(
+        default=2048, ge=16, description="Prompt tokens prefilled in one step, so decoding rows are not starved."
+    )
+    max_queued_requests: int = Field(default=256, ge=0, description="Waiting requests before 429.")
+    max_prompt_tokens: int | None = Field(default=None, ge=1, description="Unset: the model's context length.")
+    max_new_tokens: int = Field(default=1024, ge=1, description="Cap on max_new_tokens per request.")
+    default_max_new_tokens: int = Field(default=64, ge=1)
+    max_return_sequences: int = Field(default=8, ge=1)
+    request_timeout: float = Field(default=300.0, gt=0, description="Seconds from arrival to the last token.")

@@ -1,0 +1,111 @@
+"""The running batch: the model's forward passes over a SlotCache, rows joining and leaving.
+
+Holds the sequences in slot order (`seqs[i].slot == i`) next to the cache; `join` and `leave` are the
+only places that change either, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from app.engine.kv_cache import SlotCache
+from app.engine.state import RequestState, SequenceState
+
+PrefillKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (B_prefill, H, P, D) keys and values
+
+
+class Batch:
+    def __init__(self, model: Any, max_rows: int) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.cache = SlotCache(model.config.num_hidden_layers, max_rows)
+        self.seqs: list[SequenceState] = []
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        """bool mask -> additive float mask in the model's dtype (works for sdpa and eager attention)."""
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.where(allowed, zero, torch.finfo(self.dtype).min)
+
+    @torch.inference_mode()
+    def prefill(self, requests: list[RequestState]) -> tuple[torch.Tensor, PrefillKV]:
+        """Run the prompts of `requests` together; return last-position logits (k, V) and their K/V."""
+        lens = [r.prompt_len for r in requests]
+        k, longest = len(requests), max(lens)
+        ids = torch.zeros((k, longest), dtype=torch.long)  # (k, P), left-padded
+        for j, r in enumerate(requests):
+            ids[j, longest - lens[j] :] = torch.tensor(r.prompt_ids)
+        ids = ids.to(self.device)
+        mask = None
+        positions = None
+        if k > 1 or lens[0] != longest:
+            pad = torch.tensor([longest - n for n in lens], device=self.device)  # (k,)
+            cols = torch.arange(longest, device=self.device)  # (P,)
+            positions = (cols.unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)  # (k, P)
+            causal = torch.ones(longest, longest, dtype=torch.bool, device=self.device).tril()  # (P, P)
+            real_key = cols.unsqueeze(0) >= pad.unsqueeze(1)  # (k, P)
+            mask = self._additive(causal.unsqueeze(0) & real_key.unsqueeze(1)).unsqueeze(1)  # (k, 1, P, P)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+            logits_to_keep=1,
+        )  # fmt: skip
+        kv: PrefillKV = [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
+        logits: torch.Tensor = out.logits[:, -1, :]  # (k, V)
+        return logits, kv
+
+    @torch.inference_mode()
+    def decode(self) -> torch.Tensor:
+        """One step for every row: feed each row's last token; return logits (B, V)."""
+        cache = self.cache
+        cache.reserve(len(self.seqs), max(s.kv_len for s in self.seqs))
+        width = cache.width
+        last = torch.tensor([[s.tokens[-1]] for s in self.seqs], device=self.device)  # (B, 1)
+        kv_len = torch.tensor([s.kv_len for s in self.seqs], device=self.device)  # (B,)
+        positions = kv_len.unsqueeze(1)  # (B, 1): the new token comes after the row's kv_len tokens
+        cols = torch.arange(width + 1, device=self.device)  # (W+1,)
+        allowed = cols.unsqueeze(0) >= (width - kv_len).unsqueeze(1)  # (B, W+1)
+        mask = self._additive(allowed)[:, None, None, :]  # (B, 1, 1, W+1)
+        out = self.model(
+            input_ids=last, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+            logits_to_keep=1,
+        )  # fmt: skip
+        cache.advance(1)
+        for s in self.seqs:
+            s.kv_len += 1
+        logits: torch.Tensor = out.logits[:, -1, :]  # (B, V)
+        return logits
+
+    def join(self, seq: SequenceState, kv: PrefillKV, src_row: int) -> None:
+        """Add a prefilled sequence; its first generated token is fed at the next decode."""
+        length = seq.request.prompt_len
+        self.cache.reserve(len(self.seqs) + 1, length, like=kv)
+        seq.slot = self.cache.add_row(kv, src_row, length)
+        seq.kv_len = length
+        self.seqs.append(seq)
+        assert self.seqs[seq.slot] is seq
+
+    def leave(self, seq: SequenceState) -> None:
+        slot = seq.slot
+        moved = self.cache.remove_row(slot)
+        last = self.seqs.pop()
+        if moved is not None:
+            self.seqs[slot] = last
+            last.slot = slot
+        seq.slot = -1
+        self.cache.shrink_window(max((s.kv_len for s in self.seqs), default=0))
+
+    def clear(self) -> list[SequenceState]:
+        """Drop every row (after a failed step): the cache's contents can no longer be trusted."""
+        dropped, self.seqs = self.seqs, []
+        for s in dropped:
+            s.slot = -1
+        self.cache.window.rows = 0
+        self.cache.shrink_window(0)
+        return dropped

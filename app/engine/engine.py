@@ -1,0 +1,454 @@
+"""The engine: one thread runs schedule -> step -> postprocess; the asyncio side only submits and reads.
+
+`submit` validates and tokenizes on the caller's thread, registers the request's channel, then queues
+it; the caller iterates the returned RequestStream. Continuous batching: every step decodes one token
+for each running row, then prefills newly admitted requests, whose rows join the batch for the next
+step. Finished rows leave at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from app.engine.batch import Batch, PrefillKV
+from app.engine.errors import (
+    EngineError,
+    EngineStopped,
+    InvalidRequest,
+    RequestTimeout,
+    StepFailed,
+)
+from app.engine.sampling import SampleRow, sample
+from app.engine.scheduler import Scheduler
+from app.engine.state import Channel, RequestState, SequenceState
+from app.engine.stopping import StreamText
+from app.engine.types import (
+    Event,
+    GenerationRequest,
+    RequestFailed,
+    RequestFinished,
+    SequenceFinished,
+    TokenDelta,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_batch_size: int = 32
+    max_batch_tokens: int = 32768
+    max_prefill_tokens: int = 2048
+    max_queued_requests: int = 256
+    max_prompt_tokens: int | None = None
+    max_new_tokens: int = 1024
+    default_max_new_tokens: int = 64
+    max_return_sequences: int = 8
+    request_timeout: float = 300.0
+
+
+@dataclass
+class EngineStats:
+    running_requests: int = 0
+    running_rows: int = 0
+    waiting: int = 0
+    steps: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    completed_requests: int = 0
+    failed_requests: int = 0
+    kv_cache_bytes: int = 0
+    batch_sizes: Counter[int] | None = None  # decode steps seen per batch size
+
+
+class RequestStream:
+    """Async iterator over one request's events. Closing it early aborts the request."""
+
+    def __init__(self, engine: Engine, state: RequestState) -> None:
+        self._engine = engine
+        self._state = state
+        self._finished = False
+
+    @property
+    def id(self) -> str:
+        return self._state.id
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self._state.prompt_len
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._finished:
+            raise StopAsyncIteration
+        event = await self._state.channel.queue.get()
+        if isinstance(event, RequestFinished | RequestFailed):
+            self._finished = True
+        return event
+
+    def abort(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._engine.abort(self._state)
+
+    async def aclose(self) -> None:
+        self.abort()
+
+
+class Engine:
+    def __init__(self, model: Any, tokenizer: Any, limits: EngineLimits, *, context_length: int,
+                 eos_token_ids: tuple[int, ...]) -> None:  # fmt: skip
+        self.model = model
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.context_length = context_length
+        self.max_prompt_tokens = min(limits.max_prompt_tokens or context_length, context_length)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.device = next(model.parameters()).device
+        self.scheduler = Scheduler(
+            limits.max_batch_size, limits.max_batch_tokens, limits.max_prefill_tokens, limits.max_queued_requests
+        )
+        self.batch = Batch(model, limits.max_batch_size)
+        self.running: dict[str, RequestState] = {}  # admitted, not finished; engine thread only
+        self._seq_ids = itertools.count()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stats = EngineStats(batch_sizes=Counter())
+        self._tokens_per_s = 0.0  # smoothed decode throughput, for Retry-After
+        self.fatal: BaseException | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="textgen-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with torch.inference_mode():  # freeing rows writes to the cache's inference tensors
+            for state in self._all_requests():
+                self._fail(state, EngineStopped("the server is shutting down"))
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
+    # ---- submission (event-loop thread) -------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        if not self.is_running:
+            raise EngineStopped("the engine is not running")
+        prompt_ids = self._prompt_ids(request)
+        max_new = self._max_new_tokens(request, len(prompt_ids))
+        self._check_sampling(request)
+        now = time.monotonic()
+        state = RequestState(
+            id=request.request_id or uuid.uuid4().hex,
+            request=request,
+            prompt_ids=prompt_ids,
+            max_new_tokens=max_new,
+            channel=Channel(asyncio.get_running_loop()),
+            arrival=now,
+            deadline=now + self._timeout(request),
+        )
+        if state.rows * state.reserved_tokens > self.limits.max_batch_tokens:
+            raise InvalidRequest(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}), times "
+                f"{state.rows} sequences, is {state.rows * state.reserved_tokens} tokens; this server's "
+                f"max_batch_tokens is {self.limits.max_batch_tokens}",
+                field="max_new_tokens",
+            )
+        state.sequences = [self._new_sequence(state, i) for i in range(state.rows)]
+        stream = RequestStream(self, state)  # the channel exists before the engine can see the request
+        self.scheduler.add(state, retry_after=self._retry_after())
+        self._wake.set()
+        return stream
+
+    def _all_requests(self) -> list[RequestState]:
+        waiting = [s for s in list(self.scheduler.waiting) if isinstance(s, RequestState)]
+        return list(self.running.values()) + waiting
+
+    def abort(self, state: RequestState) -> None:
+        """Thread-safe: the engine frees the request's rows at its next step."""
+        state.cancelled = True
+        self._wake.set()
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if isinstance(request.prompt, str):
+            if not request.prompt:
+                raise InvalidRequest("prompt must not be empty", field="prompt")
+            ids = self.tokenize(request.prompt)
+        else:
+            ids = list(request.prompt)
+            vocab = int(self.model.config.vocab_size)
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {vocab})", field="prompt")
+        if not ids:
+            raise InvalidRequest("prompt must contain at least one token", field="prompt")
+        if len(ids) > self.max_prompt_tokens:
+            raise InvalidRequest(
+                f"prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens} "
+                f"(model context length {self.context_length})",
+                field="prompt",
+            )
+        return ids
+
+    def _max_new_tokens(self, request: GenerationRequest, prompt_len: int) -> int:
+        cap = self.limits.max_new_tokens
+        room = self.context_length - prompt_len
+        if request.max_new_tokens is not None:
+            field, wanted = "max_new_tokens", request.max_new_tokens
+            if wanted < 1:
+                raise InvalidRequest("max_new_tokens must be >= 1", field=field)
+            if wanted > cap:
+                raise InvalidRequest(f"max_new_tokens must be <= {cap} (got {wanted})", field=field)
+        elif request.max_length is not None:
+            field, wanted = "max_length", request.max_length - prompt_len
+            if wanted < 1:
+                raise InvalidRequest(
+                    f"max_length ({request.max_length}) must be greater than the prompt's length "
+                    f"({prompt_len} tokens); max_length counts prompt + new tokens",
+                    field=field,
+                )
+            if wanted > cap:
+                raise InvalidRequest(
+                    f"max_length ({request.max_length}) allows {wanted} new tokens; the cap is {cap}", field=field
+                )
+        else:
+            # No limit asked for: the default, shortened to what the context still holds.
+            return max(1, min(self.limits.default_max_new_tokens, cap, room))
+        if wanted > room:
+            raise InvalidRequest(
+                f"prompt ({prompt_len} tokens) + {wanted} new tokens = {prompt_len + wanted} exceeds the "
+                f"model's context length of {self.context_length} tokens",
+                field=field,
+            )
+        return wanted
+
+    def _check_sampling(self, request: GenerationRequest) -> None:
+        p = request.sampling
+        n = request.num_return_sequences
+        checks = [
+            (p.temperature >= 0, "temperature", "temperature must be >= 0"),
+            (0 < p.top_p <= 1, "top_p", "top_p must be in (0, 1]"),
+            (p.top_k >= 0, "top_k", "top_k must be >= 0"),
+            (p.repetition_penalty > 0, "repetition_penalty", "repetition_penalty must be > 0"),
+            (1 <= n <= self.limits.max_return_sequences, "num_return_sequences",
+             f"num_return_sequences must be between 1 and {self.limits.max_return_sequences}"),
+            (n == 1 or not p.greedy, "num_return_sequences",
+             "num_return_sequences > 1 needs sampling (do_sample=true and temperature > 0): greedy "
+             "decoding would return the same text n times"),
+        ]  # fmt: skip
+        for ok, field, message in checks:
+            if not ok:
+                raise InvalidRequest(message, field=field)
+
+    def _new_sequence(self, state: RequestState, index: int) -> SequenceState:
+        params = state.request.sampling
+        generator = None
+        if not params.greedy:
+            # Every sampled row gets its own generator: its draws never depend on its batch-mates.
+            seed = params.seed + index if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            params = replace(params, seed=seed)
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        return SequenceState(
+            request=state, index=index, params=params, generator=generator, text=StreamText(state.request.stop)
+        )
+
+    def _timeout(self, request: GenerationRequest) -> float:
+        if request.timeout is None:
+            return self.limits.request_timeout
+        return min(max(request.timeout, 0.0), self.limits.request_timeout)
+
+    def _retry_after(self) -> float:
+        queued = self.scheduler.queued_tokens()
+        rate = self._tokens_per_s or 50.0
+        return float(max(1, math.ceil(queued / rate)))
+
+    # ---- the loop (engine thread) -------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():  # the cache's buffers are made and written only in here
+                self._run_until_stopped()
+        except BaseException as exc:  # the loop must never die silently
+            log.exception("engine loop died")
+            self.fatal = exc
+            self._stop.set()
+            for state in self._all_requests():
+                self._fail(state, EngineStopped("the engine stopped after an internal error"))
+
+    def _run_until_stopped(self) -> None:
+        while not self._stop.is_set():
+            if not self.running and not self.scheduler.queued:
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            self.step()
+
+    def step(self) -> None:
+        """schedule -> run -> postprocess."""
+        now = time.monotonic()
+        self._drop_cancelled_and_late(now)
+        plan = self.scheduler.schedule(now)
+        for state in plan.expired:
+            self._fail(state, RequestTimeout(f"request waited {now - state.arrival:.1f}s in the queue; "
+                                             f"its timeout is {self._timeout(state.request):g}s"))
+        for state in plan.cancelled:
+            self._close(state)
+        started = time.perf_counter()
+        produced = self._decode_running() + self._prefill(plan.admitted, now)
+        elapsed = time.perf_counter() - started
+        if produced:
+            rate = produced / max(elapsed, 1e-6)
+            self._tokens_per_s = rate if not self._tokens_per_s else 0.9 * self._tokens_per_s + 0.1 * rate
+        self._stats.steps += 1
+
+    def _decode_running(self) -> int:
+        if not self.batch.seqs:
+            return 0
+        seqs = list(self.batch.seqs)
+        assert self._stats.batch_sizes is not None
+        self._stats.batch_sizes[len(seqs)] += 1
+        try:
+            logits = self.batch.decode()  # (B, V)
+            tokens = sample(logits, [SampleRow(s.params, s.generator, s.history) for s in seqs])
+        except Exception as exc:
+            log.exception("decode step failed for %d rows", len(seqs))
+            for seq in self.batch.clear():
+                self._fail(seq.request, StepFailed(f"the model step failed: {type(exc).__name__}"))
+            return 0
+        for seq, token in zip(seqs, tokens, strict=True):
+            self._accept(seq, token)
+        return len(seqs)
+
+    def _prefill(self, admitted: list[RequestState], now: float) -> int:
+        if not admitted:
+            return 0
+        try:
+            logits, kv = self.batch.prefill(admitted)  # (k, V)
+            seqs = [seq for state in admitted for seq in state.sequences]
+            rows = [j for j, state in enumerate(admitted) for _ in state.sequences]
+            tokens = sample(logits[rows], [SampleRow(s.params, s.generator, s.history) for s in seqs])
+        except Exception as exc:
+            log.exception("prefill failed for %d requests", len(admitted))
+            for state in admitted:
+                self.scheduler.release(state, state.rows)  # reserved at admission, never ran
+                self._fail(state, StepFailed(f"the model step failed: {type(exc).__name__}"))
+            return 0
+        for state in admitted:
+            state.admitted_at = now
+            self.running[state.id] = state
+            self._stats.prompt_tokens += state.prompt_len
+        for seq, row, token in zip(seqs, rows, tokens, strict=True):
+            self._accept(seq, token, kv=kv, src_row=row)
+        return len(seqs)
+
+    # ---- postprocess --------------------------------------------------------------------------
+    def _accept(self, seq: SequenceState, token: int, kv: PrefillKV | None = None, src_row: int = 0) -> None:
+        """Append one token to a sequence: detokenize, check stops, emit, and join or leave the batch."""
+        state = seq.request
+        if state.done:
+            return
+        seq.tokens.append(token)
+        self._stats.generated_tokens += 1
+        finish = None
+        if token in self.eos_token_ids and not state.request.ignore_eos:
+            finish = "eos"
+        decoded = self.tokenizer.decode(seq.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if seq.text.feed(decoded):
+            finish = "stop"
+        elif finish is None and len(seq.tokens) >= state.max_new_tokens:
+            finish = "length"
+        delta = seq.text.release(final=finish is not None)
+        if delta:
+            state.channel.put(TokenDelta(seq.index, delta, token))
+        if finish is None:
+            if kv is not None:
+                self.batch.join(seq, kv, src_row)
+            return
+        seq.finish_reason = finish
+        if seq.slot >= 0:
+            self.batch.leave(seq)
+            self.scheduler.release(state)
+        elif kv is not None:
+            self.scheduler.release(state)  # finished on its first token: never joined
+        state.channel.put(SequenceFinished(seq.index, finish, seq.text.text, tuple(seq.tokens), seq.params.seed))
+        if not state.live_sequences():
+            self._finish(state)
+
+    def _finish(self, state: RequestState) -> None:
+        state.done = True
+        self.running.pop(state.id, None)
+        self._stats.completed_requests += 1
+        now = time.monotonic()
+        state.channel.put(RequestFinished(
+            prompt_tokens=state.prompt_len,
+            completion_tokens=sum(len(s.tokens) for s in state.sequences),
+            queue_seconds=(state.admitted_at or now) - state.arrival,
+            total_seconds=now - state.arrival,
+        ))  # fmt: skip
+
+    def _release_rows(self, state: RequestState) -> None:
+        for seq in state.sequences:
+            if seq.slot >= 0:
+                self.batch.leave(seq)
+            if state.id in self.running and seq.finish_reason is None:
+                self.scheduler.release(state)
+                seq.finish_reason = "aborted"
+
+    def _fail(self, state: RequestState, error: EngineError) -> None:
+        if state.done:
+            return
+        self._release_rows(state)
+        state.done = True
+        self.running.pop(state.id, None)
+        self._stats.failed_requests += 1
+        state.channel.put(RequestFailed(error))
+
+    def _close(self, state: RequestState) -> None:
+        """The client went away: free everything, tell no one."""
+        self._release_rows(state)
+        state.done = True
+        self.running.pop(state.id, None)
+
+    def _drop_cancelled_and_late(self, now: float) -> None:
+        for state in list(self.running.values()):
+            if state.cancelled:
+                self._close(state)
+            elif now > state.deadline:
+                self._fail(state, RequestTimeout(
+                    f"request ran past its timeout of {self._timeout(state.request):g}s"))  # fmt: skip
+
+    # ---- introspection ------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s = self._stats
+        return replace(
+            s,
+            running_requests=len(self.running),
+            running_rows=len(self.batch.seqs),
+            waiting=self.scheduler.queued,
+            kv_cache_bytes=self.batch.cache.nbytes(),
+            batch_sizes=Counter(s.batch_sizes),
+        )

@@ -1,0 +1,174 @@
+"""A KV cache whose rows can join and leave between decode steps without touching the other rows.
+
+Layout, per layer: preallocated buffers `k`, `v` of shape (row_capacity, kv_heads, len_capacity, head_dim).
+Active rows are slots [0, rows). Every row ends at the same column `end` (the next token of every row is
+written there), so rows are right-aligned: a row holding n tokens occupies columns [end - n, end). The
+attention window is [start, end) with start = end - (longest row); columns left of a shorter row are
+padding, masked out by the caller.
+
+- join: a newcomer's prefilled K/V (from its own prefill cache) is copied into a free slot, right-aligned.
+- leave: the last active slot is copied into the freed one (one row's window, not the whole cache).
+- decode: each layer writes one column at `end` in place; no concatenation of the whole cache per step.
+The buffers are reallocated (amortised, by growing) only when a row needs more columns or rows than
+there are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+@dataclass
+class Window:
+    rows: int = 0  # active slots [0, rows)
+    start: int = 0  # first column any active row uses
+    end: int = 0  # the column the next decoded token is written to
+
+
+class SlotLayer(CacheLayerMixin):
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, window: Window) -> None:
+        super().__init__()
+        self.window = window
+        self.k: torch.Tensor | None = None  # (row_cap, H, len_cap, D)
+        self.v: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise RuntimeError("SlotLayer buffers are allocated by SlotCache.reserve before the first step")
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.k is not None and self.v is not None
+        w = self.window
+        q = key_states.shape[-2]
+        self.k[: w.rows, :, w.end : w.end + q] = key_states
+        self.v[: w.rows, :, w.end : w.end + q] = value_states
+        # Views, not copies: (rows, H, window + q, D)
+        return self.k[: w.rows, :, w.start : w.end + q], self.v[: w.rows, :, w.start : w.end + q]
+
+    def get_seq_length(self) -> int:
+        return self.window.end - self.window.start
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class SlotCache(Cache):
+    def __init__(self, num_layers: int, max_rows: int) -> None:
+        self.window = Window()
+        self.max_rows = max_rows
+        self.slot_layers = [SlotLayer(self.window) for _ in range(num_layers)]
+        super().__init__(layers=list(self.slot_layers))
+
+    # ---- geometry -----------------------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        return self.window.rows
+
+    @property
+    def width(self) -> int:
+        return self.window.end - self.window.start
+
+    def _capacity(self) -> tuple[int, int]:
+        k = self.slot_layers[0].k
+        return (0, 0) if k is None else (k.shape[0], k.shape[2])
+
+    def reserve(self, rows: int, longest: int, like: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """Make room for `rows` active rows, each up to `longest` columns, plus one column to decode into.
+
+        `like` gives (keys, values) per layer to copy shapes/dtype from when nothing is allocated yet.
+        """
+        row_cap, len_cap = self._capacity()
+        w = self.window
+        need_end = max(longest, w.end)
+        if rows <= row_cap and need_end + 1 <= len_cap and w.end >= longest:
+            return
+        # Compact to the left edge: the window [start, end) moves to [new_end - width, new_end).
+        width = self.width if w.rows else 0
+        new_end = max(longest, width)
+        headroom = max(64, new_end // 2)
+        new_len_cap = max(len_cap, -(-(new_end + headroom) // 64) * 64)
+        new_row_cap = max(row_cap, min(self.max_rows, max(rows, 2 * row_cap, 4)))
+        new_row_cap = max(new_row_cap, rows)
+        for i, layer in enumerate(self.slot_layers):
+            if layer.k is None or layer.v is None:
+                assert like is not None, "first reserve needs example tensors"
+                kk, vv = like[i]
+                heads, dim, dtype, device = kk.shape[1], kk.shape[3], kk.dtype, kk.device
+                vdim = vv.shape[3]
+            else:
+                heads, dim, dtype, device = layer.k.shape[1], layer.k.shape[3], layer.k.dtype, layer.k.device
+                vdim = layer.v.shape[3]
+            new_k = torch.zeros(new_row_cap, heads, new_len_cap, dim, dtype=dtype, device=device)
+            new_v = torch.zeros(new_row_cap, heads, new_len_cap, vdim, dtype=dtype, device=device)
+            if layer.k is not None and layer.v is not None and w.rows and width:
+                new_k[: w.rows, :, new_end - width : new_end] = layer.k[: w.rows, :, w.start : w.end]
+                new_v[: w.rows, :, new_end - width : new_end] = layer.v[: w.rows, :, w.start : w.end]
+            layer.k, layer.v = new_k, new_v
+        w.start, w.end = new_end - width, new_end
+
+    # ---- rows ---------------------------------------------------------------------------------
+    def add_row(self, src: list[tuple[torch.Tensor, torch.Tensor]], src_row: int, length: int) -> int:
+        """Copy the last `length` columns of row `src_row` of a prefill cache into a new slot.
+
+        src: per layer (keys, values) of shape (B_prefill, H, P, D), left-padded. Call `reserve` first.
+        """
+        w = self.window
+        slot = w.rows
+        for layer, (keys, values) in zip(self.slot_layers, src, strict=True):
+            assert layer.k is not None and layer.v is not None
+            cols = keys.shape[2]
+            layer.k[slot, :, w.end - length : w.end] = keys[src_row, :, cols - length :]
+            layer.v[slot, :, w.end - length : w.end] = values[src_row, :, cols - length :]
+        w.rows += 1
+        w.start = min(w.start, w.end - length) if slot else w.end - length
+        return slot
+
+    def remove_row(self, slot: int) -> int | None:
+        """Free `slot`; the last active row moves into it. Returns the slot that moved (or None)."""
+        w = self.window
+        last = w.rows - 1
+        moved = None
+        if slot != last:
+            for layer in self.slot_layers:
+                assert layer.k is not None and layer.v is not None
+                layer.k[slot, :, w.start : w.end] = layer.k[last, :, w.start : w.end]
+                layer.v[slot, :, w.start : w.end] = layer.v[last, :, w.start : w.end]
+            moved = last
+        w.rows -= 1
+        return moved
+
+    def shrink_window(self, longest: int) -> None:
+        """After rows left: the window only needs the longest remaining row."""
+        w = self.window
+        w.start = w.end - longest if w.rows else w.end
+
+    def advance(self, q: int = 1) -> None:
+        """After a forward wrote q columns at `end` for every row."""
+        self.window.end += q
+
+    def nbytes(self) -> int:
+        return sum(
+            layer.k.nelement() * layer.k.element_size() * 2 for layer in self.slot_layers if layer.k is not None
+        )
+
+    # transformers' Cache API the models call
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.width
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.width + query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.width

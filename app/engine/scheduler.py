@@ -1,0 +1,102 @@
+"""Who runs next: a FIFO waiting queue admitted into the running batch under three budgets.
+
+Torch-free, so it is tested with fake requests. Budgets:
+- rows: sequences decoded together (max batch size);
+- KV tokens: the sum over running sequences of prompt + max_new_tokens, reserved at admission, so a
+  running batch can never outgrow the cache it was promised;
+- prefill tokens per step: padded prompt tokens prefilled in one step, so a burst of newcomers
+  does not stall the rows that are decoding (at least one request is always admitted).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from app.engine.errors import Overloaded
+
+
+class Schedulable(Protocol):
+    @property
+    def prompt_len(self) -> int: ...
+    @property
+    def rows(self) -> int: ...  # sequences this request decodes
+    @property
+    def reserved_tokens(self) -> int: ...  # per sequence: prompt + max new tokens
+    @property
+    def deadline(self) -> float: ...
+    @property
+    def cancelled(self) -> bool: ...
+
+
+@dataclass
+class Plan:
+    admitted: list = field(default_factory=list)  # prefill these this step
+    expired: list = field(default_factory=list)  # waited past their deadline: fail, never compute
+    cancelled: list = field(default_factory=list)  # client went away while waiting
+
+
+class Scheduler:
+    def __init__(self, max_rows: int, max_batch_tokens: int, max_prefill_tokens: int, max_waiting: int) -> None:
+        self.max_rows = max_rows
+        self.max_batch_tokens = max_batch_tokens
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_waiting = max_waiting
+        self.waiting: deque[Schedulable] = deque()
+        self.running_rows = 0
+        self.running_tokens = 0
+        self._lock = threading.Lock()  # add() runs on the event loop, the rest on the engine thread
+
+    def add(self, request: Schedulable, retry_after: float) -> None:
+        with self._lock:
+            if len(self.waiting) >= self.max_waiting:
+                raise Overloaded(
+                    f"the server is at capacity ({len(self.waiting)} requests waiting); retry later",
+                    retry_after=retry_after,
+                )
+            self.waiting.append(request)
+
+    def schedule(self, now: float) -> Plan:
+        plan = Plan()
+        longest = 0  # prompts prefilled together are padded to the longest
+        with self._lock:
+            while self.waiting:
+                head = self.waiting[0]
+                if head.cancelled:
+                    plan.cancelled.append(self.waiting.popleft())
+                    continue
+                if now > head.deadline:
+                    plan.expired.append(self.waiting.popleft())
+                    continue
+                rows = self.running_rows + head.rows
+                tokens = self.running_tokens + head.rows * head.reserved_tokens
+                padded = max(longest, head.prompt_len) * (len(plan.admitted) + 1)
+                if rows > self.max_rows or tokens > self.max_batch_tokens:
+                    break
+                if plan.admitted and padded > self.max_prefill_tokens:
+                    break
+                self.waiting.popleft()
+                plan.admitted.append(head)
+                longest = max(longest, head.prompt_len)
+                self.running_rows = rows
+                self.running_tokens = tokens
+            # Requests behind a blocked head may also have expired or been cancelled.
+            for request in list(self.waiting):
+                if request.cancelled or now > request.deadline:
+                    self.waiting.remove(request)
+                    (plan.cancelled if request.cancelled else plan.expired).append(request)
+        return plan
+
+    def release(self, request: Schedulable, rows: int = 1) -> None:
+        """`rows` sequences of a running request left the batch."""
+        self.running_rows -= rows
+        self.running_tokens -= rows * request.reserved_tokens
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    def queued_tokens(self) -> int:
+        return sum(r.rows * r.reserved_tokens for r in list(self.waiting))

@@ -1,0 +1,77 @@
+"""Per-request state: everything the engine knows about one request lives in these two objects.
+
+A RequestState owns its SequenceStates (one per returned sequence) and its output channel. The batch
+only holds references to sequences in slot order; nothing here is kept in parallel lists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from app.engine.stopping import StreamText
+from app.engine.types import Event, GenerationRequest, SamplingParams
+
+
+class Channel:
+    """Carries events from the engine thread to the request's asyncio task."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def put(self, event: Event) -> None:
+        # The loop may be closed at shutdown; nobody is listening then.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+@dataclass(eq=False)
+class SequenceState:
+    request: RequestState
+    index: int
+    params: SamplingParams
+    generator: torch.Generator | None
+    text: StreamText
+    tokens: list[int] = field(default_factory=list)  # generated ids
+    kv_len: int = 0  # tokens of this row held in the KV cache
+    slot: int = -1  # row in the batch, -1 when not in it
+    finish_reason: str | None = None
+
+    @property
+    def history(self) -> list[int]:
+        return self.request.prompt_ids + self.tokens
+
+
+@dataclass(eq=False)
+class RequestState:
+    id: str
+    request: GenerationRequest
+    prompt_ids: list[int]
+    max_new_tokens: int
+    channel: Channel
+    arrival: float
+    deadline: float
+    sequences: list[SequenceState] = field(default_factory=list)
+    admitted_at: float | None = None
+    cancelled: bool = False
+    done: bool = False
+
+    # Schedulable
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def rows(self) -> int:
+        return self.request.num_return_sequences
+
+    @property
+    def reserved_tokens(self) -> int:
+        return self.prompt_len + self.max_new_tokens
+
+    def live_sequences(self) -> list[SequenceState]:
+        return [s for s in self.sequences if s.finish_reason is None]

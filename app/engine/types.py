@@ -1,0 +1,80 @@
+"""What goes into the engine (a request) and what comes out (events). No torch, no FastAPI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from app.engine.errors import EngineError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-row decoding controls. `do_sample=False` (or temperature 0) is greedy, as in transformers."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One client request: a prompt (text or token ids) and how to continue it.
+
+    `max_length` is transformers' meaning (prompt + new tokens); when both are set, `max_new_tokens` wins.
+    """
+
+    prompt: str | list[int]
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    num_return_sequences: int = 1
+    ignore_eos: bool = False
+    request_id: str = ""
+    timeout: float | None = None  # seconds; None or more than the server's limit = the server's limit
+
+
+# ---- events, in the order a request sees them --------------------------------------------------
+@dataclass(frozen=True)
+class TokenDelta:
+    """New text of sequence `index`: may be empty while text is held back (a possible stop string)."""
+
+    index: int
+    text: str
+    token_id: int
+
+
+@dataclass(frozen=True)
+class SequenceFinished:
+    index: int
+    finish_reason: str  # "length" | "stop" | "eos"
+    text: str  # the whole generated text, stop string trimmed
+    token_ids: tuple[int, ...]  # every generated token, the EOS or stop-making ones included
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class RequestFinished:
+    """Last event of a successful request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    queue_seconds: float
+    total_seconds: float
+
+
+@dataclass(frozen=True)
+class RequestFailed:
+    """Last event of a failed request."""
+
+    error: EngineError
+
+
+Event = TokenDelta | SequenceFinished | RequestFinished | RequestFailed

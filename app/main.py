@@ -1,0 +1,105 @@
+"""The app factory: routers, error handlers, and a lifespan that loads the model and runs the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import __version__
+from app.api import generate, health
+from app.api.errors import install_error_handlers
+from app.config import Settings
+from app.engine.engine import Engine, EngineLimits
+from app.engine.types import GenerationRequest, RequestFailed
+from app.models.loader import LoadedModel, load_model
+from app.models.store import StoreError
+
+log = logging.getLogger("textgen")
+
+
+class ModelHeader:
+    """Adds `X-Textgen-Model` to every response, so each answer says which model gave it."""
+
+    def __init__(self, app: ASGIApp, fastapi_app: FastAPI) -> None:
+        self.app = app
+        self.fastapi_app = fastapi_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        info = getattr(self.fastapi_app.state, "model_info", None)
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start" and info is not None:
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-textgen-model", info.name.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
+def engine_limits(settings: Settings) -> EngineLimits:
+    return EngineLimits(
+        max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_prefill_tokens=settings.max_prefill_tokens,
+        max_queued_requests=settings.max_queued_requests,
+        max_prompt_tokens=settings.max_prompt_tokens,
+        max_new_tokens=settings.max_new_tokens,
+        default_max_new_tokens=settings.default_max_new_tokens,
+        max_return_sequences=settings.max_return_sequences,
+        request_timeout=settings.request_timeout,
+    )
+
+
+async def warm_up(engine: Engine) -> None:
+    """One short request through the whole engine, so the first client does not pay for first-call setup."""
+    stream = engine.submit(GenerationRequest(prompt="Hello", max_new_tokens=4, ignore_eos=True))
+    async for event in stream:
+        if isinstance(event, RequestFailed):
+            raise event.error
+
+
+def create_app(settings: Settings | None = None, loaded: LoadedModel | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            model = loaded if loaded is not None else await asyncio.to_thread(load_model, settings)
+        except StoreError as exc:
+            log.error("textgen cannot start: %s", exc)
+            raise SystemExit(f"textgen cannot start: {exc}") from None
+        engine = Engine(
+            model.model, model.tokenizer, engine_limits(settings),
+            context_length=model.info.context_length, eos_token_ids=model.info.eos_token_ids,
+        )  # fmt: skip
+        engine.start()
+        try:
+            await warm_up(engine)
+            app.state.engine = engine
+            app.state.model_info = model.info
+            log.info("serving %s (%s) on %s/%s", model.info.name, model.info.source, model.info.device,
+                     model.info.dtype)  # fmt: skip
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(
+        title="textgen",
+        version=__version__,
+        description="Text generation over a continuous-batching engine.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(generate.router)
+    app.include_router(health.router)
+    app.add_middleware(ModelHeader, fastapi_app=app)
+    return app

@@ -1,0 +1,126 @@
+"""Loads a model from the store onto a device: device, dtype, threads, and the facts the server reports."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from app.config import Settings
+from app.models.store import Located, ModelStore, StoreError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    source: str
+    path: str
+    architecture: str
+    parameters: int
+    device: str
+    dtype: str
+    context_length: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    has_chat_template: bool
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel (causal LM)
+    tokenizer: Any  # a transformers PreTrainedTokenizerFast
+    info: ModelInfo
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise StoreError("TEXTGEN_DEVICE=cuda but no CUDA device is visible; use TEXTGEN_DEVICE=cpu or auto")
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting != "auto":
+        return DTYPES[setting]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # bf16 matmuls are slower than fp32 on CPUs without AMX; fp32 is also the exact reference.
+    return torch.float32
+
+
+def locate_or_pull(store: ModelStore, name: str, pull_missing: bool) -> Located:
+    located = store.locate(name)
+    if located is not None:
+        return located
+    if not pull_missing:
+        raise StoreError(f"model '{name}' is not in {store.root}; run: textgen pull {name}")
+    log.info("model %s is not in %s; pulling it", name, store.root)
+    return store.pull(name)
+
+
+def context_length(config: Any) -> int:
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+    ids: list[int] = []
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.append(value)
+        elif isinstance(value, list):
+            ids.extend(int(v) for v in value)
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    return tuple(dict.fromkeys(ids))
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    store = ModelStore(settings.model_store)
+    name = settings.model or store.default_model()
+    located = locate_or_pull(store, name, settings.pull_missing)
+    if settings.verify_weights:
+        store.verify(located)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(located.path)
+    model = AutoModelForCausalLM.from_pretrained(located.path, dtype=dtype).to(device)  # type: ignore[arg-type]
+    model.eval()
+    model.requires_grad_(False)
+    parameters = sum(p.numel() for p in model.parameters())
+    info = ModelInfo(
+        name=name,
+        source=located.source,
+        path=str(located.path),
+        architecture=type(model).__name__,
+        parameters=parameters,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        context_length=context_length(model.config),
+        vocab_size=int(model.config.vocab_size),
+        eos_token_ids=eos_ids(model, tokenizer),
+        has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+    )
+    log.info(
+        "loaded %s (%s, %.1fM parameters) on %s/%s in %.1fs, %d torch threads",
+        name, info.architecture, parameters / 1e6, info.device, info.dtype,
+        time.perf_counter() - started, torch.get_num_threads(),
+    )  # fmt: skip
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info)

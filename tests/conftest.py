@@ -1,0 +1,97 @@
+"""Shared fixtures: models from the real store, and real uvicorn servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from app.config import Settings
+from app.main import create_app
+from app.models.loader import LoadedModel, load_model
+from app.models.store import OFFLINE_DEFAULT, TINY_GPT2, ModelStore
+
+# Tests use the project's model store (pulled once; CI pulls on its first run) unless told otherwise.
+STORE = Path(os.environ.get("TEXTGEN_TEST_STORE", Path(__file__).resolve().parent.parent / "model_store"))
+
+
+def _loaded(name: str) -> LoadedModel:
+    store = ModelStore(STORE)
+    if not store.has(name):
+        store.pull(name)
+    return load_model(Settings(model=name, model_store=STORE, threads=2))
+
+
+@pytest.fixture(scope="session")
+def tiny() -> LoadedModel:
+    return _loaded(TINY_GPT2)
+
+
+@pytest.fixture(scope="session")
+def smollm() -> LoadedModel:
+    return _loaded(OFFLINE_DEFAULT)
+
+
+class LiveServer:
+    """A real uvicorn server on 127.0.0.1 (random free port), running the app in its own thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                    lifespan="on", timeout_graceful_shutdown=5))  # fmt: skip
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = ""
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    @property
+    def engine(self) -> Any:
+        return self.app.state.engine
+
+
+@contextlib.contextmanager
+def live_server(model: LoadedModel, **settings: Any) -> Iterator[LiveServer]:
+    settings.setdefault("model_store", STORE)
+    app = create_app(Settings(model=model.info.name, **settings), loaded=model)
+    with LiveServer(app) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny: LoadedModel) -> Iterator[LiveServer]:
+    with live_server(tiny) as server:
+        yield server
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)

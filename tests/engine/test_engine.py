@@ -1,0 +1,169 @@
+"""Engine behaviour on the tiny model: limits, stops, n sequences, cancellation, timeouts, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from app.engine.engine import Engine
+from app.engine.errors import InvalidRequest, Overloaded, RequestTimeout, StepFailed
+from app.engine.types import GenerationRequest, SamplingParams, SequenceFinished, TokenDelta
+from app.models.loader import LoadedModel
+from tests.engine.helpers import eventually, make_engine, reference_greedy, run_request
+
+
+@pytest.fixture
+def engine(tiny: LoadedModel):  # type: ignore[no-untyped-def]
+    eng = make_engine(tiny)
+    yield eng
+    eng.stop()
+
+
+def split_stop(model: LoadedModel, prompt: str, n: int) -> tuple[str, str]:
+    """A stop string made of the end of one generated token and the start of the next."""
+    tokens = reference_greedy(model, prompt, n)
+    pieces = [model.tokenizer.decode([t]) for t in tokens]
+    for a, b in itertools.pairwise(pieces):
+        if len(a.strip()) >= 2 and len(b.strip()) >= 2:
+            stop = a[-2:] + b[:2]
+            full = model.tokenizer.decode(tokens)
+            return stop, full[: full.find(stop)]
+    raise AssertionError("no usable token boundary")
+
+
+async def test_max_length_counts_the_prompt(engine: Engine, tiny: LoadedModel) -> None:
+    prompt_len = len(tiny.tokenizer.encode("Hello world"))
+    out = await run_request(engine, GenerationRequest(prompt="Hello world", max_length=prompt_len + 7))
+    assert len(out.tokens) == 7 and out.sequences[0].finish_reason == "length"
+    assert out.finished is not None and out.finished.prompt_tokens == prompt_len
+
+
+async def test_stop_string_across_tokens_is_trimmed(engine: Engine, tiny: LoadedModel) -> None:
+    stop, expected = split_stop(tiny, "The capital of France is", 40)
+    out = await run_request(engine, GenerationRequest(prompt="The capital of France is", max_new_tokens=40,
+                                                      stop=(stop,)))  # fmt: skip
+    seq = out.sequences[0]
+    assert seq.finish_reason == "stop"
+    assert seq.text == expected
+    assert "".join(d.text for d in out.deltas) == expected  # the stream never showed any of the stop
+
+
+async def test_eos_finishes_with_reason_eos(engine: Engine, tiny: LoadedModel) -> None:
+    eos = tiny.info.eos_token_ids[0]
+    # A random model rarely says EOS; declare the 3rd token of its greedy output to be the EOS instead.
+    first = reference_greedy(tiny, "In 1990,", 5)
+    engine.eos_token_ids = frozenset({first[2]})
+    out = await run_request(engine, GenerationRequest(prompt="In 1990,", max_new_tokens=20))
+    engine.eos_token_ids = frozenset({eos})
+    assert out.sequences[0].finish_reason == "eos"
+    assert out.tokens == first[:3]
+    ignored = await run_request(engine, GenerationRequest(prompt="In 1990,", max_new_tokens=5, ignore_eos=True))
+    assert ignored.tokens == first
+
+
+async def test_num_return_sequences_are_distinct_and_reproducible(engine: Engine) -> None:
+    params = SamplingParams(do_sample=True, temperature=1.0, seed=7)
+    req = GenerationRequest(prompt="Once upon a time", max_new_tokens=12, num_return_sequences=3, sampling=params)
+    a = await run_request(engine, req)
+    b = await run_request(engine, req)
+    texts = [a.sequences[i].text for i in range(3)]
+    assert len(set(texts)) == 3
+    assert texts == [b.sequences[i].text for i in range(3)]
+    assert [a.sequences[i].seed for i in range(3)] == [7, 8, 9]
+    assert a.finished is not None and a.finished.completion_tokens == 36
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "field"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "hi", "max_new_tokens": 5000}, "max_new_tokens"),
+        ({"prompt": "hi there friend", "max_length": 2}, "max_length"),
+        ({"prompt": "hi " * 1100}, "prompt"),
+        ({"prompt": "hi " * 1000, "max_new_tokens": 100}, "max_new_tokens"),
+        ({"prompt": "hi", "num_return_sequences": 2}, "num_return_sequences"),
+        ({"prompt": "hi", "sampling": SamplingParams(temperature=-1)}, "temperature"),
+        ({"prompt": "hi", "sampling": SamplingParams(top_p=0)}, "top_p"),
+        ({"prompt": [1, 2, 99999999]}, "prompt"),
+    ],
+)
+async def test_invalid_requests_name_the_field(engine: Engine, request_kwargs: dict, field: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        engine.submit(GenerationRequest(**request_kwargs))
+    assert info.value.field == field
+
+
+async def test_prompt_too_long_names_both_numbers(engine: Engine, tiny: LoadedModel) -> None:
+    prompt = "hi " * 1100
+    n = len(tiny.tokenizer.encode(prompt))
+    with pytest.raises(InvalidRequest) as info:
+        engine.submit(GenerationRequest(prompt=prompt))
+    assert str(n) in info.value.message and "1024" in info.value.message
+
+
+async def test_cancel_frees_the_row_and_others_continue(engine: Engine) -> None:
+    long = GenerationRequest(prompt="Hello", max_new_tokens=900, ignore_eos=True)
+    keep = asyncio.ensure_future(run_request(engine, long))
+    stream = engine.submit(long)
+    async for event in stream:
+        if isinstance(event, TokenDelta):
+            break
+    assert await eventually(lambda: engine.stats().running_rows == 2)
+    await stream.aclose()
+    assert await eventually(lambda: engine.stats().running_rows == 1)
+    assert not keep.done()  # the other request is still decoding
+    out = await keep
+    assert out.error is None and len(out.tokens) == 900
+    assert engine.stats().running_rows == 0 and engine.scheduler.running_rows == 0
+
+
+async def test_queue_full_is_overloaded_and_admitted_requests_finish(tiny: LoadedModel) -> None:
+    engine = make_engine(tiny, max_batch_size=1, max_queued_requests=1)
+    try:
+        req = GenerationRequest(prompt="Hello", max_new_tokens=200, ignore_eos=True)
+        first = asyncio.ensure_future(run_request(engine, req))
+        assert await eventually(lambda: engine.stats().running_rows == 1)
+        second = engine.submit(req)  # waits: the only row is taken
+        with pytest.raises(Overloaded) as info:
+            engine.submit(req)
+        assert info.value.retry_after >= 1
+        a = await first
+        b = [e for e in [event async for event in second] if isinstance(e, SequenceFinished)]
+        assert len(a.tokens) == len(b[0].token_ids) == 200
+    finally:
+        engine.stop()
+
+
+async def test_timeouts_while_running_and_while_queued(tiny: LoadedModel) -> None:
+    engine = make_engine(tiny, max_batch_size=1, request_timeout=0.6)
+    try:
+        req = GenerationRequest(prompt="Hello", max_new_tokens=1000, ignore_eos=True)
+        short = GenerationRequest(prompt="Hello", max_new_tokens=5, timeout=0.1)  # expires behind `req`
+        running, queued = await asyncio.gather(run_request(engine, req), run_request(engine, short, delay=0.01))
+        assert isinstance(running.error, RequestTimeout)
+        assert isinstance(queued.error, RequestTimeout)
+        assert "queue" in str(queued.error)
+        assert not queued.deltas  # never computed
+        assert engine.stats().running_rows == 0 and engine.scheduler.running_rows == 0
+    finally:
+        engine.stop()
+
+
+async def test_a_failed_step_fails_its_rows_and_the_engine_goes_on(engine: Engine, tiny: LoadedModel) -> None:
+    original = engine.batch.decode
+    calls = {"n": 0}
+
+    def flaky():  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected")
+        return original()
+
+    engine.batch.decode = flaky  # type: ignore[method-assign]
+    out = await run_request(engine, GenerationRequest(prompt="Hello", max_new_tokens=10))
+    assert isinstance(out.error, StepFailed)
+    assert engine.stats().running_rows == 0 and engine.scheduler.running_rows == 0
+    after = await run_request(engine, GenerationRequest(prompt="Hello", max_new_tokens=10))
+    assert after.error is None and after.tokens == reference_greedy(tiny, "Hello", 10)
