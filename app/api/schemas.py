@@ -97,6 +97,9 @@ class EngineStateInfo(BaseModel):
     completed_requests: int
     failed_requests: int
     kv_cache_bytes: int
+    decode_seconds: float
+    prefill_seconds: float
+    busy_seconds: float
 
 
 class InfoResponse(BaseModel):

@@ -9,7 +9,6 @@ step. Finished rows leave at once.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import math
 import threading
@@ -70,6 +69,9 @@ class EngineStats:
     completed_requests: int = 0
     failed_requests: int = 0
     kv_cache_bytes: int = 0
+    decode_seconds: float = 0.0  # in the model's decode forward + sampling
+    prefill_seconds: float = 0.0  # in the model's prefill forward + sampling
+    busy_seconds: float = 0.0  # in steps, postprocessing included
     batch_sizes: Counter[int] | None = None  # decode steps seen per batch size
 
 
@@ -124,7 +126,6 @@ class Engine:
         )
         self.batch = Batch(model, limits.max_batch_size)
         self.running: dict[str, RequestState] = {}  # admitted, not finished; engine thread only
-        self._seq_ids = itertools.count()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -320,6 +321,7 @@ class Engine:
         started = time.perf_counter()
         produced = self._decode_running() + self._prefill(plan.admitted, now)
         elapsed = time.perf_counter() - started
+        self._stats.busy_seconds += elapsed
         if produced:
             rate = produced / max(elapsed, 1e-6)
             self._tokens_per_s = rate if not self._tokens_per_s else 0.9 * self._tokens_per_s + 0.1 * rate
@@ -331,9 +333,11 @@ class Engine:
         seqs = list(self.batch.seqs)
         assert self._stats.batch_sizes is not None
         self._stats.batch_sizes[len(seqs)] += 1
+        started = time.perf_counter()
         try:
             logits = self.batch.decode()  # (B, V)
             tokens = sample(logits, [SampleRow(s.params, s.generator, s.history) for s in seqs])
+            self._stats.decode_seconds += time.perf_counter() - started
         except Exception as exc:
             log.exception("decode step failed for %d rows", len(seqs))
             for seq in self.batch.clear():
@@ -344,29 +348,29 @@ class Engine:
         return len(seqs)
 
     def _prefill(self, admitted: list[RequestState], now: float) -> int:
-        if not admitted:
-            return 0
-        try:
-            logits, kv = self.batch.prefill(admitted)  # (k, V)
-            seqs = [seq for state in admitted for seq in state.sequences]
-            rows = [j for j, state in enumerate(admitted) for _ in state.sequences]
-            tokens = sample(logits[rows], [SampleRow(s.params, s.generator, s.history) for s in seqs])
-        except Exception as exc:
-            log.exception("prefill failed for %d requests", len(admitted))
-            for state in admitted:
+        produced = 0
+        for state in admitted:
+            started = time.perf_counter()
+            try:
+                logits, kv = self.batch.prefill(state)  # (V,)
+                rows = [SampleRow(s.params, s.generator, s.history) for s in state.sequences]
+                tokens = sample(logits.unsqueeze(0).expand(len(rows), -1), rows)
+                self._stats.prefill_seconds += time.perf_counter() - started
+            except Exception as exc:
+                log.exception("prefill failed for request %s", state.id)
                 self.scheduler.release(state, state.rows)  # reserved at admission, never ran
                 self._fail(state, StepFailed(f"the model step failed: {type(exc).__name__}"))
-            return 0
-        for state in admitted:
+                continue
             state.admitted_at = now
             self.running[state.id] = state
             self._stats.prompt_tokens += state.prompt_len
-        for seq, row, token in zip(seqs, rows, tokens, strict=True):
-            self._accept(seq, token, kv=kv, src_row=row)
-        return len(seqs)
+            for seq, token in zip(state.sequences, tokens, strict=True):
+                self._accept(seq, token, kv=kv)
+            produced += len(tokens)
+        return produced
 
     # ---- postprocess --------------------------------------------------------------------------
-    def _accept(self, seq: SequenceState, token: int, kv: PrefillKV | None = None, src_row: int = 0) -> None:
+    def _accept(self, seq: SequenceState, token: int, kv: PrefillKV | None = None) -> None:
         """Append one token to a sequence: detokenize, check stops, emit, and join or leave the batch."""
         state = seq.request
         if state.done:
@@ -386,7 +390,7 @@ class Engine:
             state.channel.put(TokenDelta(seq.index, delta, token))
         if finish is None:
             if kv is not None:
-                self.batch.join(seq, kv, src_row)
+                self.batch.join(seq, kv)
             return
         seq.finish_reason = finish
         if seq.slot >= 0:

