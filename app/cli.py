@@ -1,4 +1,4 @@
-"""textgen serve | pull | models | bench."""
+"""textgen serve | pull | models | bench | eval."""
 
 from __future__ import annotations
 
@@ -95,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(bench)
     bench.set_defaults(func=_bench)
+
+    evaluate = sub.add_parser("eval", help="measure a running server's task endpoints on public data")
+    from app.evaluate import add_arguments as eval_arguments
+    from app.evaluate import run_eval
+
+    eval_arguments(evaluate)
+    evaluate.set_defaults(func=run_eval)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
-from app.api import generate, health
+from app.api import generate, health, tasks
 from app.api.errors import install_error_handlers
 from app.config import Settings
 from app.engine.engine import Engine, EngineLimits
@@ -100,6 +100,7 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(generate.router)
+    app.include_router(tasks.router)
     app.include_router(health.router)
     app.add_middleware(ModelHeader, fastapi_app=app)
     return app

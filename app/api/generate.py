@@ -10,7 +10,7 @@ from fastapi.sse import EventSourceResponse
 
 from app.api.deps import EngineDep, ModelInfoDep
 from app.api.errors import error_body, status_for
-from app.api.schemas import ErrorResponse, GenerateRequest, GenerateResponse, Generation, Usage
+from app.api.schemas import ErrorResponse, GenerateRequest, GenerateResponse, Generation, SamplingFields, Usage
 from app.api.streaming import SSE_HEADERS, Collected, collect, sse_events
 from app.engine.errors import EngineError
 from app.engine.types import GenerationRequest, SamplingParams, TokenDelta
@@ -28,7 +28,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def sampling_params(body: GenerateRequest) -> SamplingParams:
+def sampling_params(body: SamplingFields) -> SamplingParams:
     # Like TGI: asking for a temperature / top-k / top-p means asking for sampling.
     wants_sampling = any(v is not None for v in (body.temperature, body.top_k, body.top_p))
     return SamplingParams(
@@ -105,9 +105,9 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, i
 
         return EventSourceResponse(sse_events(stream, on_delta, on_done, on_error), headers=SSE_HEADERS)
 
-    result = await collect(request.receive, stream)
-    if result is None:  # the client left; nobody reads this
+    results = await collect(request.receive, [stream])
+    if results is None:  # the client left; nobody reads this
         return Response(status_code=499)
     return Response(
-        build_response(body, request_id, info.name, result).model_dump_json(), media_type="application/json"
+        build_response(body, request_id, info.name, results[0]).model_dump_json(), media_type="application/json"
     )

@@ -11,10 +11,10 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class GenerateRequest(StrictModel):
-    prompt: str = Field(min_length=1, description="Text to continue.")
-    max_new_tokens: int | None = Field(default=None, ge=1, description="New tokens at most (wins over max_length).")
-    max_length: int | None = Field(default=None, ge=1, description="Prompt + new tokens (transformers' meaning).")
+class SamplingFields(StrictModel):
+    """Decoding controls shared by /generate and the task endpoints."""
+
+    max_new_tokens: int | None = Field(default=None, ge=1, description="New tokens at most.")
     temperature: float | None = Field(default=None, ge=0, description="0 = greedy. Setting it turns on sampling.")
     top_k: int | None = Field(default=None, ge=0, description="Keep the k most likely tokens; 0 = off.")
     top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass; 1 = off.")
@@ -24,6 +24,13 @@ class GenerateRequest(StrictModel):
         description="Sample instead of greedy decoding. Unset: sampling when temperature, top_k or top_p is given.",
     )
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Seed for reproducible sampling.")
+
+
+class GenerateRequest(SamplingFields):
+    prompt: str = Field(min_length=1, description="Text to continue.")
+    max_length: int | None = Field(
+        default=None, ge=1, description="Prompt + new tokens (transformers' meaning); max_new_tokens wins."
+    )
     stop: list[str] | str | None = Field(default=None, description="Stop strings, trimmed from the output.")
     num_return_sequences: int = Field(default=1, ge=1, description="Sequences to return (needs sampling when > 1).")
     return_full_text: bool = Field(default=False, description="Prepend the prompt to each generated text.")
@@ -115,3 +122,89 @@ class InfoResponse(BaseModel):
     has_chat_template: bool
     limits: EngineLimitsInfo
     engine: EngineStateInfo
+
+
+def _texts(text: str | None, texts: list[str] | None, limit: int) -> list[str]:
+    if (text is None) == (texts is None):
+        raise ValueError("give exactly one of 'text' and 'texts'")
+    items = [text] if text is not None else list(texts or [])
+    if not items:
+        raise ValueError("'texts' must not be empty")
+    if len(items) > limit:
+        raise ValueError(f"at most {limit} texts per call (got {len(items)})")
+    if any(not t.strip() for t in items):
+        raise ValueError("texts must not be empty")
+    return items
+
+
+class SentimentRequest(StrictModel):
+    text: str | None = Field(default=None, description="One text to classify.")
+    texts: list[str] | None = Field(default=None, description="Up to 64 texts, scored as a batch.")
+    labels: list[str] = Field(default=["negative", "positive"], min_length=2, max_length=20,
+                              description="Candidate labels (each may be several tokens).")  # fmt: skip
+    calibrate: bool = Field(default=True, description="Contextual calibration against content-free inputs.")
+
+    def items(self) -> list[str]:
+        return _texts(self.text, self.texts, 64)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: list[str]) -> list[str]:
+        if any(not label.strip() for label in value):
+            raise ValueError("labels must not be empty")
+        if len(set(value)) != len(value):
+            raise ValueError("labels must be distinct")
+        return value
+
+
+class SentimentResult(BaseModel):
+    label: str
+    score: float = Field(description="Probability of the chosen label.")
+    scores: dict[str, float] = Field(description="Probability of every label (calibrated when asked), sums to 1.")
+    uncalibrated: dict[str, float] = Field(description="Label probabilities before calibration.")
+    logprobs: dict[str, list[float]] = Field(
+        description="Per prompt (see `prompts`): sum of the label tokens' log-probabilities after it."
+    )
+
+
+class SentimentResponse(BaseModel):
+    model: str
+    results: list[SentimentResult]
+    calibrated: bool
+    prompts: list[str] = Field(description="The prompts whose label distributions were averaged.")
+    usage: Usage
+
+
+class TranslateRequest(SamplingFields):
+    text: str | None = Field(default=None, description="One text to translate.")
+    texts: list[str] | None = Field(default=None, description="Up to 64 texts, translated as a batch.")
+    source_lang: str = Field(default="en", description="ISO 639-1 code or English name of the source language.")
+    target_lang: str = Field(description="ISO 639-1 code or English name of the target language.")
+
+    def items(self) -> list[str]:
+        return _texts(self.text, self.texts, 64)
+
+
+class TranslateResponse(BaseModel):
+    model: str
+    source_lang: str
+    target_lang: str
+    translations: list[str]
+    finish_reasons: list[Literal["length", "stop", "eos"]]
+    usage: Usage
+
+
+class SummarizeRequest(SamplingFields):
+    text: str | None = Field(default=None, description="One article to summarize.")
+    texts: list[str] | None = Field(default=None, description="Up to 16 articles, summarized as a batch.")
+
+    def items(self) -> list[str]:
+        return _texts(self.text, self.texts, 16)
+
+
+class SummarizeResponse(BaseModel):
+    model: str
+    summaries: list[str]
+    finish_reasons: list[Literal["length", "stop", "eos"]]
+    truncated: list[bool] = Field(description="True where the article was cut (its lead kept) to fit the context.")
+    usage: Usage

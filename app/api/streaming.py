@@ -17,12 +17,13 @@ from fastapi.sse import format_sse_event
 from starlette.types import Receive
 
 from app.engine.engine import RequestStream
-from app.engine.types import RequestFailed, RequestFinished, SequenceFinished, TokenDelta
+from app.engine.types import RequestFailed, RequestFinished, Scores, SequenceFinished, TokenDelta
 
 
 @dataclass
 class Collected:
     sequences: dict[int, SequenceFinished] = field(default_factory=dict)
+    scores: Scores | None = None
     finished: RequestFinished | None = None
 
 
@@ -31,6 +32,8 @@ async def _drain(stream: RequestStream) -> Collected:
     async for event in stream:
         if isinstance(event, SequenceFinished):
             result.sequences[event.index] = event
+        elif isinstance(event, Scores):
+            result.scores = event
         elif isinstance(event, RequestFinished):
             result.finished = event
         elif isinstance(event, RequestFailed):
@@ -45,22 +48,28 @@ async def _client_gone(receive: Receive) -> None:
             return
 
 
-async def collect(receive: Receive, stream: RequestStream) -> Collected | None:
-    """All of a request's results, or None if the client disconnected first (the request is aborted)."""
-    work = asyncio.ensure_future(_drain(stream))
-    gone = asyncio.ensure_future(_client_gone(receive))
+async def collect(receive: Receive, streams: list[RequestStream]) -> list[Collected] | None:
+    """All results of the requests one HTTP call made, or None if the client disconnected first.
+
+    Whatever ends it early (a disconnect, one request's error) aborts every request still running.
+    """
+    drains = [asyncio.ensure_future(_drain(s)) for s in streams]
+    work: asyncio.Future[list[Collected]] = asyncio.gather(*drains)
+    gone: asyncio.Future[None] = asyncio.ensure_future(_client_gone(receive))
+    waiting: set[asyncio.Future[Any]] = {work, gone}
     try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if not work.done():
-            work.cancel()
+        for drain in drains:
+            drain.cancel()  # no-op for finished ones; one failure must not leave the others waiting
+        for stream in streams:
             stream.abort()
         gone.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await gone
-    if work.cancelled():
+    if not work.done() or work.cancelled():
         return None
-    return work.result()
+    return list(work.result())
 
 
 def sse(payload: dict[str, Any]) -> bytes:

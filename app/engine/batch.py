@@ -46,6 +46,29 @@ class Batch:
         logits: torch.Tensor = out.logits[0, -1, :]  # (V,)
         return logits, kv
 
+    def score(self, prompt: list[int], continuations: list[list[int]]) -> list[float]:
+        """Sum of log p(continuation tokens | prompt) for each continuation, in one right-padded forward.
+
+        Only the positions that predict continuation tokens go through the output layer.
+        """
+        seqs = [prompt + c for c in continuations]
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros((len(seqs), width), dtype=torch.long)  # (n, L), right-padded
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (n, L)
+        for j, s in enumerate(seqs):
+            ids[j, : len(s)] = torch.tensor(s)
+            mask[j, : len(s)] = 1
+        hidden = self.model.base_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                       use_cache=False).last_hidden_state  # (n, L, H)  # fmt: skip
+        rows = torch.tensor([j for j, c in enumerate(continuations) for _ in c], device=self.device)  # (T,)
+        # the token at position p is predicted by the hidden state at p - 1
+        cols = torch.tensor([len(prompt) - 1 + i for c in continuations for i in range(len(c))], device=self.device)
+        targets = torch.tensor([t for c in continuations for t in c], device=self.device)  # (T,)
+        logits = self.model.get_output_embeddings()(hidden[rows, cols]).float()  # (T, V)
+        token_logprobs = logits.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)  # (T,)
+        sums = torch.zeros(len(continuations), device=self.device).index_add_(0, rows, token_logprobs)
+        return [float(x) for x in sums.tolist()]
+
     def decode(self) -> torch.Tensor:
         """One step for every row: feed each row's last token; return logits (B, V)."""
         cache = self.cache

@@ -38,6 +38,8 @@ from app.engine.types import (
     GenerationRequest,
     RequestFailed,
     RequestFinished,
+    ScoreRequest,
+    Scores,
     SequenceFinished,
     TokenDelta,
 )
@@ -154,22 +156,15 @@ class Engine:
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
     # ---- submission (event-loop thread) -------------------------------------------------------
-    def submit(self, request: GenerationRequest) -> RequestStream:
+    def submit(self, request: GenerationRequest | ScoreRequest) -> RequestStream:
         if not self.is_running:
             raise EngineStopped("the engine is not running")
         prompt_ids = self._prompt_ids(request)
+        if isinstance(request, ScoreRequest):
+            return self._enqueue(self._new_state(request, prompt_ids, 0, self._continuations(request, prompt_ids)))
         max_new = self._max_new_tokens(request, len(prompt_ids))
         self._check_sampling(request)
-        now = time.monotonic()
-        state = RequestState(
-            id=request.request_id or uuid.uuid4().hex,
-            request=request,
-            prompt_ids=prompt_ids,
-            max_new_tokens=max_new,
-            channel=Channel(asyncio.get_running_loop()),
-            arrival=now,
-            deadline=now + self._timeout(request),
-        )
+        state = self._new_state(request, prompt_ids, max_new, [])
         if state.rows * state.reserved_tokens > self.limits.max_batch_tokens:
             raise InvalidRequest(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}), times "
@@ -178,10 +173,44 @@ class Engine:
                 field="max_new_tokens",
             )
         state.sequences = [self._new_sequence(state, i) for i in range(state.rows)]
+        return self._enqueue(state)
+
+    def _new_state(self, request: GenerationRequest | ScoreRequest, prompt_ids: list[int], max_new: int,
+                   continuations: list[list[int]]) -> RequestState:  # fmt: skip
+        now = time.monotonic()
+        return RequestState(
+            id=request.request_id or uuid.uuid4().hex,
+            request=request,
+            prompt_ids=prompt_ids,
+            max_new_tokens=max_new,
+            channel=Channel(asyncio.get_running_loop()),
+            arrival=now,
+            deadline=now + self._timeout(request),
+            continuations=continuations,
+        )
+
+    def _enqueue(self, state: RequestState) -> RequestStream:
         stream = RequestStream(self, state)  # the channel exists before the engine can see the request
         self.scheduler.add(state, retry_after=self._retry_after())
         self._wake.set()
         return stream
+
+    def _continuations(self, request: ScoreRequest, prompt_ids: list[int]) -> list[list[int]]:
+        if not request.continuations:
+            raise InvalidRequest("at least one continuation (label) is needed", field="continuations")
+        out = []
+        for c in request.continuations:
+            ids = list(c) if not isinstance(c, str) else list(self.tokenizer.encode(c, add_special_tokens=False))
+            if not ids:
+                raise InvalidRequest(f"continuation {c!r} has no tokens", field="continuations")
+            out.append(ids)
+        longest = len(prompt_ids) + max(len(c) for c in out)
+        if longest > self.context_length:
+            raise InvalidRequest(
+                f"prompt + continuation is {longest} tokens; the model's context length is {self.context_length}",
+                field="prompt",
+            )
+        return out
 
     def _all_requests(self) -> list[RequestState]:
         waiting = [s for s in list(self.scheduler.waiting) if isinstance(s, RequestState)]
@@ -195,7 +224,7 @@ class Engine:
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
 
-    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+    def _prompt_ids(self, request: GenerationRequest | ScoreRequest) -> list[int]:
         if isinstance(request.prompt, str):
             if not request.prompt:
                 raise InvalidRequest("prompt must not be empty", field="prompt")
@@ -267,7 +296,9 @@ class Engine:
                 raise InvalidRequest(message, field=field)
 
     def _new_sequence(self, state: RequestState, index: int) -> SequenceState:
-        params = state.request.sampling
+        request = state.request
+        assert isinstance(request, GenerationRequest)
+        params = request.sampling
         generator = None
         if not params.greedy:
             # Every sampled row gets its own generator: its draws never depend on its batch-mates.
@@ -275,10 +306,10 @@ class Engine:
             params = replace(params, seed=seed)
             generator = torch.Generator(device=self.device).manual_seed(seed)
         return SequenceState(
-            request=state, index=index, params=params, generator=generator, text=StreamText(state.request.stop)
+            request=state, index=index, params=params, generator=generator, text=StreamText(request.stop)
         )
 
-    def _timeout(self, request: GenerationRequest) -> float:
+    def _timeout(self, request: GenerationRequest | ScoreRequest) -> float:
         if request.timeout is None:
             return self.limits.request_timeout
         return min(max(request.timeout, 0.0), self.limits.request_timeout)
@@ -349,7 +380,12 @@ class Engine:
 
     def _prefill(self, admitted: list[RequestState], now: float) -> int:
         produced = 0
-        for state in admitted:
+        # Admission is FIFO; within a step, shortest prompt first: each request's first token is sent
+        # as soon as its own prefill ends, so this ordering minimises the step's mean time to first token.
+        for state in sorted(admitted, key=lambda s: s.prefill_tokens):
+            if state.scoring:
+                produced += self._score(state, now)
+                continue
             started = time.perf_counter()
             try:
                 logits, kv = self.batch.prefill(state)  # (V,)
@@ -369,6 +405,21 @@ class Engine:
             produced += len(tokens)
         return produced
 
+    def _score(self, state: RequestState, now: float) -> int:
+        started = time.perf_counter()
+        try:
+            logprobs = self.batch.score(state.prompt_ids, state.continuations)
+        except Exception as exc:
+            log.exception("scoring failed for request %s", state.id)
+            self._fail(state, StepFailed(f"the model step failed: {type(exc).__name__}"))
+            return 0
+        self._stats.prefill_seconds += time.perf_counter() - started
+        self._stats.prompt_tokens += state.prefill_tokens
+        state.admitted_at = now
+        state.channel.put(Scores(tuple(logprobs), tuple(len(c) for c in state.continuations)))
+        self._finish(state)
+        return 0
+
     # ---- postprocess --------------------------------------------------------------------------
     def _accept(self, seq: SequenceState, token: int, kv: PrefillKV | None = None) -> None:
         """Append one token to a sequence: detokenize, check stops, emit, and join or leave the batch."""
@@ -378,7 +429,7 @@ class Engine:
         seq.tokens.append(token)
         self._stats.generated_tokens += 1
         finish = None
-        if token in self.eos_token_ids and not state.request.ignore_eos:
+        if token in self.eos_token_ids and not getattr(state.request, "ignore_eos", False):
             finish = "eos"
         decoded = self.tokenizer.decode(seq.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         if seq.text.feed(decoded):

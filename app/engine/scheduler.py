@@ -20,7 +20,7 @@ from app.engine.errors import Overloaded
 
 class Schedulable(Protocol):
     @property
-    def prompt_len(self) -> int: ...
+    def prefill_tokens(self) -> int: ...  # tokens its prefill processes
     @property
     def rows(self) -> int: ...  # sequences this request decodes
     @property
@@ -74,11 +74,11 @@ class Scheduler:
                 tokens = self.running_tokens + head.rows * head.reserved_tokens
                 if rows > self.max_rows or tokens > self.max_batch_tokens:
                     break
-                if plan.admitted and prefill + head.prompt_len > self.max_prefill_tokens:
+                if plan.admitted and prefill + head.prefill_tokens > self.max_prefill_tokens:
                     break
                 self.waiting.popleft()
                 plan.admitted.append(head)
-                prefill += head.prompt_len
+                prefill += head.prefill_tokens
                 self.running_rows = rows
                 self.running_tokens = tokens
             # Requests behind a blocked head may also have expired or been cancelled.

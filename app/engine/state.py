@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from app.engine.stopping import StreamText
-from app.engine.types import Event, GenerationRequest, SamplingParams
+from app.engine.types import Event, GenerationRequest, SamplingParams, ScoreRequest
 
 
 class Channel:
@@ -49,13 +49,14 @@ class SequenceState:
 @dataclass(eq=False)
 class RequestState:
     id: str
-    request: GenerationRequest
+    request: GenerationRequest | ScoreRequest
     prompt_ids: list[int]
-    max_new_tokens: int
+    max_new_tokens: int  # 0 for scoring
     channel: Channel
     arrival: float
     deadline: float
     sequences: list[SequenceState] = field(default_factory=list)
+    continuations: list[list[int]] = field(default_factory=list)  # scoring only
     admitted_at: float | None = None
     cancelled: bool = False
     done: bool = False
@@ -66,8 +67,17 @@ class RequestState:
         return len(self.prompt_ids)
 
     @property
+    def scoring(self) -> bool:
+        return isinstance(self.request, ScoreRequest)
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(self.prompt_len + len(c) for c in self.continuations) if self.scoring else self.prompt_len
+
+    @property
     def rows(self) -> int:
-        return self.request.num_return_sequences
+        # A scoring request never holds a batch row: it is done within its prefill step.
+        return 0 if isinstance(self.request, ScoreRequest) else self.request.num_return_sequences
 
     @property
     def reserved_tokens(self) -> int:

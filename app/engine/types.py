@@ -41,6 +41,20 @@ class GenerationRequest:
     timeout: float | None = None  # seconds; None or more than the server's limit = the server's limit
 
 
+@dataclass(frozen=True)
+class ScoreRequest:
+    """How likely is each continuation after the prompt? Prefill only, nothing is generated.
+
+    Continuations are token ids or text; text is tokenized on its own (no special tokens) and appended
+    to the prompt's ids, so the caller decides about a leading space.
+    """
+
+    prompt: str | list[int]
+    continuations: tuple[str | tuple[int, ...], ...]
+    request_id: str = ""
+    timeout: float | None = None
+
+
 # ---- events, in the order a request sees them --------------------------------------------------
 @dataclass(frozen=True)
 class TokenDelta:
@@ -61,6 +75,14 @@ class SequenceFinished:
 
 
 @dataclass(frozen=True)
+class Scores:
+    """The answer to a ScoreRequest: per continuation, the sum of its tokens' log-probabilities."""
+
+    logprobs: tuple[float, ...]
+    token_counts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class RequestFinished:
     """Last event of a successful request."""
 
@@ -77,4 +99,4 @@ class RequestFailed:
     error: EngineError
 
 
-Event = TokenDelta | SequenceFinished | RequestFinished | RequestFailed
+Event = TokenDelta | SequenceFinished | Scores | RequestFinished | RequestFailed

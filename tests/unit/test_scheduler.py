@@ -15,6 +15,10 @@ class Fake:
     cancelled: bool = False
 
     @property
+    def prefill_tokens(self) -> int:
+        return self.prompt_len
+
+    @property
     def reserved_tokens(self) -> int:
         return self.prompt_len + self.max_new
 

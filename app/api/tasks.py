@@ -1,0 +1,184 @@
+"""The classic GPT-2 tasks over the same engine: thin prompt builders and post-processors."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from app.api.deps import EngineDep, ModelInfoDep
+from app.api.generate import ERRORS, sampling_params
+from app.api.schemas import (
+    SamplingFields,
+    SentimentRequest,
+    SentimentResponse,
+    SentimentResult,
+    SummarizeRequest,
+    SummarizeResponse,
+    TranslateRequest,
+    TranslateResponse,
+    Usage,
+)
+from app.api.streaming import Collected, collect
+from app.engine.engine import Engine, RequestStream
+from app.engine.errors import InvalidRequest
+from app.engine.types import GenerationRequest, ScoreRequest
+from app.tasks import sentiment, summarize, translate
+from app.tasks.family import family_of
+
+router = APIRouter(tags=["tasks"])
+EngineRequests = list[GenerationRequest | ScoreRequest]
+
+
+def submit_all(engine: Engine, requests: EngineRequests) -> list[RequestStream]:
+    """Submit every request or none: if one is refused (429, 422), the ones already queued are aborted."""
+    streams: list[RequestStream] = []
+    try:
+        for r in requests:
+            streams.append(engine.submit(r))
+    except Exception:
+        for s in streams:
+            s.abort()
+        raise
+    return streams
+
+
+async def run_all(
+    request: Request, engine: Engine, requests: list[GenerationRequest | ScoreRequest]
+) -> list[Collected] | None:
+    return await collect(request.receive, submit_all(engine, requests))
+
+
+def _items(body: SentimentRequest | TranslateRequest | SummarizeRequest) -> list[str]:
+    try:
+        return body.items()
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), field="texts" if body.texts is not None else "text") from exc
+
+
+async def _priors(request: Request, engine: Engine, labels: tuple[str, ...]) -> list[list[float]] | None:
+    """Per prompt, the label distribution for content-free inputs (cached per label set)."""
+    cache: dict[tuple[str, ...], list[list[float]]] = request.app.state.__dict__.setdefault("calibration", {})
+    if labels not in cache:
+        family = family_of(engine.tokenizer)
+        per_input = [sentiment.build(engine.tokenizer, family, text, labels) for text in sentiment.CONTENT_FREE]
+        flat = [p for prompts in per_input for p in prompts]
+        done = await run_all(request, engine, [ScoreRequest(p.ids, p.continuations) for p in flat])
+        if done is None:
+            return None
+        dists = [sentiment.softmax(list(c.scores.logprobs)) for c in done if c.scores is not None]
+        n = len(per_input[0])
+        cache[labels] = [sentiment.mean_distribution(dists[k::n]) for k in range(n)]
+    return cache[labels]
+
+
+@router.post(
+    "/sentiment",
+    response_model=SentimentResponse,
+    responses=ERRORS,
+    summary="Classify texts by scoring each label's likelihood",
+)
+async def classify(body: SentimentRequest, request: Request, engine: EngineDep, info: ModelInfoDep) -> Response:
+    texts = _items(body)
+    labels = tuple(body.labels)
+    family = family_of(engine.tokenizer)
+    per_text = [sentiment.build(engine.tokenizer, family, text, labels) for text in texts]
+    priors = await _priors(request, engine, labels) if body.calibrate else None
+    flat = [p for prompts in per_text for p in prompts]
+    done = await run_all(request, engine, [ScoreRequest(p.ids, p.continuations) for p in flat])
+    if done is None or (body.calibrate and priors is None):
+        return Response(status_code=499)
+    n = len(per_text[0])
+    results = []
+    for i in range(len(texts)):
+        scored = done[i * n : (i + 1) * n]
+        logprobs = [list(c.scores.logprobs) for c in scored if c.scores is not None]
+        raws = [sentiment.softmax(lp) for lp in logprobs]
+        raw = sentiment.mean_distribution(raws)
+        probs = (
+            sentiment.mean_distribution([sentiment.calibrate(r, prior) for r, prior in zip(raws, priors, strict=True)])
+            if priors is not None
+            else raw
+        )
+        best = max(range(len(labels)), key=lambda k: probs[k])
+        results.append(
+            SentimentResult(
+                label=labels[best],
+                score=probs[best],
+                scores=dict(zip(labels, probs, strict=True)),
+                uncalibrated=dict(zip(labels, raw, strict=True)),
+                logprobs={label: [lp[k] for lp in logprobs] for k, label in enumerate(labels)},
+            )
+        )
+    response = SentimentResponse(
+        model=info.name,
+        results=results,
+        calibrated=priors is not None,
+        prompts=[p.name for p in per_text[0]],
+        usage=_usage(done),
+    )
+    return Response(response.model_dump_json(), media_type="application/json")
+
+
+def _usage(done: list[Collected]) -> Usage:
+    prompt = sum(c.finished.prompt_tokens for c in done if c.finished is not None)
+    completion = sum(c.finished.completion_tokens for c in done if c.finished is not None)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _generation(ids: list[int], body: SamplingFields, max_new: int, stop: tuple[str, ...]) -> GenerationRequest:
+    return GenerationRequest(prompt=ids, max_new_tokens=body.max_new_tokens or max_new,
+                             sampling=sampling_params(body), stop=stop)  # fmt: skip
+
+
+def _language(value: str, field: str) -> str:
+    code = translate.resolve(value)
+    if code is None:
+        raise InvalidRequest(f"unsupported language '{value}'; supported: {translate.supported()}", field=field)
+    return code
+
+
+@router.post("/translate", response_model=TranslateResponse, responses=ERRORS, summary="Translate texts")
+async def translate_texts(body: TranslateRequest, request: Request, engine: EngineDep, info: ModelInfoDep) -> Response:
+    texts = _items(body)
+    source = _language(body.source_lang, "source_lang")
+    target = _language(body.target_lang, "target_lang")
+    if source == target:
+        raise InvalidRequest("source_lang and target_lang are the same language", field="target_lang")
+    family = family_of(engine.tokenizer)
+    requests: EngineRequests = []
+    for text in texts:
+        ids = translate.prompt_ids(engine.tokenizer, family, text, source, target)
+        # A translation is rarely more than twice as many tokens as its source.
+        budget = min(engine.limits.max_new_tokens, 2 * len(engine.tokenize(text)) + 16)
+        requests.append(_generation(ids, body, budget, ("\n",)))
+    done = await run_all(request, engine, requests)
+    if done is None:
+        return Response(status_code=499)
+    seqs = [c.sequences[0] for c in done]
+    response = TranslateResponse(
+        model=info.name, source_lang=source, target_lang=target,
+        translations=[translate.postprocess(s.text, target) for s in seqs],
+        finish_reasons=[s.finish_reason for s in seqs],  # type: ignore[misc]
+        usage=_usage(done),
+    )  # fmt: skip
+    return Response(response.model_dump_json(), media_type="application/json")
+
+
+@router.post("/summarize", response_model=SummarizeResponse, responses=ERRORS, summary="Summarize articles")
+async def summarize_texts(body: SummarizeRequest, request: Request, engine: EngineDep, info: ModelInfoDep) -> Response:
+    texts = _items(body)
+    family = family_of(engine.tokenizer)
+    max_new = body.max_new_tokens or 128
+    budget = min(engine.max_prompt_tokens, engine.context_length - max_new)
+    prompts = [summarize.prompt(engine.tokenizer, family, text, budget) for text in texts]
+    done = await run_all(request, engine, [_generation(p.ids, body, max_new, ("\n\n",)) for p in prompts])
+    if done is None:
+        return Response(status_code=499)
+    seqs = [c.sequences[0] for c in done]
+    response = SummarizeResponse(
+        model=info.name,
+        summaries=[summarize.postprocess(s.text) for s in seqs],
+        finish_reasons=[s.finish_reason for s in seqs],  # type: ignore[misc]
+        truncated=[p.truncated for p in prompts],
+        usage=_usage(done),
+    )
+    return Response(response.model_dump_json(), media_type="application/json")

@@ -1,0 +1,1 @@
+"""Task prompts and post-processing over the one engine: sentiment (scoring), translation, summaries."""

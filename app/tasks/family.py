@@ -1,0 +1,19 @@
+"""Which prompt style a model gets: chat models are addressed through their chat template, base
+(GPT-2-style) models through plain-text patterns they saw in pretraining."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+Family = Literal["base", "chat"]
+
+
+def family_of(tokenizer: Any) -> Family:
+    return "chat" if getattr(tokenizer, "chat_template", None) else "base"
+
+
+def chat_prompt_ids(tokenizer: Any, user: str) -> list[int]:
+    """The chat template around one user turn, ending where the assistant's reply begins."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
+    return list(tokenizer.encode(text, add_special_tokens=False))
