@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -53,11 +54,79 @@ def eval_sentiment(client: httpx.Client, data: Path, limit: int | None, batch: i
         print(f"{name:14} {acc:8.1%}   {cells}")
 
 
+def _batches(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def eval_translate(client: httpx.Client, data: Path, limit: int | None, batch: int) -> None:
+    import sacrebleu
+
+    with data.open(newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = rows[: limit or 200]
+    sources = [r["en"] for r in rows]
+    print(f"NTREX ({data}, first {len(rows)} sentences), sacreBLEU {sacrebleu.__version__}")
+    print(f"{'direction':10} {'BLEU':>6} {'chrF':>6}   {'copy-source BLEU':>16} {'chrF':>6}   {'s':>6}  model")
+    for target in ("fr", "de"):
+        refs = [r[target] for r in rows]
+        started = time.perf_counter()
+        hyps: list[str] = []
+        model = ""
+        for chunk in _batches(sources, batch):
+            answer = _post(client, "/translate", {"texts": chunk, "source_lang": "en", "target_lang": target})
+            hyps += answer["translations"]
+            model = answer["model"]
+        bleu = sacrebleu.corpus_bleu(hyps, [refs]).score
+        chrf = sacrebleu.corpus_chrf(hyps, [refs]).score
+        copy_bleu = sacrebleu.corpus_bleu(sources, [refs]).score
+        copy_chrf = sacrebleu.corpus_chrf(sources, [refs]).score
+        print(f"en->{target:6} {bleu:6.1f} {chrf:6.1f}   {copy_bleu:16.1f} {copy_chrf:6.1f}   "
+              f"{time.perf_counter() - started:6.0f}  {model}")  # fmt: skip
+
+
+def lead3(article: str) -> str:
+    import nltk
+
+    try:
+        sentences = nltk.sent_tokenize(article)
+    except LookupError:  # no punkt data offline: a plain split on sentence ends
+        import re
+
+        sentences = re.split(r"(?<=[.!?])\s+", article)
+    return " ".join(sentences[:3])
+
+
+def eval_summarize(client: httpx.Client, data: Path, limit: int | None, batch: int) -> None:
+    from rouge_score import rouge_scorer
+
+    rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+    rows = rows[:limit] if limit else rows
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    started = time.perf_counter()
+    summaries: list[str] = []
+    truncated = 0
+    model = ""
+    for chunk in _batches(rows, batch):
+        answer = _post(client, "/summarize", {"texts": [r["article"] for r in chunk]})
+        summaries += answer["summaries"]
+        truncated += sum(answer["truncated"])
+        model = answer["model"]
+    elapsed = time.perf_counter() - started
+    print(f"FRANK validation ({data}, {len(rows)} articles), model {model}, {elapsed:.0f}s, {truncated} truncated")
+    print(f"{'set':8} {'n':>4}  {'system':8} {'ROUGE-1':>8} {'ROUGE-2':>8} {'ROUGE-L':>8}")
+    for name in [*sorted({r["dataset"] for r in rows}), "all"]:
+        idx = [i for i, r in enumerate(rows) if name in ("all", r["dataset"])]
+        for system, texts in (("model", summaries), ("lead-3", [lead3(r["article"]) for r in rows])):
+            scores = [scorer.score(rows[i]["reference"], texts[i]) for i in idx]
+            f = {k: 100 * sum(s[k].fmeasure for s in scores) / len(scores) for k in ("rouge1", "rouge2", "rougeL")}
+            print(f"{name:8} {len(idx):4}  {system:8} {f['rouge1']:8.1f} {f['rouge2']:8.1f} {f['rougeL']:8.1f}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("task", choices=["sentiment"])
+    parser.add_argument("task", choices=["sentiment", "translate", "summarize"])
     parser.add_argument("--data", type=Path, required=True, help="e.g. ../shared/data/sst2/dev.tsv")
     parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--limit", type=int, help="first N examples only")
+    parser.add_argument("--limit", type=int, help="first N examples only (translate: 200 by default)")
     parser.add_argument("--batch", type=int, default=32, help="texts per HTTP call")
 
 
@@ -65,4 +134,8 @@ def run_eval(args: argparse.Namespace) -> int:
     with httpx.Client(base_url=args.url, timeout=3600) as client:
         if args.task == "sentiment":
             eval_sentiment(client, args.data, args.limit, args.batch)
+        elif args.task == "translate":
+            eval_translate(client, args.data, args.limit, min(args.batch, 64))
+        else:
+            eval_summarize(client, args.data, args.limit, min(args.batch, 16))
     return 0
