@@ -55,6 +55,7 @@ def engine_limits(settings: Settings) -> EngineLimits:
         default_max_new_tokens=settings.default_max_new_tokens,
         max_return_sequences=settings.max_return_sequences,
         request_timeout=settings.request_timeout,
+        prefix_cache_bytes=settings.prefix_cache_mb * 2**20,
     )
 
 

@@ -101,9 +101,13 @@ class EngineStateInfo(BaseModel):
     waiting: int
     steps: int
     generated_tokens: int
+    prompt_tokens: int
     completed_requests: int
     failed_requests: int
     kv_cache_bytes: int
+    prefix_cache_bytes: int
+    prefix_cache_entries: int
+    prefix_hit_tokens: int
     decode_seconds: float
     prefill_seconds: float
     busy_seconds: float

@@ -3,8 +3,10 @@
 - sequential: the usual FastAPI + one `model.generate` per request, one at a time.
 - static: batch whatever is waiting, `generate` until the longest request of the batch is done.
 
-Both speak the subset of /generate the benchmark uses (prompt, max_new_tokens, ignore_eos), answer
-non-streaming, and load the model exactly as the server does. Run: python -m app.bench.baselines.
+Both speak the subset of /generate the benchmark uses (prompt, max_new_tokens, ignore_eos) and answer
+non-streaming. They load the stock transformers model, as such a server would; `--packed` gives them
+textgen's prepacked CPU weights too (app/models/packing.py), to compare the scheduling alone.
+Run: python -m app.bench.baselines.
 """
 
 from __future__ import annotations
@@ -130,8 +132,9 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--packed", action="store_true", help="prepacked CPU weights, as textgen's engine uses")
     args = parser.parse_args()
-    settings = Settings(model=args.model) if args.model else Settings()
+    settings = Settings(pack_weights=args.packed, **({"model": args.model} if args.model else {}))
     lm = load_model(settings)
     app = sequential_app(lm) if args.system == "sequential" else static_app(lm, args.max_batch)
     started = time.perf_counter()

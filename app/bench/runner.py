@@ -139,6 +139,17 @@ def print_table(rows: list[dict[str, object]]) -> None:
         print("  ".join(str(r[c]).rjust(widths[c]) for c in cols))
 
 
+def print_engine_time(url: str, wall: float) -> None:
+    """Where the engine's time went, from its own counters in /info (they start at the warm-up)."""
+    try:
+        e = httpx.get(f"{url}/info", timeout=10).json()["engine"]
+    except (httpx.HTTPError, KeyError, ValueError):
+        return
+    print(f"engine time: decode {e['decode_seconds']:.1f} s, prefill {e['prefill_seconds']:.1f} s, "
+          f"busy {e['busy_seconds']:.1f} s of {wall:.1f} s wall; {e['steps']} steps, "
+          f"{e['prompt_tokens']} prompt tokens")  # fmt: skip
+
+
 def peak_rss_mb(pid: int) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -163,12 +174,12 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) -
     raise RuntimeError("server did not become ready")
 
 
-def _command(system: str, model: str | None, port: int, max_batch: int) -> list[str]:
+def _command(system: str, model: str | None, port: int, max_batch: int, packed: bool) -> list[str]:
     model_args = ["--model", model] if model else []
     if system == "engine":
         return [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--log-level", "warning", *model_args]
     return [sys.executable, "-m", "app.bench.baselines", "--system", system, "--port", str(port),
-            "--max-batch", str(max_batch), *model_args]  # fmt: skip
+            "--max-batch", str(max_batch), *model_args, *(["--packed"] if packed else [])]  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,6 +188,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", action="store_true", help="start engine, static and sequential servers in turn")
     parser.add_argument("--systems", default="engine,static,sequential", help="with --compare: which, in order")
     parser.add_argument("--model", help="with --compare: model for every system (default: the server's default)")
+    parser.add_argument(
+        "--packed-baselines", action="store_true", help="with --compare: baselines use prepacked CPU weights too"
+    )
     parser.add_argument("--port", type=int, default=8123, help="with --compare: port for the servers it starts")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=32)
@@ -197,11 +211,13 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         url = f"http://127.0.0.1:{args.port}"
         for system in args.systems.split(","):
-            proc = subprocess.Popen(_command(system, args.model, args.port, args.concurrency))
+            proc = subprocess.Popen(_command(system, args.model, args.port, args.concurrency, args.packed_baselines))
             try:
                 _wait_ready(url, proc)
                 results, wall = asyncio.run(drive(url, jobs, args.concurrency, stream=system == "engine"))
                 rows.append(summarize(system, results, wall, peak_rss_mb(proc.pid)))
+                if system == "engine":
+                    print_engine_time(url, wall)
             finally:
                 proc.send_signal(signal.SIGINT)
                 try:

@@ -12,9 +12,8 @@ import torch
 from transformers import DynamicCache
 
 from app.engine.kv_cache import SlotCache
+from app.engine.prefix_cache import PrefillKV
 from app.engine.state import RequestState, SequenceState
-
-PrefillKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, H, P, D) keys and values
 
 
 class Batch:
@@ -33,41 +32,63 @@ class Batch:
         zero = torch.zeros((), dtype=self.dtype, device=self.device)
         return torch.where(allowed, zero, torch.finfo(self.dtype).min)
 
-    def prefill(self, request: RequestState) -> tuple[torch.Tensor, PrefillKV]:
-        """Run one prompt on its own; return its last-position logits (V,) and its K/V.
+    def _cache_from(self, prefix: PrefillKV | None, rows: int = 1) -> DynamicCache:
+        """A fresh cache holding `prefix` (read, never written: the forward appends by concatenation)."""
+        cache = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(prefix or []):
+            cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), i)  # (rows, H, n, D)
+        return cache
+
+    def prefill(
+        self, request: RequestState, prefix_len: int = 0, prefix: PrefillKV | None = None
+    ) -> tuple[torch.Tensor, PrefillKV]:
+        """Run one prompt on its own; return its last-position logits (V,) and the K/V of the whole prompt.
 
         Prompts are prefilled one at a time, unpadded: padding a group to its longest prompt wasted
         ~40% of prefill compute on mixed lengths, and a few hundred tokens already fill the matmuls.
+        With `prefix` (the K/V of the first `prefix_len` prompt tokens) only the rest is computed.
         """
-        ids = torch.tensor([request.prompt_ids], device=self.device)  # (1, P)
-        cache = DynamicCache(config=self.model.config)
+        ids = torch.tensor([request.prompt_ids[prefix_len:]], device=self.device)  # (1, P - n)
+        cache = self._cache_from(prefix)
         out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         kv: PrefillKV = [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
         logits: torch.Tensor = out.logits[0, -1, :]  # (V,)
         return logits, kv
 
-    def score(self, prompt: list[int], continuations: list[list[int]]) -> list[float]:
-        """Sum of log p(continuation tokens | prompt) for each continuation, in one right-padded forward.
+    def score(
+        self, prompt: list[int], continuations: list[list[int]], prefix_len: int = 0, prefix: PrefillKV | None = None
+    ) -> tuple[list[float], PrefillKV]:
+        """Sum of log p(continuation tokens | prompt) for each continuation, in one right-padded forward;
+        also the K/V of the prompt alone.
 
-        Only the positions that predict continuation tokens go through the output layer.
+        Only the positions that predict continuation tokens go through the output layer. With `prefix`
+        (K/V of the first `prefix_len` prompt tokens, shared by every row) only the rest is computed.
         """
-        seqs = [prompt + c for c in continuations]
+        rest = prompt[prefix_len:]
+        seqs = [rest + c for c in continuations]
         width = max(len(s) for s in seqs)
         ids = torch.zeros((len(seqs), width), dtype=torch.long)  # (n, L), right-padded
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (n, L)
+        mask = torch.zeros((len(seqs), prefix_len + width), dtype=torch.long)  # (n, prefix + L)
+        mask[:, :prefix_len] = 1
         for j, s in enumerate(seqs):
             ids[j, : len(s)] = torch.tensor(s)
-            mask[j, : len(s)] = 1
+            mask[j, prefix_len : prefix_len + len(s)] = 1
+        cache = self._cache_from(prefix, rows=len(seqs))
         hidden = self.model.base_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                       use_cache=False).last_hidden_state  # (n, L, H)  # fmt: skip
+                                       cache=cache, use_cache=True).last_hidden_state  # (n, L, H)  # fmt: skip
+        # row 0 starts with the whole prompt: its first len(prompt) columns are the prompt's own K/V
+        prompt_kv: PrefillKV = [
+            (layer.keys[:1, :, : len(prompt)].clone(), layer.values[:1, :, : len(prompt)].clone())  # type: ignore[index,union-attr]
+            for layer in cache.layers
+        ]
         rows = torch.tensor([j for j, c in enumerate(continuations) for _ in c], device=self.device)  # (T,)
         # the token at position p is predicted by the hidden state at p - 1
-        cols = torch.tensor([len(prompt) - 1 + i for c in continuations for i in range(len(c))], device=self.device)
+        cols = torch.tensor([len(rest) - 1 + i for c in continuations for i in range(len(c))], device=self.device)
         targets = torch.tensor([t for c in continuations for t in c], device=self.device)  # (T,)
         logits = self.model.get_output_embeddings()(hidden[rows, cols]).float()  # (T, V)
         token_logprobs = logits.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)  # (T,)
         sums = torch.zeros(len(continuations), device=self.device).index_add_(0, rows, token_logprobs)
-        return [float(x) for x in sums.tolist()]
+        return [float(x) for x in sums.tolist()], prompt_kv
 
     def decode(self) -> torch.Tensor:
         """One step for every row: feed each row's last token; return logits (B, V)."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from app.engine.batch import Batch, PrefillKV
+from app.engine.batch import Batch
 from app.engine.errors import (
     EngineError,
     EngineStopped,
@@ -29,6 +29,7 @@ from app.engine.errors import (
     RequestTimeout,
     StepFailed,
 )
+from app.engine.prefix_cache import PrefillKV, PrefixCache
 from app.engine.sampling import SampleRow, sample
 from app.engine.scheduler import Scheduler
 from app.engine.state import Channel, RequestState, SequenceState
@@ -58,6 +59,7 @@ class EngineLimits:
     default_max_new_tokens: int = 64
     max_return_sequences: int = 8
     request_timeout: float = 300.0
+    prefix_cache_bytes: int = 256 * 2**20  # K/V of recent prompts kept for reuse; 0 turns it off
 
 
 @dataclass
@@ -71,6 +73,9 @@ class EngineStats:
     completed_requests: int = 0
     failed_requests: int = 0
     kv_cache_bytes: int = 0
+    prefix_cache_bytes: int = 0
+    prefix_cache_entries: int = 0
+    prefix_hit_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     decode_seconds: float = 0.0  # in the model's decode forward + sampling
     prefill_seconds: float = 0.0  # in the model's prefill forward + sampling
     busy_seconds: float = 0.0  # in steps, postprocessing included
@@ -127,6 +132,7 @@ class Engine:
             limits.max_batch_size, limits.max_batch_tokens, limits.max_prefill_tokens, limits.max_queued_requests
         )
         self.batch = Batch(model, limits.max_batch_size)
+        self.prefix_cache = PrefixCache(limits.prefix_cache_bytes)
         self.running: dict[str, RequestState] = {}  # admitted, not finished; engine thread only
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -388,7 +394,9 @@ class Engine:
                 continue
             started = time.perf_counter()
             try:
-                logits, kv = self.batch.prefill(state)  # (V,)
+                reused, prefix = self.prefix_cache.lookup(state.prompt_ids)
+                logits, kv = self.batch.prefill(state, reused, prefix)  # (V,)
+                self.prefix_cache.store(state.prompt_ids, kv)
                 rows = [SampleRow(s.params, s.generator, s.history) for s in state.sequences]
                 tokens = sample(logits.unsqueeze(0).expand(len(rows), -1), rows)
                 self._stats.prefill_seconds += time.perf_counter() - started
@@ -408,7 +416,9 @@ class Engine:
     def _score(self, state: RequestState, now: float) -> int:
         started = time.perf_counter()
         try:
-            logprobs = self.batch.score(state.prompt_ids, state.continuations)
+            reused, prefix = self.prefix_cache.lookup(state.prompt_ids)
+            logprobs, kv = self.batch.score(state.prompt_ids, state.continuations, reused, prefix)
+            self.prefix_cache.store(state.prompt_ids, kv)
         except Exception as exc:
             log.exception("scoring failed for request %s", state.id)
             self._fail(state, StepFailed(f"the model step failed: {type(exc).__name__}"))
@@ -505,5 +515,8 @@ class Engine:
             running_rows=len(self.batch.seqs),
             waiting=self.scheduler.queued,
             kv_cache_bytes=self.batch.cache.nbytes(),
+            prefix_cache_bytes=self.prefix_cache.nbytes,
+            prefix_cache_entries=len(self.prefix_cache),
+            prefix_hit_tokens=self.prefix_cache.hit_tokens,
             batch_sizes=Counter(s.batch_sizes),
         )

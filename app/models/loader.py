@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from app.config import Settings
+from app.models.packing import can_pack, pack_linears
 from app.models.store import Located, ModelStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,10 @@ def load_model(settings: Settings) -> LoadedModel:
     model = AutoModelForCausalLM.from_pretrained(located.path, dtype=dtype).to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
-    parameters = sum(p.numel() for p in model.parameters())
+    parameters = sum(p.numel() for p in model.parameters())  # counted before packing hides the weights
+    packed = settings.pack_weights and can_pack(model)
+    if packed:
+        pack_linears(model)
     info = ModelInfo(
         name=name,
         source=located.source,
@@ -119,8 +123,8 @@ def load_model(settings: Settings) -> LoadedModel:
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
     )
     log.info(
-        "loaded %s (%s, %.1fM parameters) on %s/%s in %.1fs, %d torch threads",
-        name, info.architecture, parameters / 1e6, info.device, info.dtype,
+        "loaded %s (%s, %.1fM parameters) on %s/%s%s in %.1fs, %d torch threads",
+        name, info.architecture, parameters / 1e6, info.device, info.dtype, " (packed)" if packed else "",
         time.perf_counter() - started, torch.get_num_threads(),
     )  # fmt: skip
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
