@@ -42,3 +42,43 @@ def test_smollm_served_over_http_matches_transformers(smollm: LoadedModel) -> No
             "prompt": "The quick brown fox", "max_length": 100, "temperature": 0.7, "do_sample": True})  # fmt: skip
         assert r.status_code == 200 and r.json()["generations"][0]["text"].strip()
         assert r.json()["usage"]["total_tokens"] <= 100
+
+
+def test_smollm_task_endpoints_use_chat_prompts_and_answer_sensibly(smollm: LoadedModel) -> None:
+    from app.tasks import summarize, translate
+    from tests.api.test_sentiment_api import direct
+    from tests.api.test_tasks_api import greedy_text
+
+    texts = ["I loved this film: warm, funny and beautifully acted.", "A boring, clumsy waste of two hours."]
+    article = ("The city council approved a new footbridge over the river on Monday. The bridge will link the "
+               "old town with the railway station and is expected to open in two years. It will cost 12 million "
+               "euros, most of it paid by the regional government.")  # fmt: skip
+    with live_server(smollm) as server:
+        r = httpx.post(f"{server.url}/sentiment", json={"texts": texts}, timeout=120)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["prompts"] == ["instruction", "few-shot", "few-shot-list"]
+        assert [res["label"] for res in body["results"]] == ["positive", "negative"]
+        for text, res in zip(texts, body["results"], strict=True):
+            assert sum(res["scores"].values()) == pytest.approx(1.0, abs=1e-9)
+            for k, (logprobs, _) in enumerate(direct(smollm, text, ("negative", "positive"))):
+                assert [res["logprobs"][label][k] for label in ("negative", "positive")] == pytest.approx(
+                    logprobs, abs=1e-4
+                )
+
+        r = httpx.post(f"{server.url}/translate", json={"text": "Good morning, my friend.", "target_lang": "fr"},
+                       timeout=120)  # fmt: skip
+        assert r.status_code == 200, r.text
+        got = r.json()["translations"][0]
+        ids = translate.prompt_ids(smollm.tokenizer, "chat", "Good morning, my friend.", "en", "fr")
+        budget = 2 * len(smollm.tokenizer.encode("Good morning, my friend.")) + 16
+        assert got == translate.postprocess(greedy_text(smollm, ids, budget, "\n"), "fr")
+        assert "bonjour" in got.lower()
+
+        r = httpx.post(f"{server.url}/summarize", json={"text": article, "max_new_tokens": 40}, timeout=120)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["truncated"] == [False] and body["summaries"][0]
+        p = summarize.prompt(smollm.tokenizer, "chat", article, 8192 - 40)
+        assert body["summaries"][0] == summarize.postprocess(greedy_text(smollm, p.ids, 40, "\n\n"))
+        assert "bridge" in body["summaries"][0].lower()

@@ -24,10 +24,10 @@ def test_lookup_finds_the_longest_common_prefix_and_leaves_a_token() -> None:
     b = list(range(100, 120)) + list(range(500, 520))  # shares 20 with a
     cache.store(a, fake_kv(40))
     cache.store(b, fake_kv(40))
-    n, kv = cache.lookup(list(range(100, 130)) + [7, 8])  # shares 30 with a
+    n, kv = cache.lookup([*list(range(100, 130)), 7, 8])  # shares 30 with a
     assert n == 30 and kv is not None and kv[0][0].shape == (1, 2, 30, 4)
     assert kv[1][1][0, 0, :, 0].tolist() == list(range(30))
-    n, _ = cache.lookup(b[:25] + [1, 2, 3])
+    n, _ = cache.lookup([*b[:25], 1, 2, 3])
     assert n == 25
     n, _ = cache.lookup(list(a))  # the whole prompt is kept; one token must still be computed
     assert n == 39
@@ -43,14 +43,14 @@ def test_budget_evicts_least_recently_used_and_extensions_replace() -> None:
     first, second, third = ([i] * 8 + list(range(12)) for i in (1, 2, 3))
     cache.store(first, fake_kv(20))
     cache.store(second, fake_kv(20))
-    assert cache.lookup(first + [0])[0] == 20  # first is now the most recently used
+    assert cache.lookup([*first, 0])[0] == 20  # first is now the most recently used
     cache.store(third, fake_kv(20))
     assert len(cache) == 2 and cache.nbytes == 2 * per_entry
-    assert cache.lookup(second + [0]) == (0, None)
-    assert cache.lookup(first + [0])[0] == 20
-    cache.store(first + [5, 6, 7, 8], fake_kv(24))  # extends `first`: replaces it rather than adding
+    assert cache.lookup([*second, 0]) == (0, None)
+    assert cache.lookup([*first, 0])[0] == 20
+    cache.store([*first, 5, 6, 7, 8], fake_kv(24))  # extends `first`: replaces it rather than adding
     # `first` went as redundant; 20 + 24 tokens are over the budget of 40, so `third` went too
-    assert len(cache) == 1 and cache.lookup(first + [5, 6, 7, 8, 9])[0] == 24
+    assert len(cache) == 1 and cache.lookup([*first, 5, 6, 7, 8, 9])[0] == 24
     assert PrefixCache(budget_bytes=0).lookup(first) == (0, None)
 
 
