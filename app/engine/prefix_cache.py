@@ -95,11 +95,6 @@ class PrefixCache:
         while self.nbytes > self.budget_bytes:
             self._remove(next(iter(self._entries)))
 
-    def clear(self) -> None:
-        self._entries.clear()
-        self._by_head.clear()
-        self.nbytes = 0
-
     def _remove(self, entry_id: int) -> None:
         entry = self._entries.pop(entry_id)
         self.nbytes -= entry.nbytes
