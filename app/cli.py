@@ -11,11 +11,10 @@ from app.config import Settings
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from app.main import create_app
     from app.models.loader import load_model
     from app.models.store import StoreError
+    from app.server import serve
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("model", args.model)) if v is not None}
     settings = Settings(**overrides)
@@ -26,8 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"textgen serve: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(settings, loaded=loaded), host=settings.host, port=settings.port,
-                log_level=args.log_level, timeout_graceful_shutdown=30)  # fmt: skip
+    serve(create_app(settings, loaded=loaded), settings.host, settings.port, args.log_level, settings.shutdown_grace)
     return 0
 
 

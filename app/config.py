@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_STORE = Path(__file__).resolve().parent.parent / "model_store"
 
@@ -53,4 +53,38 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(default=1024, ge=1, description="Cap on max_new_tokens per request.")
     default_max_new_tokens: int = Field(default=64, ge=1)
     max_return_sequences: int = Field(default=8, ge=1)
+    max_batch_texts: int = Field(default=64, ge=1, description="Texts (or prompts) one call may send as a list.")
     request_timeout: float = Field(default=300.0, gt=0, description="Seconds from arrival to the last token.")
+
+    # HTTP
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default=[], description="Comma-separated API keys; set, every model route needs one (Bearer or X-API-Key)."
+    )
+    api_keys_file: Path | None = Field(default=None, description="File with one API key a line (# comments).")
+    open_paths: Annotated[list[str], NoDecode] = Field(
+        default=["/health", "/ready", "/metrics", "/docs", "/redoc", "/openapi.json"],
+        description="Paths that need no API key, comma-separated.",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default=[], description="Origins allowed by CORS, comma-separated ('*' = any); empty = CORS off."
+    )
+    max_body_bytes: int = Field(default=2 * 2**20, ge=1024, description="Larger request bodies get 413.")
+    shutdown_grace: float = Field(
+        default=30.0, ge=0, description="On SIGTERM: seconds in-flight requests get to finish (new ones get 503)."
+    )
+
+    @field_validator("api_keys", "open_paths", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    def all_api_keys(self) -> list[str]:
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            for line in self.api_keys_file.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    keys.append(line)
+        return keys

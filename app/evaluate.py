@@ -122,12 +122,40 @@ def eval_summarize(client: httpx.Client, data: Path, limit: int | None, batch: i
             print(f"{name:8} {len(idx):4}  {system:8} {f['rouge1']:8.1f} {f['rouge2']:8.1f} {f['rougeL']:8.1f}")
 
 
+def eval_perplexity(client: httpx.Client, data: Path, limit: int | None, window: int, reference: bool) -> None:
+    from app import perplexity  # torch only for this task
+
+    info = client.get("/info").json()
+    text = data.read_text()
+    started = time.perf_counter()
+    ids = perplexity.tokenize(client, text)
+    chunks = perplexity.windows(ids, min(window, info["context_length"]))[:limit]
+    api = perplexity.via_api(client, chunks)
+    elapsed = time.perf_counter() - started
+    print(f"WikiText-style perplexity of {info['model']} on {data}: {len(ids)} tokens, {len(chunks)} windows of "
+          f"{window}, {api.tokens} predicted")  # fmt: skip
+    print(f"{'computed by':26} {'perplexity':>10} {'seconds':>8}")
+    print(f"{'server /v1/completions':26} {api.value:10.4f} {elapsed:8.1f}")
+    if reference:
+        from app.config import Settings
+        from app.models.loader import load_model
+
+        started = time.perf_counter()
+        loaded = load_model(Settings(model=info["model"], pack_weights=False))
+        ref = perplexity.direct(loaded.model, chunks)
+        print(f"{'transformers (direct)':26} {ref.value:10.4f} {time.perf_counter() - started:8.1f}")
+        print(f"relative difference: {abs(api.value - ref.value) / ref.value:.2e}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("task", choices=["sentiment", "translate", "summarize"])
+    parser.add_argument("task", choices=["sentiment", "translate", "summarize", "perplexity"])
     parser.add_argument("--data", type=Path, required=True, help="e.g. ../shared/data/sst2/dev.tsv")
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--limit", type=int, help="first N examples only (translate: 200 by default)")
     parser.add_argument("--batch", type=int, default=32, help="texts per HTTP call")
+    parser.add_argument("--window", type=int, default=1024, help="perplexity: tokens per window (no overlap)")
+    parser.add_argument("--reference", action="store_true",
+                        help="perplexity: also compute it directly with transformers on the same windows")  # fmt: skip
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -136,6 +164,8 @@ def run_eval(args: argparse.Namespace) -> int:
             eval_sentiment(client, args.data, args.limit, args.batch)
         elif args.task == "translate":
             eval_translate(client, args.data, args.limit, min(args.batch, 64))
+        elif args.task == "perplexity":
+            eval_perplexity(client, args.data, args.limit, args.window, args.reference)
         else:
             eval_summarize(client, args.data, args.limit, min(args.batch, 16))
     return 0

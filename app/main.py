@@ -7,41 +7,22 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from fastapi import FastAPI, Response
+from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
-from app.api import generate, health, tasks
+from app.api import generate, health, openai_compat, tasks, tokens
+from app.api.access import AccessMiddleware
 from app.api.errors import install_error_handlers
+from app.api.guards import ApiKeys, BodyLimit, Draining
 from app.config import Settings
 from app.engine.engine import Engine, EngineLimits
 from app.engine.types import GenerationRequest, RequestFailed
+from app.metrics import Metrics
 from app.models.loader import LoadedModel, load_model
 from app.models.store import StoreError
 
 log = logging.getLogger("textgen")
-
-
-class ModelHeader:
-    """Adds `X-Textgen-Model` to every response, so each answer says which model gave it."""
-
-    def __init__(self, app: ASGIApp, fastapi_app: FastAPI) -> None:
-        self.app = app
-        self.fastapi_app = fastapi_app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        info = getattr(self.fastapi_app.state, "model_info", None)
-
-        async def send_with_header(message: Message) -> None:
-            if message["type"] == "http.response.start" and info is not None:
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-textgen-model", info.name.encode())]
-            await send(message)
-
-        await self.app(scope, receive, send_with_header)
 
 
 def engine_limits(settings: Settings) -> EngineLimits:
@@ -79,8 +60,9 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
             raise SystemExit(f"textgen cannot start: {exc}") from None
         engine = Engine(
             model.model, model.tokenizer, engine_limits(settings),
-            context_length=model.info.context_length, eos_token_ids=model.info.eos_token_ids,
+            context_length=model.info.context_length, eos_token_ids=model.info.eos_token_ids, observer=metrics,
         )  # fmt: skip
+        metrics.bind(engine)
         engine.start()
         try:
             await warm_up(engine)
@@ -99,9 +81,26 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.draining = False
+    metrics = Metrics()
     install_error_handlers(app)
     app.include_router(generate.router)
+    app.include_router(openai_compat.router)
     app.include_router(tasks.router)
+    app.include_router(tokens.router)
     app.include_router(health.router)
-    app.add_middleware(ModelHeader, fastapi_app=app)
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {}}}})  # fmt: skip
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # Added innermost first: a request meets Access, CORS, BodyLimit, ApiKeys, Draining, then the routes.
+    app.add_middleware(Draining, state=app.state)
+    app.add_middleware(ApiKeys, keys=settings.all_api_keys(), open_paths=settings.open_paths)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-ID", "X-Textgen-Model"])  # fmt: skip
+    app.add_middleware(AccessMiddleware, state=app.state, metrics=metrics, routes=app.router.routes)
     return app

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.errors import EngineStopped
 from app.models.loader import ModelInfo
@@ -18,6 +19,11 @@ def get_engine(request: Request) -> Engine:
     return engine
 
 
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
 def get_model_info(request: Request) -> ModelInfo:
     info: ModelInfo = request.app.state.model_info
     return info
@@ -25,3 +31,4 @@ def get_model_info(request: Request) -> ModelInfo:
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
 ModelInfoDep = Annotated[ModelInfo, Depends(get_model_info)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]

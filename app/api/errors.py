@@ -34,14 +34,39 @@ def error_body(kind: str, message: str, field: str | None = None) -> dict[str, A
     return {"error": {"type": kind, "message": message, "field": field}}
 
 
-def engine_error_response(error: EngineError) -> JSONResponse:
+OPENAI_PREFIX = "/v1/"
+
+
+def openai_error_body(kind: str, message: str, field: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape, for the /v1 routes: clients such as the `openai` package parse it."""
+    kinds = {"invalid_request": "invalid_request_error", "overloaded": "rate_limit_error", "timeout": "timeout_error",
+             "unavailable": "service_unavailable", "internal_error": "server_error",
+             "unauthorized": "authentication_error", "payload_too_large": "invalid_request_error"}  # fmt: skip
+    return {"error": {"message": message, "type": kinds.get(kind, kind), "param": field, "code": kind}}
+
+
+def _respond(request: Request, kind: str, message: str, field: str | None, status: int,
+             headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
+    return error_response(request.url.path, kind, message, field, status, headers)
+
+
+def error_response(path: str, kind: str, message: str, field: str | None, status: int,
+                   headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
+    """The error in the shape the route's clients expect: OpenAI's on /v1, ours elsewhere."""
+    if path.startswith(OPENAI_PREFIX):
+        # OpenAI answers every invalid request with 400, and its clients expect that
+        return JSONResponse(openai_error_body(kind, message, field), status_code=400 if status == 422 else status,
+                            headers=headers)  # fmt: skip
+    return JSONResponse(error_body(kind, message, field), status_code=status, headers=headers)
+
+
+def engine_error_response(request: Request, error: EngineError) -> JSONResponse:
     headers = {}
     if isinstance(error, Overloaded):
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
     elif isinstance(error, EngineStopped):
         headers["Retry-After"] = "5"
-    return JSONResponse(error_body(error.kind, error.message, error.field), status_code=status_for(error),
-                        headers=headers)  # fmt: skip
+    return _respond(request, error.kind, error.message, error.field, status_for(error), headers)
 
 
 def _field(loc: tuple[Any, ...]) -> str | None:
@@ -67,10 +92,12 @@ def _field_of(err: dict[str, Any]) -> str | None:
     return None if err.get("type") == "json_invalid" else _field(tuple(err.get("loc", ())))
 
 
-async def _validation(_: Request, exc: Exception) -> JSONResponse:
+async def _validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
     first = errors[0] if errors else {"msg": "invalid request"}
+    if request.url.path.startswith(OPENAI_PREFIX):
+        return _respond(request, "invalid_request", _message(first), _field_of(first), 422)
     body = error_body("invalid_request", _message(first), _field_of(first))
     if len(errors) > 1:
         body["error"]["details"] = [
@@ -79,21 +106,21 @@ async def _validation(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=422)
 
 
-async def _engine(_: Request, exc: Exception) -> JSONResponse:
+async def _engine(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, EngineError)
-    return engine_error_response(exc)
+    return engine_error_response(request, exc)
 
 
-async def _http(_: Request, exc: Exception) -> JSONResponse:
+async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     kinds = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
-    return JSONResponse(error_body(kinds.get(exc.status_code, "http_error"), str(exc.detail)),
-                        status_code=exc.status_code, headers=getattr(exc, "headers", None))  # fmt: skip
+    return _respond(request, kinds.get(exc.status_code, "http_error"), str(exc.detail), None, exc.status_code,
+                    getattr(exc, "headers", None))  # fmt: skip
 
 
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
-    return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+    return _respond(request, "internal_error", "internal server error", None, 500)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -93,7 +93,7 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, i
         def on_delta(delta: TokenDelta) -> dict[str, Any]:
             return {"type": "token", "index": delta.index, "text": delta.text, "token_id": delta.token_id}
 
-        def on_done(result: Collected) -> list[dict[str, Any]]:
+        def on_done(result: Collected) -> list[dict[str, Any] | str]:
             final = build_response(body, request_id, info.name, result)
             return [{"type": "done", **final.model_dump()}]
 

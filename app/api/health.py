@@ -26,6 +26,9 @@ async def ready(request: Request) -> JSONResponse:
     if engine is None or not engine.is_running:
         return JSONResponse(error_body("unavailable", "the model is not ready"), status_code=503,
                             headers={"Retry-After": "5"})  # fmt: skip
+    if request.app.state.draining:
+        return JSONResponse(error_body("unavailable", "the server is shutting down"), status_code=503,
+                            headers={"Retry-After": "5"})  # fmt: skip
     return JSONResponse({"status": "ready", "model": request.app.state.model_info.name})
 
 

@@ -143,13 +143,15 @@ def _texts(text: str | None, texts: list[str] | None, limit: int) -> list[str]:
 
 class SentimentRequest(StrictModel):
     text: str | None = Field(default=None, description="One text to classify.")
-    texts: list[str] | None = Field(default=None, description="Up to 64 texts, scored as a batch.")
+    texts: list[str] | None = Field(
+        default=None, description="Several texts (up to the server's max_batch_texts, default 64), scored as a batch."
+    )
     labels: list[str] = Field(default=["negative", "positive"], min_length=2, max_length=20,
                               description="Candidate labels (each may be several tokens).")  # fmt: skip
     calibrate: bool = Field(default=True, description="Contextual calibration against content-free inputs.")
 
-    def items(self) -> list[str]:
-        return _texts(self.text, self.texts, 64)
+    def items(self, limit: int) -> list[str]:
+        return _texts(self.text, self.texts, limit)
 
     @field_validator("labels")
     @classmethod
@@ -181,12 +183,14 @@ class SentimentResponse(BaseModel):
 
 class TranslateRequest(SamplingFields):
     text: str | None = Field(default=None, description="One text to translate.")
-    texts: list[str] | None = Field(default=None, description="Up to 64 texts, translated as a batch.")
+    texts: list[str] | None = Field(
+        default=None, description="Several texts (up to max_batch_texts), translated as a batch."
+    )
     source_lang: str = Field(default="en", description="ISO 639-1 code or English name of the source language.")
     target_lang: str = Field(description="ISO 639-1 code or English name of the target language.")
 
-    def items(self) -> list[str]:
-        return _texts(self.text, self.texts, 64)
+    def items(self, limit: int) -> list[str]:
+        return _texts(self.text, self.texts, limit)
 
 
 class TranslateResponse(BaseModel):
@@ -200,10 +204,12 @@ class TranslateResponse(BaseModel):
 
 class SummarizeRequest(SamplingFields):
     text: str | None = Field(default=None, description="One article to summarize.")
-    texts: list[str] | None = Field(default=None, description="Up to 16 articles, summarized as a batch.")
+    texts: list[str] | None = Field(
+        default=None, description="Several articles (up to max_batch_texts), summarized as a batch."
+    )
 
-    def items(self) -> list[str]:
-        return _texts(self.text, self.texts, 16)
+    def items(self, limit: int) -> list[str]:
+        return _texts(self.text, self.texts, limit)
 
 
 class SummarizeResponse(BaseModel):

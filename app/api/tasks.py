@@ -17,8 +17,8 @@ from app.api.schemas import (
     TranslateResponse,
     Usage,
 )
-from app.api.streaming import Collected, collect
-from app.engine.engine import Engine, RequestStream
+from app.api.streaming import Collected, collect, submit_all
+from app.engine.engine import Engine
 from app.engine.errors import InvalidRequest
 from app.engine.types import GenerationRequest, ScoreRequest
 from app.tasks import sentiment, summarize, translate
@@ -28,28 +28,15 @@ router = APIRouter(tags=["tasks"])
 EngineRequests = list[GenerationRequest | ScoreRequest]
 
 
-def submit_all(engine: Engine, requests: EngineRequests) -> list[RequestStream]:
-    """Submit every request or none: if one is refused (429, 422), the ones already queued are aborted."""
-    streams: list[RequestStream] = []
-    try:
-        for r in requests:
-            streams.append(engine.submit(r))
-    except Exception:
-        for s in streams:
-            s.abort()
-        raise
-    return streams
-
-
 async def run_all(
     request: Request, engine: Engine, requests: list[GenerationRequest | ScoreRequest]
 ) -> list[Collected] | None:
     return await collect(request.receive, submit_all(engine, requests))
 
 
-def _items(body: SentimentRequest | TranslateRequest | SummarizeRequest) -> list[str]:
+def _items(body: SentimentRequest | TranslateRequest | SummarizeRequest, request: Request) -> list[str]:
     try:
-        return body.items()
+        return body.items(request.app.state.settings.max_batch_texts)
     except ValueError as exc:
         raise InvalidRequest(str(exc), field="texts" if body.texts is not None else "text") from exc
 
@@ -77,7 +64,7 @@ async def _priors(request: Request, engine: Engine, labels: tuple[str, ...]) -> 
     summary="Classify texts by scoring each label's likelihood",
 )
 async def classify(body: SentimentRequest, request: Request, engine: EngineDep, info: ModelInfoDep) -> Response:
-    texts = _items(body)
+    texts = _items(body, request)
     labels = tuple(body.labels)
     family = family_of(engine.tokenizer)
     per_text = [sentiment.build(engine.tokenizer, family, text, labels) for text in texts]
@@ -138,7 +125,7 @@ def _language(value: str, field: str) -> str:
 
 @router.post("/translate", response_model=TranslateResponse, responses=ERRORS, summary="Translate texts")
 async def translate_texts(body: TranslateRequest, request: Request, engine: EngineDep, info: ModelInfoDep) -> Response:
-    texts = _items(body)
+    texts = _items(body, request)
     source = _language(body.source_lang, "source_lang")
     target = _language(body.target_lang, "target_lang")
     if source == target:
@@ -165,7 +152,7 @@ async def translate_texts(body: TranslateRequest, request: Request, engine: Engi
 
 @router.post("/summarize", response_model=SummarizeResponse, responses=ERRORS, summary="Summarize articles")
 async def summarize_texts(body: SummarizeRequest, request: Request, engine: EngineDep, info: ModelInfoDep) -> Response:
-    texts = _items(body)
+    texts = _items(body, request)
     family = family_of(engine.tokenizer)
     max_new = body.max_new_tokens or 128
     budget = min(engine.max_prompt_tokens, engine.context_length - max_new)

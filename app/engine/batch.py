@@ -12,8 +12,10 @@ import torch
 from transformers import DynamicCache
 
 from app.engine.kv_cache import SlotCache
+from app.engine.logprobs import prompt_logprobs
 from app.engine.prefix_cache import PrefillKV
 from app.engine.state import RequestState, SequenceState
+from app.engine.types import TokenLogprob
 
 
 class Batch:
@@ -41,8 +43,9 @@ class Batch:
 
     def prefill(
         self, request: RequestState, prefix_len: int = 0, prefix: PrefillKV | None = None
-    ) -> tuple[torch.Tensor, PrefillKV]:
-        """Run one prompt on its own; return its last-position logits (V,) and the K/V of the whole prompt.
+    ) -> tuple[torch.Tensor, PrefillKV, list[TokenLogprob] | None]:
+        """Run one prompt on its own; return its last-position logits (V,), the K/V of the whole prompt,
+        and the prompt's token log-probabilities when the request asked for them.
 
         Prompts are prefilled one at a time, unpadded: padding a group to its longest prompt wasted
         ~40% of prefill compute on mixed lengths, and a few hundred tokens already fill the matmuls.
@@ -50,10 +53,19 @@ class Batch:
         """
         ids = torch.tensor([request.prompt_ids[prefix_len:]], device=self.device)  # (1, P - n)
         cache = self._cache_from(prefix)
-        out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        top = getattr(request.request, "prompt_logprobs", None)
+        scored: list[TokenLogprob] | None = None
+        if top is None:
+            out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+            logits: torch.Tensor = out.logits[0, -1, :]  # (V,)
+        else:
+            assert prefix_len == 0, "prompt log-probabilities need the whole prompt computed"
+            hidden = self.model.base_model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state[0]  # (P, H)
+            output = self.model.get_output_embeddings()
+            logits = output(hidden[-1:])[0]  # (V,)
+            scored = prompt_logprobs(hidden, output, request.prompt_ids, top)
         kv: PrefillKV = [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
-        logits: torch.Tensor = out.logits[0, -1, :]  # (V,)
-        return logits, kv
+        return logits, kv, scored
 
     def score(
         self, prompt: list[int], continuations: list[list[int]], prefix_len: int = 0, prefix: PrefillKV | None = None

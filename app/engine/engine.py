@@ -29,6 +29,8 @@ from app.engine.errors import (
     RequestTimeout,
     StepFailed,
 )
+from app.engine.logprobs import token_logprobs
+from app.engine.observer import EngineObserver, NullObserver
 from app.engine.prefix_cache import PrefillKV, PrefixCache
 from app.engine.sampling import SampleRow, sample
 from app.engine.scheduler import Scheduler
@@ -37,6 +39,7 @@ from app.engine.stopping import StreamText
 from app.engine.types import (
     Event,
     GenerationRequest,
+    PromptLogprobs,
     RequestFailed,
     RequestFinished,
     ScoreRequest,
@@ -46,6 +49,8 @@ from app.engine.types import (
 )
 
 log = logging.getLogger(__name__)
+
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,14 @@ class RequestStream:
     def prompt_tokens(self) -> int:
         return self._state.prompt_len
 
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self._state.prompt_ids
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return getattr(self._state.request, "prompt_logprobs", None) is not None
+
     def __aiter__(self) -> AsyncIterator[Event]:
         return self
 
@@ -120,8 +133,9 @@ class RequestStream:
 
 class Engine:
     def __init__(self, model: Any, tokenizer: Any, limits: EngineLimits, *, context_length: int,
-                 eos_token_ids: tuple[int, ...]) -> None:  # fmt: skip
+                 eos_token_ids: tuple[int, ...], observer: EngineObserver | None = None) -> None:  # fmt: skip
         self.model = model
+        self.observer: EngineObserver = observer or NullObserver()
         self.tokenizer = tokenizer
         self.limits = limits
         self.context_length = context_length
@@ -254,6 +268,8 @@ class Engine:
     def _max_new_tokens(self, request: GenerationRequest, prompt_len: int) -> int:
         cap = self.limits.max_new_tokens
         room = self.context_length - prompt_len
+        if request.max_new_tokens == 0 and request.prompt_logprobs is not None:
+            return 0  # score the prompt only
         if request.max_new_tokens is not None:
             field, wanted = "max_new_tokens", request.max_new_tokens
             if wanted < 1:
@@ -293,6 +309,10 @@ class Engine:
             (p.repetition_penalty > 0, "repetition_penalty", "repetition_penalty must be > 0"),
             (1 <= n <= self.limits.max_return_sequences, "num_return_sequences",
              f"num_return_sequences must be between 1 and {self.limits.max_return_sequences}"),
+            (request.logprobs is None or 0 <= request.logprobs <= MAX_TOP_LOGPROBS, "logprobs",
+             f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
+            (request.prompt_logprobs is None or 0 <= request.prompt_logprobs <= MAX_TOP_LOGPROBS, "prompt_logprobs",
+             f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
             (n == 1 or not p.greedy, "num_return_sequences",
              "num_return_sequences > 1 needs sampling (do_sample=true and temperature > 0): greedy "
              "decoding would return the same text n times"),
@@ -356,8 +376,11 @@ class Engine:
         for state in plan.cancelled:
             self._close(state)
         started = time.perf_counter()
+        rows = len(self.batch.seqs)
         produced = self._decode_running() + self._prefill(plan.admitted, now)
         elapsed = time.perf_counter() - started
+        if rows or plan.admitted:
+            self.observer.step(rows, elapsed)
         self._stats.busy_seconds += elapsed
         if produced:
             rate = produced / max(elapsed, 1e-6)
@@ -373,6 +396,7 @@ class Engine:
         started = time.perf_counter()
         try:
             logits = self.batch.decode()  # (B, V)
+            scored = self._logprobs(seqs, logits)
             tokens = sample(logits, [SampleRow(s.params, s.generator, s.history) for s in seqs])
             self._stats.decode_seconds += time.perf_counter() - started
         except Exception as exc:
@@ -380,9 +404,18 @@ class Engine:
             for seq in self.batch.clear():
                 self._fail(seq.request, StepFailed(f"the model step failed: {type(exc).__name__}"))
             return 0
-        for seq, token in zip(seqs, tokens, strict=True):
-            self._accept(seq, token)
+        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            self._accept(seq, token, logprobs=scored.get(i))
         return len(seqs)
+
+    @staticmethod
+    def _logprobs(seqs: list[SequenceState], logits: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Raw log-softmax rows (V,) of the rows (positions in `seqs`) that asked for log-probabilities."""
+        wanted = [i for i, s in enumerate(seqs) if s.wants_logprobs is not None]
+        if not wanted:
+            return {}
+        rows = logits[wanted].float().log_softmax(-1)  # (W, V)
+        return dict(zip(wanted, rows, strict=True))
 
     def _prefill(self, admitted: list[RequestState], now: float) -> int:
         produced = 0
@@ -393,12 +426,15 @@ class Engine:
                 produced += self._score(state, now)
                 continue
             started = time.perf_counter()
+            wants_prompt = getattr(state.request, "prompt_logprobs", None) is not None
             try:
-                reused, prefix = self.prefix_cache.lookup(state.prompt_ids)
-                logits, kv = self.batch.prefill(state, reused, prefix)  # (V,)
+                # prompt log-probabilities need every prompt position computed: no reuse then
+                reused, prefix = (0, None) if wants_prompt else self.prefix_cache.lookup(state.prompt_ids)
+                logits, kv, scored = self.batch.prefill(state, reused, prefix)  # (V,)
                 self.prefix_cache.store(state.prompt_ids, kv)
                 rows = [SampleRow(s.params, s.generator, s.history) for s in state.sequences]
-                tokens = sample(logits.unsqueeze(0).expand(len(rows), -1), rows)
+                tokens = sample(logits.unsqueeze(0).expand(len(rows), -1), rows) if rows else []
+                first = self._logprobs(state.sequences[:1], logits.unsqueeze(0)).get(0)  # (V,), same for all rows
                 self._stats.prefill_seconds += time.perf_counter() - started
             except Exception as exc:
                 log.exception("prefill failed for request %s", state.id)
@@ -408,8 +444,13 @@ class Engine:
             state.admitted_at = now
             self.running[state.id] = state
             self._stats.prompt_tokens += state.prompt_len
+            if scored is not None:
+                state.channel.put(PromptLogprobs((None, *scored)))
+            if not state.sequences:  # the prompt was all it asked about
+                self._finish(state)
+                continue
             for seq, token in zip(state.sequences, tokens, strict=True):
-                self._accept(seq, token, kv=kv)
+                self._accept(seq, token, kv=kv, logprobs=first)
             produced += len(tokens)
         return produced
 
@@ -431,12 +472,24 @@ class Engine:
         return 0
 
     # ---- postprocess --------------------------------------------------------------------------
-    def _accept(self, seq: SequenceState, token: int, kv: PrefillKV | None = None) -> None:
-        """Append one token to a sequence: detokenize, check stops, emit, and join or leave the batch."""
+    def _accept(self, seq: SequenceState, token: int, kv: PrefillKV | None = None,
+                logprobs: torch.Tensor | None = None) -> None:  # fmt: skip
+        """Append one token to a sequence: detokenize, check stops, emit, and join or leave the batch.
+
+        `logprobs`: the raw log-softmax (V,) the token was drawn at, for a sequence that asked for them.
+        """
         state = seq.request
         if state.done:
             return
         seq.tokens.append(token)
+        arrived = time.monotonic()
+        if len(seq.tokens) == 1:
+            self.observer.first_token(arrived - state.arrival)
+        else:
+            self.observer.next_token(arrived - seq.last_token_at)
+        seq.last_token_at = arrived
+        if logprobs is not None and seq.wants_logprobs is not None:
+            seq.logprobs.append(token_logprobs(logprobs.unsqueeze(0), [token], seq.wants_logprobs)[0])
         self._stats.generated_tokens += 1
         finish = None
         if token in self.eos_token_ids and not getattr(state.request, "ignore_eos", False):
@@ -448,7 +501,8 @@ class Engine:
             finish = "length"
         delta = seq.text.release(final=finish is not None)
         if delta:
-            state.channel.put(TokenDelta(seq.index, delta, token))
+            state.channel.put(TokenDelta(seq.index, delta, token, tuple(seq.logprobs[seq.logprobs_sent :])))
+            seq.logprobs_sent = len(seq.logprobs)
         if finish is None:
             if kv is not None:
                 self.batch.join(seq, kv)
@@ -459,7 +513,8 @@ class Engine:
             self.scheduler.release(state)
         elif kv is not None:
             self.scheduler.release(state)  # finished on its first token: never joined
-        state.channel.put(SequenceFinished(seq.index, finish, seq.text.text, tuple(seq.tokens), seq.params.seed))
+        state.channel.put(SequenceFinished(seq.index, finish, seq.text.text, tuple(seq.tokens), seq.params.seed,
+                                           tuple(seq.logprobs)))  # fmt: skip
         if not state.live_sequences():
             self._finish(state)
 
@@ -468,12 +523,14 @@ class Engine:
         self.running.pop(state.id, None)
         self._stats.completed_requests += 1
         now = time.monotonic()
-        state.channel.put(RequestFinished(
+        finished = RequestFinished(
             prompt_tokens=state.prompt_len,
             completion_tokens=sum(len(s.tokens) for s in state.sequences),
             queue_seconds=(state.admitted_at or now) - state.arrival,
             total_seconds=now - state.arrival,
-        ))  # fmt: skip
+        )
+        self.observer.finished(finished.prompt_tokens, finished.completion_tokens, finished.queue_seconds)
+        state.channel.put(finished)
 
     def _release_rows(self, state: RequestState) -> None:
         for seq in state.sequences:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from app.engine.stopping import StreamText
-from app.engine.types import Event, GenerationRequest, SamplingParams, ScoreRequest
+from app.engine.types import Event, GenerationRequest, SamplingParams, ScoreRequest, TokenLogprob
 
 
 class Channel:
@@ -40,6 +40,13 @@ class SequenceState:
     kv_len: int = 0  # tokens of this row held in the KV cache
     slot: int = -1  # row in the batch, -1 when not in it
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when asked for
+    logprobs_sent: int = 0  # how many of them went out with a TokenDelta
+    last_token_at: float = 0.0  # monotonic time of the latest token, for inter-token latency
+
+    @property
+    def wants_logprobs(self) -> int | None:
+        return getattr(self.request.request, "logprobs", None)
 
     @property
     def history(self) -> list[int]:
@@ -76,8 +83,11 @@ class RequestState:
 
     @property
     def rows(self) -> int:
-        # A scoring request never holds a batch row: it is done within its prefill step.
-        return 0 if isinstance(self.request, ScoreRequest) else self.request.num_return_sequences
+        # A scoring request never holds a batch row: it is done within its prefill step; so is a
+        # request for the prompt's log-probabilities and no new tokens.
+        if isinstance(self.request, ScoreRequest) or self.max_new_tokens == 0:
+            return 0
+        return self.request.num_return_sequences
 
     @property
     def reserved_tokens(self) -> int:

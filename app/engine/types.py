@@ -39,6 +39,11 @@ class GenerationRequest:
     ignore_eos: bool = False
     request_id: str = ""
     timeout: float | None = None  # seconds; None or more than the server's limit = the server's limit
+    # Log-probabilities (under the model's raw distribution) of each generated token, plus this many
+    # most likely alternatives; None = none. `prompt_logprobs` does the same for the prompt's tokens;
+    # with it, max_new_tokens=0 is allowed: the prompt is scored and nothing is generated.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -55,14 +60,35 @@ class ScoreRequest:
     timeout: float | None = None
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability, and the most likely tokens at its position (best first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 # ---- events, in the order a request sees them --------------------------------------------------
 @dataclass(frozen=True)
+class PromptLogprobs:
+    """Sent after the prefill of a request that asked for `prompt_logprobs`. The first prompt token
+    has nothing before it to be predicted from: None."""
+
+    tokens: tuple[TokenLogprob | None, ...]
+
+
+@dataclass(frozen=True)
 class TokenDelta:
-    """New text of sequence `index`: may be empty while text is held back (a possible stop string)."""
+    """New text of sequence `index`: may be empty while text is held back (a possible stop string).
+
+    `logprobs` covers the tokens generated since the previous delta of this sequence (when asked for).
+    """
 
     index: int
     text: str
     token_id: int
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -72,6 +98,7 @@ class SequenceFinished:
     text: str  # the whole generated text, stop string trimmed
     token_ids: tuple[int, ...]  # every generated token, the EOS or stop-making ones included
     seed: int | None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when asked for
 
 
 @dataclass(frozen=True)
@@ -99,4 +126,4 @@ class RequestFailed:
     error: EngineError
 
 
-Event = TokenDelta | SequenceFinished | Scores | RequestFinished | RequestFailed
+Event = PromptLogprobs | TokenDelta | SequenceFinished | Scores | RequestFinished | RequestFailed

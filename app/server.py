@@ -1,0 +1,58 @@
+"""Running the app under uvicorn, with a graceful drain on SIGTERM.
+
+SIGTERM (what `docker stop` and Kubernetes send): the server keeps listening but answers new requests
+503 + Retry-After (see app/api/guards.py) and /ready 503, while the requests already inside run to
+the end; once the engine is idle, or `grace` seconds have passed, it shuts down and exits 0. A
+second SIGTERM, or Ctrl-C, stops at once as uvicorn does.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+log = logging.getLogger("textgen")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, grace: float) -> None:
+        super().__init__(config)
+        self.fastapi_app = app
+        self.grace = grace
+        self.drain_deadline: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and self.drain_deadline is None and not self.should_exit:
+            # Not recorded as captured: uvicorn would re-raise it after shutdown, and the exit code
+            # of a drained server is 0.
+            self.drain_deadline = time.monotonic() + self.grace
+            self.fastapi_app.state.draining = True
+            log.info("SIGTERM: refusing new requests, letting in-flight ones finish (up to %.0fs)", self.grace)
+            return
+        super().handle_exit(sig, frame)
+
+    def _idle(self) -> bool:
+        engine = getattr(self.fastapi_app.state, "engine", None)
+        return engine is None or (not engine.running and not engine.scheduler.queued)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_deadline is not None and not self.should_exit:
+            if self._idle():
+                log.info("drained: every in-flight request finished")
+                self.should_exit = True
+            elif time.monotonic() > self.drain_deadline:
+                log.warning("drain deadline passed with requests still running; stopping")
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def serve(app: FastAPI, host: str, port: int, log_level: str, grace: float) -> None:
+    # uvicorn's own graceful wait covers responses still being written once the engine is idle.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10,
+                            access_log=False)  # one structured line per request comes from app/api/access.py
+    DrainingServer(config, app, grace).run()
