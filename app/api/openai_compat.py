@@ -10,19 +10,26 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.api.deps import EngineDep, ModelInfoDep, SettingsDep
 from app.api.errors import openai_error_body, status_for
+from app.api.openai_schemas import (
+    ChatRequest,
+    ChatResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelList,
+    OpenAIErrorResponse,
+)
 from app.api.streaming import SSE_HEADERS, Collected, collect, sse_events, submit_all
-from app.engine.engine import MAX_TOP_LOGPROBS, Engine, RequestStream
+from app.engine.engine import Engine, RequestStream
 from app.engine.errors import EngineError, InvalidRequest
-from app.engine.types import GenerationRequest, PromptLogprobs, SamplingParams, TokenDelta, TokenLogprob
+from app.engine.types import GenerationRequest, PromptLogprobs, TokenDelta, TokenLogprob
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -30,70 +37,6 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 FINISH = {"length": "length", "stop": "stop", "eos": "stop"}
 # The engine's field names in OpenAI's words, for error messages' `param`
 PARAMS = {"max_new_tokens": "max_tokens", "num_return_sequences": "n", "prompt_logprobs": "logprobs"}
-
-
-class OpenAIFields(BaseModel):
-    """Fields both completion routes share. Unknown fields are ignored, as OpenAI-compatible servers do:
-    clients send options (user, stream_options, ...) that change nothing here."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=0)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    n: int = Field(default=1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stream: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    # not in OpenAI's API; vLLM and TGI accept them too
-    top_k: int = Field(default=0, ge=0)
-    repetition_penalty: float = Field(default=1.0, gt=0)
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _unsupported_penalty(cls, value: float) -> float:
-        if value != 0:
-            raise ValueError("is not supported; use repetition_penalty")
-        return value
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else value or []
-        if any(not s for s in stops):
-            raise ValueError("stop strings must not be empty")
-        return value
-
-    def stops(self) -> tuple[str, ...]:
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(do_sample=self.temperature > 0, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, repetition_penalty=self.repetition_penalty, seed=self.seed)  # fmt: skip
-
-
-class CompletionRequest(OpenAIFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="Text, token ids, or a list of either (one completion each)."
-    )
-    max_tokens: int | None = Field(default=16, ge=0, description="0 with echo: score the prompt only.")
-    echo: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
-
-
-class ChatRequest(OpenAIFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 def _model_check(requested: str | None, served: str) -> None:
@@ -163,7 +106,19 @@ class TokenText:
                             for e in entries]}  # fmt: skip
 
 
-@router.get("/models", summary="The model this server serves (OpenAI format)")
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": OpenAIErrorResponse, "description": text}
+    for code, text in {
+        400: "Invalid request: `param` names the field",
+        429: "Queue full: retry after the Retry-After header's seconds",
+        503: "Model not ready or server shutting down",
+        504: "The request ran past the server's timeout",
+    }.items()
+}
+STREAM = {"text/event-stream": {"description": "with stream=true: chunks of the same shape, then [DONE]"}}
+
+
+@router.get("/models", summary="The model this server serves (OpenAI format)", response_model=ModelList)
 async def models(info: ModelInfoDep) -> dict[str, Any]:
     return {"object": "list", "data": [{"id": info.name, "object": "model", "created": 0, "owned_by": "textgen"}]}
 
@@ -184,7 +139,8 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str 
     return list(prompt)  # type: ignore[arg-type]
 
 
-@router.post("/completions", summary="Text completion (OpenAI format)")
+@router.post("/completions", summary="Text completion (OpenAI format)",
+             responses={**ERRORS, 200: {"model": CompletionResponse, "content": STREAM}})  # fmt: skip
 async def completions(
     body: CompletionRequest, request: Request, engine: EngineDep, info: ModelInfoDep, settings: SettingsDep
 ) -> Response:
@@ -268,7 +224,8 @@ async def completions(
     return JSONResponse(obj(choices, usage=_usage(results)))
 
 
-@router.post("/chat/completions", summary="Chat completion through the model's chat template (OpenAI format)")
+@router.post("/chat/completions", summary="Chat completion through the model's chat template (OpenAI format)",
+             responses={**ERRORS, 200: {"model": ChatResponse, "content": STREAM}})  # fmt: skip
 async def chat(body: ChatRequest, request: Request, engine: EngineDep, info: ModelInfoDep) -> Response:
     _model_check(body.model, info.name)
     if not info.has_chat_template:
