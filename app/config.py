@@ -12,7 +12,8 @@ DEFAULT_STORE = Path(__file__).resolve().parent.parent / "model_store"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TEXTGEN_", extra="ignore")
+    # empty variables count as unset: compose files pass every setting, most of them empty
+    model_config = SettingsConfigDict(env_prefix="TEXTGEN_", extra="ignore", env_ignore_empty=True)
 
     # Model
     model: str | None = Field(
