@@ -1,4 +1,4 @@
-"""textgen serve | pull | models | bench | eval."""
+"""textgen serve | pull | models | bench | eval | soak."""
 
 from __future__ import annotations
 
@@ -100,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
 
     eval_arguments(evaluate)
     evaluate.set_defaults(func=run_eval)
+
+    soak = sub.add_parser("soak", help="storm a running server with good and bad traffic; print what happened")
+    from app.bench.soak import add_arguments as soak_arguments
+    from app.bench.soak import run_soak
+
+    soak_arguments(soak)
+    soak.set_defaults(func=run_soak)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -15,7 +15,14 @@ from app.api.errors import error_response
 
 
 class BodyLimit:
-    """413 for a body over `limit` bytes, whether it declares its length or streams it in chunks."""
+    """413 for a body over `limit` bytes, whether it declares its length or streams it in chunks.
+
+    The rest of an oversized body is read and dropped (up to DRAIN_FACTOR times the limit) before the
+    413 goes out, so the client, still sending, reads the answer instead of a reset connection; past
+    that the connection is closed.
+    """
+
+    DRAIN_FACTOR = 16
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -27,7 +34,7 @@ class BodyLimit:
             return
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, size=0, more=True)
             return
         # Read the body here (at most `limit` bytes), then hand it on: the app reads it from memory.
         chunks: list[Message] = []
@@ -39,7 +46,7 @@ class BodyLimit:
                 break
             size += len(message.get("body", b""))
             if size > self.limit:
-                await self._refuse(scope, receive, send)
+                await self._refuse(scope, receive, send, size, message.get("more_body", False))
                 return
             chunks.append(message)
             if not message.get("more_body", False):
@@ -50,9 +57,16 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: int, more: bool) -> None:
+        while more and size <= self.DRAIN_FACTOR * self.limit:
+            chunk = await receive()
+            if chunk["type"] != "http.request":
+                return  # the client left: nobody to answer
+            size += len(chunk.get("body", b""))
+            more = chunk.get("more_body", False)
         message = f"request body is larger than this server's limit of {self.limit} bytes"
-        response = error_response(scope["path"], "payload_too_large", message, None, 413, {"Connection": "close"})
+        headers = {"Connection": "close"} if more else None
+        response = error_response(scope["path"], "payload_too_large", message, None, 413, headers)
         await response(scope, receive, send)
 
 

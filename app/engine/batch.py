@@ -140,7 +140,10 @@ class Batch:
             self.seqs[slot] = last
             last.slot = slot
         seq.slot = -1
-        self.cache.shrink_window(max((s.kv_len for s in self.seqs), default=0))
+        if self.seqs:
+            self.cache.shrink_window(max(s.kv_len for s in self.seqs))
+        else:
+            self.cache.release()
 
     def clear(self) -> list[SequenceState]:
         """Drop every row (after a failed step): the cache's contents can no longer be trusted."""
@@ -148,5 +151,5 @@ class Batch:
         for s in dropped:
             s.slot = -1
         self.cache.window.rows = 0
-        self.cache.shrink_window(0)
+        self.cache.release()
         return dropped

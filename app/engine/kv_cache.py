@@ -154,6 +154,14 @@ class SlotCache(Cache):
         w = self.window
         w.start = w.end - longest if w.rows else w.end
 
+    def release(self) -> None:
+        """With no rows left, give the buffers back (they are reallocated at the next join): an idle
+        server holds no KV memory, and a burst's peak does not stay resident forever."""
+        assert self.window.rows == 0
+        for layer in self.slot_layers:
+            layer.k = layer.v = None
+        self.window.start = self.window.end = 0
+
     def advance(self, q: int = 1) -> None:
         """After a forward wrote q columns at `end` for every row."""
         self.window.end += q
