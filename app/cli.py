@@ -25,8 +25,8 @@ def _serve(args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"textgen serve: {exc}", file=sys.stderr)
         return 2
-    serve(create_app(settings, loaded=loaded), settings.host, settings.port, args.log_level, settings.shutdown_grace)
-    return 0
+    return serve(create_app(settings, loaded=loaded), settings.host, settings.port, args.log_level,
+                 settings.shutdown_grace)  # fmt: skip
 
 
 def _pull(args: argparse.Namespace) -> int:

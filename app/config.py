@@ -50,6 +50,9 @@ class Settings(BaseSettings):
         default=256, ge=0, description="Memory for K/V of recent prompts, reused by prompts that start alike; 0 = off."
     )
     max_queued_requests: int = Field(default=256, ge=0, description="Waiting requests before 429.")
+    max_queued_tokens: int = Field(
+        default=262144, ge=1, description="Waiting work before 429: the sum of prompt + max new tokens, per row."
+    )
     max_prompt_tokens: int | None = Field(default=None, ge=1, description="Unset: the model's context length.")
     max_new_tokens: int = Field(default=1024, ge=1, description="Cap on max_new_tokens per request.")
     default_max_new_tokens: int = Field(default=64, ge=1)

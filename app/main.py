@@ -31,6 +31,7 @@ def engine_limits(settings: Settings) -> EngineLimits:
         max_batch_tokens=settings.max_batch_tokens,
         max_prefill_tokens=settings.max_prefill_tokens,
         max_queued_requests=settings.max_queued_requests,
+        max_queued_tokens=settings.max_queued_tokens,
         max_prompt_tokens=settings.max_prompt_tokens,
         max_new_tokens=settings.max_new_tokens,
         default_max_new_tokens=settings.default_max_new_tokens,

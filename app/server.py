@@ -3,7 +3,8 @@
 SIGTERM (what `docker stop` and Kubernetes send): the server keeps listening but answers new requests
 503 + Retry-After (see app/api/guards.py) and /ready 503, while the requests already inside run to
 the end; once the engine is idle, or `grace` seconds have passed, it shuts down and exits 0. A
-second SIGTERM, or Ctrl-C, stops at once as uvicorn does.
+second SIGTERM, or Ctrl-C, stops at once as uvicorn does. If the engine loop dies, the server exits
+with status 1 instead of lingering.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class DrainingServer(uvicorn.Server):
         self.fastapi_app = app
         self.grace = grace
         self.drain_deadline: float | None = None
+        self.exit_code = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM and self.drain_deadline is None and not self.should_exit:
@@ -41,6 +43,13 @@ class DrainingServer(uvicorn.Server):
         return engine is None or (not engine.running and not engine.scheduler.queued)
 
     async def on_tick(self, counter: int) -> bool:
+        engine = getattr(self.fastapi_app.state, "engine", None)
+        if engine is not None and engine.fatal is not None and not self.should_exit:
+            # A server whose engine is gone would accept requests and never answer: stop, non-zero,
+            # so that the supervisor (compose's restart policy, Kubernetes) starts a fresh one.
+            log.error("the engine loop died (%r); exiting with status 1", engine.fatal)
+            self.exit_code = 1
+            self.should_exit = True
         if self.drain_deadline is not None and not self.should_exit:
             if self._idle():
                 log.info("drained: every in-flight request finished")
@@ -51,8 +60,11 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve(app: FastAPI, host: str, port: int, log_level: str, grace: float) -> None:
+def serve(app: FastAPI, host: str, port: int, log_level: str, grace: float) -> int:
+    """Run until stopped; the process's exit status: 0 after a drain, 1 if the engine died."""
     # uvicorn's own graceful wait covers responses still being written once the engine is idle.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10,
                             access_log=False)  # one structured line per request comes from app/api/access.py
-    DrainingServer(config, app, grace).run()
+    server = DrainingServer(config, app, grace)
+    server.run()
+    return server.exit_code

@@ -88,6 +88,7 @@ class EngineLimitsInfo(BaseModel):
     max_batch_tokens: int
     max_prefill_tokens: int
     max_queued_requests: int
+    max_queued_tokens: int
     max_prompt_tokens: int
     max_new_tokens: int
     default_max_new_tokens: int

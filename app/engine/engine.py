@@ -59,6 +59,7 @@ class EngineLimits:
     max_batch_tokens: int = 32768
     max_prefill_tokens: int = 2048
     max_queued_requests: int = 256
+    max_queued_tokens: int = 262144
     max_prompt_tokens: int | None = None
     max_new_tokens: int = 1024
     default_max_new_tokens: int = 64
@@ -143,8 +144,9 @@ class Engine:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = next(model.parameters()).device
         self.scheduler = Scheduler(
-            limits.max_batch_size, limits.max_batch_tokens, limits.max_prefill_tokens, limits.max_queued_requests
-        )
+            limits.max_batch_size, limits.max_batch_tokens, limits.max_prefill_tokens, limits.max_queued_requests,
+            limits.max_queued_tokens,
+        )  # fmt: skip
         self.batch = Batch(model, limits.max_batch_size)
         self.prefix_cache = PrefixCache(limits.prefix_cache_bytes)
         self.running: dict[str, RequestState] = {}  # admitted, not finished; engine thread only

@@ -4,6 +4,7 @@ Torch-free, so it is tested with fake requests. Budgets:
 - rows: sequences decoded together (max batch size);
 - KV tokens: the sum over running sequences of prompt + max_new_tokens, reserved at admission, so a
   running batch can never outgrow the cache it was promised;
+- waiting: requests and their tokens (prompt + max new tokens per row) queued, beyond which 429;
 - prefill tokens per step: prompt tokens prefilled in one step, so a burst of newcomers
   does not stall the rows that are decoding (at least one request is always admitted).
 """
@@ -39,8 +40,10 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, max_rows: int, max_batch_tokens: int, max_prefill_tokens: int, max_waiting: int) -> None:
+    def __init__(self, max_rows: int, max_batch_tokens: int, max_prefill_tokens: int, max_waiting: int,
+                 max_waiting_tokens: int | None = None) -> None:  # fmt: skip
         self.max_rows = max_rows
+        self.max_waiting_tokens = max_waiting_tokens
         self.max_batch_tokens = max_batch_tokens
         self.max_prefill_tokens = max_prefill_tokens
         self.max_waiting = max_waiting
@@ -56,6 +59,15 @@ class Scheduler:
                     f"the server is at capacity ({len(self.waiting)} requests waiting); retry later",
                     retry_after=retry_after,
                 )
+            if self.max_waiting_tokens is not None and self.waiting:
+                # (an empty queue always takes one: a request alone over the bound would never run)
+                queued = self._queued_tokens() + request.rows * request.reserved_tokens
+                if queued > self.max_waiting_tokens:
+                    raise Overloaded(
+                        f"the server is at capacity ({len(self.waiting)} requests, {queued} tokens of work "
+                        f"waiting; the limit is {self.max_waiting_tokens}); retry later",
+                        retry_after=retry_after,
+                    )
             self.waiting.append(request)
 
     def schedule(self, now: float) -> Plan:
@@ -98,4 +110,8 @@ class Scheduler:
         return len(self.waiting)
 
     def queued_tokens(self) -> int:
-        return sum(r.rows * r.reserved_tokens for r in list(self.waiting))
+        with self._lock:
+            return self._queued_tokens()
+
+    def _queued_tokens(self) -> int:
+        return sum(r.rows * r.reserved_tokens for r in self.waiting)

@@ -79,3 +79,17 @@ def test_expired_and_cancelled_waiting_requests_are_dropped_not_admitted() -> No
     assert plan.expired == [late]
     assert plan.cancelled == [gone]
     assert list(s.waiting) == [ok]
+
+
+def test_waiting_work_is_bounded_in_tokens_too() -> None:
+    s = Scheduler(max_rows=1, max_batch_tokens=10_000, max_prefill_tokens=10_000, max_waiting=100,
+                  max_waiting_tokens=100)  # fmt: skip
+    huge = Fake(prompt_len=100, max_new=100)  # 200 tokens: over the bound, but the queue is empty
+    s.add(huge, 1)
+    with pytest.raises(Overloaded, match="tokens of work waiting"):
+        s.add(Fake(prompt_len=1, max_new=1), retry_after=7)
+    assert s.schedule(0).admitted == [huge]  # the queue drains; room again
+    s.add(Fake(prompt_len=40, max_new=10, rows=2), 1)  # 100 tokens: exactly the bound
+    with pytest.raises(Overloaded) as exc:
+        s.add(Fake(prompt_len=1, max_new=1), retry_after=7)
+    assert exc.value.retry_after == 7
