@@ -66,8 +66,8 @@ class Settings(BaseSettings):
     )
     api_keys_file: Path | None = Field(default=None, description="File with one API key a line (# comments).")
     open_paths: Annotated[list[str], NoDecode] = Field(
-        default=["/health", "/ready", "/metrics", "/docs", "/redoc", "/openapi.json"],
-        description="Paths that need no API key, comma-separated.",
+        default=["/health", "/ready", "/metrics", "/docs", "/redoc", "/openapi.json", "/", "/static/"],
+        description="Paths that need no API key, comma-separated; one ending in '/' opens all below it.",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default=[], description="Origins allowed by CORS, comma-separated ('*' = any); empty = CORS off."

@@ -6,9 +6,12 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Response
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 from app import __version__
 from app.api import generate, health, openai_compat, tasks, tokens
@@ -95,6 +98,14 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
              responses={200: {"content": {"text/plain": {}}}})  # fmt: skip
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    static = Path(__file__).parent / "static"
+    app.mount("/static", StaticFiles(directory=static), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        """The web playground: one static page over the public API."""
+        return FileResponse(static / "index.html")
 
     # Added innermost first: a request meets Access, CORS, BodyLimit, ApiKeys, Draining, then the routes.
     app.add_middleware(Draining, state=app.state)

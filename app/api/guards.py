@@ -77,7 +77,9 @@ class ApiKeys:
     def __init__(self, app: ASGIApp, keys: list[str], open_paths: list[str]) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
-        self.open_paths = set(open_paths)
+        # "/static/" (ending in a slash) opens everything under it; other entries are exact paths
+        self.open_paths = {p for p in open_paths if p == "/" or not p.endswith("/")}
+        self.open_prefixes = tuple(p for p in open_paths if p != "/" and p.endswith("/"))
 
     def _allowed(self, scope: Scope) -> bool:
         headers = dict(scope["headers"])
@@ -93,7 +95,8 @@ class ApiKeys:
         return match
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] != "http" or not self.keys or scope["path"] in self.open_paths
+        path = scope.get("path", "")
+        if (scope["type"] != "http" or not self.keys or path in self.open_paths or path.startswith(self.open_prefixes)
                 or scope["method"] == "OPTIONS" or self._allowed(scope)):  # fmt: skip
             await self.app(scope, receive, send)
             return
