@@ -275,8 +275,15 @@ def run_soak(args: argparse.Namespace) -> int:
           f"{state['running_rows']}, waiting {state['waiting']}, KV cache {state['kv_cache_bytes']} bytes")  # fmt: skip
     for line in (tally.lost + tally.unexpected)[:20]:
         print("  ! " + line)
-    ok = not tally.lost and not tally.unexpected and ready.status_code == 200
-    return 0 if ok else 1
+    growth = 100 * (rss["end"] - base) / base
+    checks = {
+        "0 accepted-but-lost": not tally.lost,
+        "0 unexpected 5xx": not tally.unexpected,
+        f"RSS growth after warm-up < {args.max_rss_growth:g}%": growth < args.max_rss_growth,
+        "ready at the end": ready.status_code == 200,
+    }
+    print("verdict: " + ", ".join(f"{name} {'PASS' if ok else 'FAIL'}" for name, ok in checks.items()))
+    return 0 if all(checks.values()) else 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -287,3 +294,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=float, default=30, help="seconds before the 'after warm-up' RSS")
     parser.add_argument("--max-body", type=int, help="the server's TEXTGEN_MAX_BODY_BYTES (default 2 MiB)")
     parser.add_argument("--api-key")
+    parser.add_argument("--max-rss-growth", type=float, default=10.0, help="percent, after warm-up to the end")

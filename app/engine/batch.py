@@ -19,11 +19,11 @@ from app.engine.types import TokenLogprob
 
 
 class Batch:
-    def __init__(self, model: Any, max_rows: int) -> None:
+    def __init__(self, model: Any, max_rows: int, max_tokens: int | None = None) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.cache = SlotCache(model.config.num_hidden_layers, max_rows)
+        self.cache = SlotCache(model.config.num_hidden_layers, max_rows, max_tokens)
         self.seqs: list[SequenceState] = []
 
     def __len__(self) -> int:

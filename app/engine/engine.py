@@ -30,6 +30,7 @@ from app.engine.errors import (
     StepFailed,
 )
 from app.engine.logprobs import token_logprobs
+from app.engine.memory import release_free_memory
 from app.engine.observer import EngineObserver, NullObserver
 from app.engine.prefix_cache import PrefillKV, PrefixCache
 from app.engine.sampling import SampleRow, sample
@@ -147,7 +148,7 @@ class Engine:
             limits.max_batch_size, limits.max_batch_tokens, limits.max_prefill_tokens, limits.max_queued_requests,
             limits.max_queued_tokens,
         )  # fmt: skip
-        self.batch = Batch(model, limits.max_batch_size)
+        self.batch = Batch(model, limits.max_batch_size, limits.max_batch_tokens)
         self.prefix_cache = PrefixCache(limits.prefix_cache_bytes)
         self.running: dict[str, RequestState] = {}  # admitted, not finished; engine thread only
         self._wake = threading.Event()
@@ -360,11 +361,16 @@ class Engine:
                 self._fail(state, EngineStopped("the engine stopped after an internal error"))
 
     def _run_until_stopped(self) -> None:
+        busy = False
         while not self._stop.is_set():
             if not self.running and not self.scheduler.queued:
+                if busy:  # just went idle: hand what the burst freed back to the OS
+                    release_free_memory()
+                    busy = False
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
+            busy = True
             self.step()
 
     def step(self) -> None:

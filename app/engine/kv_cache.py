@@ -65,9 +65,12 @@ class SlotLayer(CacheLayerMixin):
 
 
 class SlotCache(Cache):
-    def __init__(self, num_layers: int, max_rows: int) -> None:
+    def __init__(self, num_layers: int, max_rows: int, max_tokens: int | None = None) -> None:
         self.window = Window()
         self.max_rows = max_rows
+        # Bound on rows x columns allocated (the buffers are rectangular): spare rows and headroom
+        # columns are only added while they fit. The scheduler keeps rows x longest row within it.
+        self.max_tokens = max_tokens
         self.slot_layers = [SlotLayer(self.window) for _ in range(num_layers)]
         super().__init__(layers=list(self.slot_layers))
 
@@ -101,6 +104,10 @@ class SlotCache(Cache):
         new_len_cap = max(len_cap, -(-(new_end + headroom) // 64) * 64)
         new_row_cap = max(row_cap, min(self.max_rows, max(rows, 2 * row_cap, 4)))
         new_row_cap = max(new_row_cap, rows)
+        if self.max_tokens is not None:
+            # rows first (they are what was asked for), then columns, never below what is needed
+            new_row_cap = max(rows, min(new_row_cap, self.max_tokens // (new_end + 1)))
+            new_len_cap = max(new_end + 1, min(new_len_cap, self.max_tokens // new_row_cap))
         for i, layer in enumerate(self.slot_layers):
             if layer.k is None or layer.v is None:
                 assert like is not None, "first reserve needs example tensors"

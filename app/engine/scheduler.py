@@ -3,7 +3,8 @@
 Torch-free, so it is tested with fake requests. Budgets:
 - rows: sequences decoded together (max batch size);
 - KV tokens: the sum over running sequences of prompt + max_new_tokens, reserved at admission, so a
-  running batch can never outgrow the cache it was promised;
+  running batch can never outgrow the cache it was promised; and, as the cache is rectangular, rows
+  times the longest row's tokens (one long prompt keeps the batch narrow while it runs);
 - waiting: requests and their tokens (prompt + max new tokens per row) queued, beyond which 429;
 - prefill tokens per step: prompt tokens prefilled in one step, so a burst of newcomers
   does not stall the rows that are decoding (at least one request is always admitted).
@@ -12,7 +13,7 @@ Torch-free, so it is tested with fake requests. Budgets:
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -50,6 +51,7 @@ class Scheduler:
         self.waiting: deque[Schedulable] = deque()
         self.running_rows = 0
         self.running_tokens = 0
+        self.row_widths: Counter[int] = Counter()  # running rows by their reserved tokens
         self._lock = threading.Lock()  # add() runs on the event loop, the rest on the engine thread
 
     def add(self, request: Schedulable, retry_after: float) -> None:
@@ -84,7 +86,9 @@ class Scheduler:
                     continue
                 rows = self.running_rows + head.rows
                 tokens = self.running_tokens + head.rows * head.reserved_tokens
-                if rows > self.max_rows or tokens > self.max_batch_tokens:
+                # The KV cache is rectangular: every row gets as many columns as the longest one.
+                longest = max(self.longest_row(), head.reserved_tokens)
+                if rows > self.max_rows or tokens > self.max_batch_tokens or rows * longest > self.max_batch_tokens:
                     break
                 if plan.admitted and prefill + head.prefill_tokens > self.max_prefill_tokens:
                     break
@@ -93,6 +97,7 @@ class Scheduler:
                 prefill += head.prefill_tokens
                 self.running_rows = rows
                 self.running_tokens = tokens
+                self.row_widths[head.reserved_tokens] += head.rows
             # Requests behind a blocked head may also have expired or been cancelled.
             for request in list(self.waiting):
                 if request.cancelled or now > request.deadline:
@@ -104,6 +109,13 @@ class Scheduler:
         """`rows` sequences of a running request left the batch."""
         self.running_rows -= rows
         self.running_tokens -= rows * request.reserved_tokens
+        self.row_widths[request.reserved_tokens] -= rows
+        if self.row_widths[request.reserved_tokens] <= 0:
+            del self.row_widths[request.reserved_tokens]
+
+    def longest_row(self) -> int:
+        """The most tokens (prompt + max new) any running row may reach."""
+        return max(self.row_widths, default=0)
 
     @property
     def queued(self) -> int:

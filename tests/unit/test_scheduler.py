@@ -93,3 +93,17 @@ def test_waiting_work_is_bounded_in_tokens_too() -> None:
     with pytest.raises(Overloaded) as exc:
         s.add(Fake(prompt_len=1, max_new=1), retry_after=7)
     assert exc.value.retry_after == 7
+
+
+def test_the_rectangular_cache_bounds_rows_times_the_longest_row() -> None:
+    s = Scheduler(max_rows=32, max_batch_tokens=1000, max_prefill_tokens=10_000, max_waiting=100)
+    long = Fake(prompt_len=400, max_new=100)  # 500 tokens: with it, at most 2 rows
+    shorts = [Fake(prompt_len=5, max_new=5) for _ in range(5)]
+    s.add(long, 1)
+    for r in shorts:
+        s.add(r, 1)
+    assert s.schedule(0).admitted == [long, shorts[0]]  # 2 x 500 = 1000; a third row would need 1500
+    assert s.longest_row() == 500
+    s.release(long)
+    assert s.longest_row() == 10
+    assert s.schedule(0).admitted == shorts[1:]  # 5 rows x 10 tokens
