@@ -61,12 +61,13 @@ def _usage(results: list[Collected]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _stream_error(error: Exception) -> dict[str, Any]:
+def _stream_error(error: Exception) -> list[dict[str, Any] | str]:
+    """An error after the stream started: OpenAI's error object, then `[DONE]` as always (as vLLM does),
+    so clients that wait for the sentinel stop waiting."""
     if isinstance(error, EngineError):
-        return openai_error_body(error.kind, error.message, PARAMS.get(error.field or "", error.field)) | {
-            "status": status_for(error)
-        }
-    return openai_error_body("internal_error", "internal server error") | {"status": 500}
+        body = openai_error_body(error.kind, error.message, PARAMS.get(error.field or "", error.field))
+        return [body | {"status": status_for(error)}, "[DONE]"]
+    return [openai_error_body("internal_error", "internal server error") | {"status": 500}, "[DONE]"]
 
 
 class TokenText:

@@ -109,7 +109,7 @@ async def sse_events(
     stream: RequestStream,
     on_delta: Callable[[TokenDelta], dict[str, Any] | None],
     on_done: Callable[[Collected], list[dict[str, Any] | str]],
-    on_error: Callable[[Exception], dict[str, Any]],
+    on_error: Callable[[Exception], dict[str, Any] | list[dict[str, Any] | str]],
     on_prompt: Callable[[PromptLogprobs | None], dict[str, Any] | None] | None = None,
 ) -> AsyncIterator[bytes]:
     """Relay engine events as SSE frames. When the client disconnects, Starlette cancels this
@@ -142,7 +142,9 @@ async def sse_events(
                 for payload in on_done(result):
                     yield sse(payload)
             elif isinstance(event, RequestFailed):
-                yield sse(on_error(event.error))
+                failure = on_error(event.error)
+                for payload in failure if isinstance(failure, list) else [failure]:
+                    yield sse(payload)
     finally:
         stream.abort()
 

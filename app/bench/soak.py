@@ -104,6 +104,9 @@ async def _sse(client: httpx.AsyncClient, tally: Tally, action: str, path: str, 
                 continue
             events += 1
             data = line[6:]
+            if data.startswith('{"error"'):  # OpenAI-style error inside the stream: typed, then [DONE]
+                tally.status(action, int(json.loads(data).get("status", 500)), data)
+                return
             if data == "[DONE]" or any(f'"type": "{kind}"' in data or f'"type":"{kind}"' in data for kind in final):
                 if '"type": "error"' in data or '"type":"error"' in data:
                     tally.status(action, int(json.loads(data)["status"]), data)

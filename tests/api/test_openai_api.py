@@ -167,3 +167,13 @@ def test_chat_completion_through_the_template(smollm_server: LiveServer, smollm:
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_an_error_inside_a_stream_is_typed_and_still_ends_with_done(tiny: LoadedModel) -> None:
+    with live_server(tiny, request_timeout=0.3) as server:
+        body = {"prompt": "Hi", "max_tokens": 1000, "stream": True, "temperature": 0}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][6:])
+    assert error["status"] == 504 and error["error"]["type"] == "timeout_error"
