@@ -63,7 +63,10 @@ class DrainingServer(uvicorn.Server):
 def serve(app: FastAPI, host: str, port: int, log_level: str, grace: float) -> int:
     """Run until stopped; the process's exit status: 0 after a drain, 1 if the engine died."""
     # uvicorn's own graceful wait covers responses still being written once the engine is idle.
+    # keep-alive longer than the usual balancer/client idle timeouts (60 s): the side that closes an
+    # idle connection first races the other side reusing it, and a POST lost that way is not retried.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10,
+                            timeout_keep_alive=75,
                             access_log=False)  # one structured line per request comes from app/api/access.py
     server = DrainingServer(config, app, grace)
     server.run()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -235,23 +236,41 @@ def run_soak(args: argparse.Namespace) -> int:
     tally = Tally()
     rss = {"start": scrape(args.url, headers).get("process_resident_memory_bytes", 0.0)}
 
+    samples: list[float] = []  # RSS under load, every 10 s
+
+    async def sample_rss(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(httpx.HTTPError):
+                metrics = await asyncio.to_thread(scrape, args.url, headers)
+                samples.append(metrics.get("process_resident_memory_bytes", 0.0))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 10)
+
     async def main() -> None:
         started = time.monotonic()
         deadline = started + args.duration
         lock = asyncio.Lock()
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(sample_rss(stop))
         tasks = [asyncio.create_task(client_loop(i, target, tally, args.seed, deadline, lock))
                  for i in range(args.clients)]  # fmt: skip
         await asyncio.sleep(min(args.warmup, args.duration / 2))
         warm = await asyncio.to_thread(scrape, args.url, headers)
         rss["after warm-up"] = warm.get("process_resident_memory_bytes", 0.0)
-        await asyncio.gather(*tasks)
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+        rss["end of load"] = (await asyncio.to_thread(scrape, args.url, headers)).get(
+            "process_resident_memory_bytes", 0.0)  # fmt: skip
+        await asyncio.gather(*tasks)  # the last in-flight requests finish
+        stop.set()
+        await sampler
 
     started = time.monotonic()
     asyncio.run(main())
     elapsed = time.monotonic() - started
     time.sleep(1.0)  # let the server settle: abandoned streams are freed at its next step
     metrics = scrape(args.url, headers)
-    rss["end"] = metrics.get("process_resident_memory_bytes", 0.0)
+    rss["peak"] = max([*samples, *rss.values()])
+    rss["idle after"] = metrics.get("process_resident_memory_bytes", 0.0)
     ready = httpx.get(f"{args.url}/ready", headers=headers, timeout=30)
     state = httpx.get(f"{args.url}/info", headers=headers, timeout=30).json()["engine"]
     total = sum(tally.outcomes.values())
@@ -265,8 +284,9 @@ def run_soak(args: argparse.Namespace) -> int:
     print(f"{'unexpected 5xx':34} {len(tally.unexpected):9}")
     print("by action: " + ", ".join(f"{a} {n}" for a, n in sorted(tally.by_action.items())))
     base = rss["after warm-up"] or 1.0
+    growth = 100 * (rss["end of load"] - base) / base
     print("RSS MiB: " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in rss.items())
-          + f"; growth after warm-up {100 * (rss['end'] - base) / base:+.1f}%")  # fmt: skip
+          + f"; growth from after warm-up to the end of load {growth:+.1f}%")  # fmt: skip
     buckets = {k: v for k, v in metrics.items() if k.startswith("textgen_batch_size_bucket")}
     count = metrics.get("textgen_batch_size_count", 0.0)
     mean = metrics.get("textgen_batch_size_sum", 0.0) / count if count else 0.0
@@ -278,7 +298,6 @@ def run_soak(args: argparse.Namespace) -> int:
           f"{state['running_rows']}, waiting {state['waiting']}, KV cache {state['kv_cache_bytes']} bytes")  # fmt: skip
     for line in (tally.lost + tally.unexpected)[:20]:
         print("  ! " + line)
-    growth = 100 * (rss["end"] - base) / base
     checks = {
         "0 accepted-but-lost": not tally.lost,
         "0 unexpected 5xx": not tally.unexpected,
