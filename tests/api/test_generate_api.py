@@ -144,7 +144,7 @@ def test_client_disconnect_mid_stream_frees_its_row(tiny: LoadedModel) -> None:
             for line in r.iter_lines():
                 if line.startswith("data:"):
                     break
-            assert engine.stats().running_rows >= 1
+            assert wait_until(lambda: engine.stats().running_rows >= 1, timeout=5)
             keeper = threading.Thread(target=lambda: results.append(
                 httpx.post(f"{server.url}/generate", json=long, timeout=60)))  # fmt: skip
             keeper.start()
