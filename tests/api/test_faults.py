@@ -69,7 +69,8 @@ def test_disconnect_mid_decode_returns_the_kv_memory(tiny: LoadedModel) -> None:
     with live_server(tiny) as server:
         engine = server.engine
         with httpx.stream("POST", f"{server.url}/generate", json={**LONG, "stream": True}) as r:
-            for line in r.iter_lines():
+            lines = r.iter_lines()  # kept: a dropped iterator closes the response, i.e. disconnects
+            for line in lines:
                 if line.startswith("data:"):
                     break
             # the first token is sent just before its row joins the batch

@@ -141,7 +141,8 @@ def test_client_disconnect_mid_stream_frees_its_row(tiny: LoadedModel) -> None:
         before = engine.stats().generated_tokens
         results: list[httpx.Response] = []
         with httpx.stream("POST", f"{server.url}/generate", json={**long, "stream": True}) as r:
-            for line in r.iter_lines():
+            lines = r.iter_lines()  # kept: a dropped iterator closes the response, i.e. disconnects
+            for line in lines:
                 if line.startswith("data:"):
                     break
             assert wait_until(lambda: engine.stats().running_rows >= 1, timeout=5)
