@@ -29,7 +29,9 @@ class Settings(BaseSettings):
     verify_weights: bool = Field(default=True, description="Check the manifest's sha256 of the weights on load.")
     pull_missing: bool = Field(default=True, description="Pull the offline default model if it is missing.")
     pack_weights: bool = Field(
-        default=True, description="On CPU in float32: prepack linear weights for oneDNN (2x faster decode)."
+        default=True,
+        description="On CPU: prepack float32 linear weights for oneDNN (2x faster decode) and use the "
+        "single-token decode attention kernel (app/models/attention.py). False = the stock model.",
     )
 
     # HTTP

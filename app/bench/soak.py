@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import random
+import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -228,6 +229,23 @@ def scrape(url: str, headers: dict[str, str]) -> dict[str, float]:
     return out
 
 
+# RSS under load swings by +-8% within seconds with what is in flight (a long prefill, a burst of rows):
+# one reading at each end would measure that, not growth. Each end is the median of the readings over
+# RSS_WINDOW_S, taken every RSS_EVERY_S.
+RSS_EVERY_S = 5.0
+RSS_WINDOW_S = 30.0
+
+
+def window_median(samples: list[tuple[float, float]], start: float, end: float) -> float:
+    """Median RSS of the samples taken in [start, end] seconds; the nearest sample when none were."""
+    if not samples:
+        return 0.0
+    inside = [v for t, v in samples if start <= t <= end]
+    if not inside:
+        inside = [min(samples, key=lambda tv: abs(tv[0] - end))[1]]
+    return statistics.median(inside)
+
+
 def run_soak(args: argparse.Namespace) -> int:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     info = httpx.get(f"{args.url}/info", headers=headers, timeout=30).json()
@@ -236,40 +254,38 @@ def run_soak(args: argparse.Namespace) -> int:
     tally = Tally()
     rss = {"start": scrape(args.url, headers).get("process_resident_memory_bytes", 0.0)}
 
-    samples: list[float] = []  # RSS under load, every 10 s
+    samples: list[tuple[float, float]] = []  # (seconds into the soak, RSS) under load, every RSS_EVERY_S
 
-    async def sample_rss(stop: asyncio.Event) -> None:
+    async def sample_rss(stop: asyncio.Event, started: float) -> None:
         while not stop.is_set():
             with contextlib.suppress(httpx.HTTPError):
                 metrics = await asyncio.to_thread(scrape, args.url, headers)
-                samples.append(metrics.get("process_resident_memory_bytes", 0.0))
+                samples.append((time.monotonic() - started, metrics.get("process_resident_memory_bytes", 0.0)))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 10)
+                await asyncio.wait_for(stop.wait(), RSS_EVERY_S)
 
     async def main() -> None:
         started = time.monotonic()
         deadline = started + args.duration
         lock = asyncio.Lock()
         stop = asyncio.Event()
-        sampler = asyncio.create_task(sample_rss(stop))
+        sampler = asyncio.create_task(sample_rss(stop, started))
         tasks = [asyncio.create_task(client_loop(i, target, tally, args.seed, deadline, lock))
                  for i in range(args.clients)]  # fmt: skip
-        await asyncio.sleep(min(args.warmup, args.duration / 2))
-        warm = await asyncio.to_thread(scrape, args.url, headers)
-        rss["after warm-up"] = warm.get("process_resident_memory_bytes", 0.0)
         await asyncio.sleep(max(0.0, deadline - time.monotonic()))
-        rss["end of load"] = (await asyncio.to_thread(scrape, args.url, headers)).get(
-            "process_resident_memory_bytes", 0.0)  # fmt: skip
-        await asyncio.gather(*tasks)  # the last in-flight requests finish
-        stop.set()
+        stop.set()  # the end of load: the last in-flight requests still finish
         await sampler
+        await asyncio.gather(*tasks)
 
     started = time.monotonic()
     asyncio.run(main())
     elapsed = time.monotonic() - started
     time.sleep(1.0)  # let the server settle: abandoned streams are freed at its next step
     metrics = scrape(args.url, headers)
-    rss["peak"] = max([*samples, *rss.values()])
+    warm_at = min(args.warmup, args.duration / 2)
+    rss["after warm-up"] = window_median(samples, warm_at - RSS_WINDOW_S, warm_at)
+    rss["end of load"] = window_median(samples, args.duration - RSS_WINDOW_S, args.duration)
+    rss["peak"] = max([v for _, v in samples] + list(rss.values()))
     rss["idle after"] = metrics.get("process_resident_memory_bytes", 0.0)
     ready = httpx.get(f"{args.url}/ready", headers=headers, timeout=30)
     state = httpx.get(f"{args.url}/info", headers=headers, timeout=30).json()["engine"]
@@ -285,7 +301,8 @@ def run_soak(args: argparse.Namespace) -> int:
     print("by action: " + ", ".join(f"{a} {n}" for a, n in sorted(tally.by_action.items())))
     base = rss["after warm-up"] or 1.0
     growth = 100 * (rss["end of load"] - base) / base
-    print("RSS MiB: " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in rss.items())
+    print(f"RSS MiB (after warm-up, end of load: medians over {RSS_WINDOW_S:g} s): "
+          + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in rss.items())
           + f"; growth from after warm-up to the end of load {growth:+.1f}%")  # fmt: skip
     buckets = {k: v for k, v in metrics.items() if k.startswith("textgen_batch_size_bucket")}
     count = metrics.get("textgen_batch_size_count", 0.0)

@@ -41,6 +41,13 @@ class Batch:
             cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), i)  # (rows, H, n, D)
         return cache
 
+    def kv_example(self) -> PrefillKV:
+        """The K/V of a one-token forward: per layer (1, H, 1, D), what caches shape their buffers on."""
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device), cache=cache,
+                   use_cache=True, logits_to_keep=1)  # fmt: skip
+        return [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
+
     def prefill(
         self, request: RequestState, prefix_len: int = 0, prefix: PrefillKV | None = None
     ) -> tuple[torch.Tensor, PrefillKV, list[TokenLogprob] | None]:

@@ -30,7 +30,7 @@ from app.engine.errors import (
     StepFailed,
 )
 from app.engine.logprobs import token_logprobs
-from app.engine.memory import release_free_memory
+from app.engine.memory import TRIM_INTERVAL_S, release_free_memory
 from app.engine.observer import EngineObserver, NullObserver
 from app.engine.prefix_cache import PrefillKV, PrefixCache
 from app.engine.sampling import SampleRow, sample
@@ -162,6 +162,11 @@ class Engine:
     def start(self) -> None:
         if self._thread is not None:
             return
+        # The prefix cache's pool is allocated here, before any request: zero-filling hundreds of MB
+        # inside the first prefill would count against that request's timeout.
+        if self.prefix_cache.enabled:
+            with torch.inference_mode():
+                self.prefix_cache.reserve(self.batch.kv_example())
         self._thread = threading.Thread(target=self._loop, name="textgen-engine", daemon=True)
         self._thread.start()
 
@@ -362,6 +367,7 @@ class Engine:
 
     def _run_until_stopped(self) -> None:
         busy = False
+        trimmed = time.monotonic()
         while not self._stop.is_set():
             if not self.running and not self.scheduler.queued:
                 if busy:  # just went idle: hand what the burst freed back to the OS
@@ -372,6 +378,10 @@ class Engine:
                 continue
             busy = True
             self.step()
+            if time.monotonic() - trimmed > TRIM_INTERVAL_S:
+                # under steady load too: freed blocks of every size would otherwise stay resident
+                release_free_memory()
+                trimmed = time.monotonic()
 
     def step(self) -> None:
         """schedule -> run -> postprocess."""

@@ -2,10 +2,15 @@
 
 Task prompts share long heads (instructions, few-shot examples, system prompts); recomputing them for
 every request is most of the prefill work for short inputs. After each prefill the prompt's K/V is kept
-here (least recently used first out, within a byte budget); a new prompt looks for the kept prompt
-sharing its longest common prefix and starts its forward after that many tokens. K/V of a token depends
-only on the tokens before it, so the first `n` positions of any kept entry are valid for every prompt
-whose first `n` tokens are the same.
+here (least recently used first out); a new prompt looks for the kept prompt sharing its longest common
+prefix and starts its forward after that many tokens. K/V of a token depends only on the tokens before
+it, so the first `n` positions of any kept entry are valid for every prompt whose first `n` tokens are
+the same.
+
+Memory: the whole budget is one pool per layer, allocated and touched when the engine starts, cut into
+blocks of BLOCK_TOKENS tokens; an entry holds a list of blocks. The cache never allocates after that, so
+it costs its full budget from the start rather than creeping up to it over hours of traffic, and kept
+prompts of every length do not fragment the heap as they come and go.
 
 Engine thread only: no locking.
 """
@@ -20,23 +25,28 @@ import torch
 PrefillKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, H, P, D) keys and values
 
 KEY_TOKENS = 8  # entries are indexed by their first tokens; shorter prompts are not kept
+BLOCK_TOKENS = 16  # pool granularity: an entry wastes at most BLOCK_TOKENS - 1 tokens of it
 
 
 @dataclass
 class Entry:
     tokens: torch.Tensor  # (P,) int64
-    kv: PrefillKV
-    nbytes: int
+    blocks: list[int]
+    slots: torch.Tensor  # (P,) int64: the pool row of each token
 
 
 class PrefixCache:
-    def __init__(self, budget_bytes: int, min_tokens: int = 16) -> None:
+    def __init__(self, budget_bytes: int, min_tokens: int = 16, block_tokens: int = BLOCK_TOKENS) -> None:
         self.budget_bytes = budget_bytes
         self.min_tokens = max(min_tokens, KEY_TOKENS)
+        self.block_tokens = block_tokens
         self._entries: OrderedDict[int, Entry] = OrderedDict()  # id -> entry, least recently used first
         self._by_head: dict[tuple[int, ...], set[int]] = {}
         self._next_id = 0
-        self.nbytes = 0
+        # per layer (keys, values), each (blocks * block_tokens, H, D): token rows, grouped in blocks
+        self._pool: PrefillKV | None = None
+        self._free: list[int] = []
+        self._block_bytes = 0
         self.hit_tokens = 0  # prompt tokens served from here instead of computed
 
     def __len__(self) -> int:
@@ -45,6 +55,38 @@ class PrefixCache:
     @property
     def enabled(self) -> bool:
         return self.budget_bytes > 0
+
+    @property
+    def blocks(self) -> int:
+        return 0 if self._pool is None else self._pool[0][0].shape[0] // self.block_tokens
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the pool that kept prompts occupy."""
+        return (self.blocks - len(self._free)) * self._block_bytes
+
+    @property
+    def capacity_bytes(self) -> int:
+        """Bytes the pool holds (allocated once: `reserve`, or else the first `store`)."""
+        return self.blocks * self._block_bytes
+
+    def reserve(self, like: PrefillKV) -> None:
+        """Allocate the pool, shaped like `like` ((1, H, P, D) per layer), unless it exists. Zero-filled, so
+        its pages are resident from now on and memory does not grow later."""
+        if self._pool is not None or not self.enabled:
+            return
+        per_token = sum(k.shape[1] * k.shape[3] * k.element_size() + v.shape[1] * v.shape[3] * v.element_size()
+                        for k, v in like)  # fmt: skip
+        blocks = self.budget_bytes // (per_token * self.block_tokens)
+        if blocks == 0:
+            self.budget_bytes = 0  # not even one block fits: off
+            return
+        rows = blocks * self.block_tokens
+        self._pool = [
+            (k.new_zeros(rows, k.shape[1], k.shape[3]), v.new_zeros(rows, v.shape[1], v.shape[3])) for k, v in like
+        ]
+        self._free = list(range(blocks - 1, -1, -1))  # a stack: low blocks first
+        self._block_bytes = per_token * self.block_tokens
 
     def lookup(self, ids: list[int], keep_last: int = 1) -> tuple[int, PrefillKV | None]:
         """(n, K/V of ids[:n]) for the longest kept prefix, leaving at least `keep_last` tokens to compute.
@@ -70,16 +112,23 @@ class PrefixCache:
             return 0, None
         self._entries.move_to_end(best_id)
         self.hit_tokens += best
-        kv = [(k[:, :, :best], v[:, :, :best]) for k, v in self._entries[best_id].kv]
+        assert self._pool is not None
+        slots = self._entries[best_id].slots[:best]
+        # gathered out of the pool: (best, H, D) -> (1, H, best, D), a copy the caller may keep
+        kv = [(self._gather(k, slots), self._gather(v, slots)) for k, v in self._pool]
         return best, kv
 
+    @staticmethod
+    def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        return pool.index_select(0, slots).permute(1, 0, 2).unsqueeze(0)  # (n, H, D) -> (1, H, n, D)
+
     def store(self, ids: list[int], kv: PrefillKV) -> None:
-        """Keep the K/V of a whole prompt. `kv` must be the prompt's own tensors, (1, H, len(ids), D) per
-        layer, not views of a buffer that will be reused."""
+        """Keep the K/V of a whole prompt, (1, H, len(ids), D) per layer (copied into the pool)."""
+        self.reserve(kv)
         if not self.enabled or len(ids) < self.min_tokens:
             return
-        nbytes = sum(k.nelement() * k.element_size() + v.nelement() * v.element_size() for k, v in kv)
-        if nbytes > self.budget_bytes:
+        need = -(-len(ids) // self.block_tokens)
+        if need > self.blocks:
             return
         head = tuple(ids[:KEY_TOKENS])
         tokens = torch.tensor(ids)
@@ -88,16 +137,22 @@ class PrefixCache:
             old = self._entries[entry_id].tokens
             if old.shape[0] <= tokens.shape[0] and torch.equal(old, tokens[: old.shape[0]]):
                 self._remove(entry_id)
-        entry_id, self._next_id = self._next_id, self._next_id + 1
-        self._entries[entry_id] = Entry(tokens, kv, nbytes)
-        self._by_head.setdefault(head, set()).add(entry_id)
-        self.nbytes += nbytes
-        while self.nbytes > self.budget_bytes:
+        while len(self._free) < need:
             self._remove(next(iter(self._entries)))
+        blocks = [self._free.pop() for _ in range(need)]
+        offsets = torch.arange(self.block_tokens)
+        slots = (torch.tensor(blocks).unsqueeze(1) * self.block_tokens + offsets).flatten()[: len(ids)]  # (P,)
+        assert self._pool is not None
+        for (pool_k, pool_v), (k, v) in zip(self._pool, kv, strict=True):
+            pool_k.index_copy_(0, slots, k[0].transpose(0, 1))  # (H, P, D) -> (P, H, D) rows
+            pool_v.index_copy_(0, slots, v[0].transpose(0, 1))
+        entry_id, self._next_id = self._next_id, self._next_id + 1
+        self._entries[entry_id] = Entry(tokens, blocks, slots)
+        self._by_head.setdefault(head, set()).add(entry_id)
 
     def _remove(self, entry_id: int) -> None:
         entry = self._entries.pop(entry_id)
-        self.nbytes -= entry.nbytes
+        self._free.extend(entry.blocks)
         head = tuple(entry.tokens[:KEY_TOKENS].tolist())
         ids = self._by_head[head]
         ids.discard(entry_id)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from app.config import Settings
+from app.models.attention import use_decode_attention
 from app.models.packing import can_pack, pack_linears
 from app.models.store import Located, ModelStore, StoreError
 
@@ -109,6 +110,8 @@ def load_model(settings: Settings) -> LoadedModel:
     packed = settings.pack_weights and can_pack(model)
     if packed:
         pack_linears(model)
+    # the CPU fast paths go together: `pack_weights=False` gives the stock model (baselines, references)
+    fast_attention = settings.pack_weights and use_decode_attention(model)
     info = ModelInfo(
         name=name,
         source=located.source,
@@ -123,8 +126,9 @@ def load_model(settings: Settings) -> LoadedModel:
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
     )
     log.info(
-        "loaded %s (%s, %.1fM parameters) on %s/%s%s in %.1fs, %d torch threads",
+        "loaded %s (%s, %.1fM parameters) on %s/%s%s%s in %.1fs, %d torch threads",
         name, info.architecture, parameters / 1e6, info.device, info.dtype, " (packed)" if packed else "",
+        " (decode attention)" if fast_attention else "",
         time.perf_counter() - started, torch.get_num_threads(),
     )  # fmt: skip
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)

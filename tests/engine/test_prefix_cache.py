@@ -39,7 +39,7 @@ def test_lookup_finds_the_longest_common_prefix_and_leaves_a_token() -> None:
 
 def test_budget_evicts_least_recently_used_and_extensions_replace() -> None:
     per_entry = sum(k.nbytes + v.nbytes for k, v in fake_kv(20))
-    cache = PrefixCache(budget_bytes=2 * per_entry, min_tokens=8)
+    cache = PrefixCache(budget_bytes=2 * per_entry, min_tokens=8, block_tokens=4)  # 10 blocks of 4 tokens
     first, second, third = ([i] * 8 + list(range(12)) for i in (1, 2, 3))
     cache.store(first, fake_kv(20))
     cache.store(second, fake_kv(20))
@@ -52,6 +52,30 @@ def test_budget_evicts_least_recently_used_and_extensions_replace() -> None:
     # `first` went as redundant; 20 + 24 tokens are over the budget of 40, so `third` went too
     assert len(cache) == 1 and cache.lookup([*first, 5, 6, 7, 8, 9])[0] == 24
     assert PrefixCache(budget_bytes=0).lookup(first) == (0, None)
+
+
+def test_pool_is_allocated_once_and_never_grows() -> None:
+    cache = PrefixCache(budget_bytes=40 * 2 * 2 * 2 * 4 * 4, min_tokens=8, block_tokens=4)  # 40 tokens' K/V
+    assert cache.capacity_bytes == 0
+    cache.store([1, 2, 3], fake_kv(3))  # too short to keep, but the first prefill allocates the pool
+    assert len(cache) == 0 and cache.blocks == 10 and cache.capacity_bytes == 40 * 2 * 2 * 2 * 4 * 4
+    assert cache.nbytes == 0
+    pool = cache._pool
+    assert pool is not None
+    pointers = [(k.data_ptr(), v.data_ptr()) for k, v in pool]
+    for i in range(50):  # many prompts of many lengths come and go
+        n = 8 + i % 23
+        cache.store([i % 7 + 1] * 8 + list(range(i, i + n - 8)), fake_kv(n))
+        assert cache.nbytes <= cache.capacity_bytes
+    assert cache._pool is pool and [(k.data_ptr(), v.data_ptr()) for k, v in pool] == pointers
+    # what comes back is still each token's own K/V
+    last = [49 % 7 + 1] * 8 + list(range(49, 49 + 8 + 49 % 23 - 8))
+    n, kv = cache.lookup([*last, 0])
+    assert n == len(last) and kv is not None and kv[0][0][0, 1, :, 0].tolist() == list(range(n))
+    # a prompt longer than the whole pool is not kept, and evicts nothing
+    kept = len(cache)
+    cache.store([9] * 8 + list(range(40)), fake_kv(48))
+    assert len(cache) == kept
 
 
 PREFIX = (
