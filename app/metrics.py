@@ -42,13 +42,16 @@ class Metrics:
                                         registry=r)  # fmt: skip
         self.queue_length = Gauge("textgen_queue_length", "Requests waiting to be admitted", registry=r)
         self.running = Gauge("textgen_running_sequences", "Rows in the running batch", registry=r)
-        self.kv_bytes = Gauge("textgen_kv_cache_bytes", "Bytes held by the running batch's KV cache", registry=r)
+        self.kv_bytes = Gauge("textgen_kv_cache_bytes", "Bytes of the KV cache the running batch spans", registry=r)
+        self.kv_capacity = Gauge("textgen_kv_cache_capacity_bytes",
+                                 "Bytes allocated for the KV cache (max_batch_tokens)", registry=r)  # fmt: skip
 
     def bind(self, engine: Engine) -> None:
         """Gauges read the engine when scraped."""
         self.queue_length.set_function(lambda: engine.scheduler.queued)
         self.running.set_function(lambda: len(engine.batch.seqs))
         self.kv_bytes.set_function(lambda: engine.batch.cache.nbytes())
+        self.kv_capacity.set_function(lambda: engine.batch.cache.capacity_bytes())
 
     def http(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

@@ -106,6 +106,7 @@ class EngineStateInfo(BaseModel):
     completed_requests: int
     failed_requests: int
     kv_cache_bytes: int
+    kv_cache_capacity_bytes: int
     prefix_cache_bytes: int
     prefix_cache_entries: int
     prefix_hit_tokens: int

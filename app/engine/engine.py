@@ -79,7 +79,8 @@ class EngineStats:
     prompt_tokens: int = 0
     completed_requests: int = 0
     failed_requests: int = 0
-    kv_cache_bytes: int = 0
+    kv_cache_bytes: int = 0  # spanned by the running batch
+    kv_cache_capacity_bytes: int = 0  # the arena the batch lives in: the configured budget
     prefix_cache_bytes: int = 0
     prefix_cache_entries: int = 0
     prefix_hit_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
@@ -162,11 +163,12 @@ class Engine:
     def start(self) -> None:
         if self._thread is not None:
             return
-        # The prefix cache's pool is allocated here, before any request: zero-filling hundreds of MB
-        # inside the first prefill would count against that request's timeout.
-        if self.prefix_cache.enabled:
-            with torch.inference_mode():
-                self.prefix_cache.reserve(self.batch.kv_example())
+        # The KV arena and the prefix cache's pool are allocated here, before any request: zero-filling
+        # hundreds of MB inside the first prefill would count against that request's timeout.
+        with torch.inference_mode():
+            example = self.batch.kv_example()
+            self.batch.cache.allocate(example)
+            self.prefix_cache.reserve(example)
         self._thread = threading.Thread(target=self._loop, name="textgen-engine", daemon=True)
         self._thread.start()
 
@@ -590,6 +592,7 @@ class Engine:
             running_rows=len(self.batch.seqs),
             waiting=self.scheduler.queued,
             kv_cache_bytes=self.batch.cache.nbytes(),
+            kv_cache_capacity_bytes=self.batch.cache.capacity_bytes(),
             prefix_cache_bytes=self.prefix_cache.nbytes,
             prefix_cache_entries=len(self.prefix_cache),
             prefix_hit_tokens=self.prefix_cache.hit_tokens,

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.models.loader import LoadedModel
-from tests.conftest import LiveServer, live_server
+from tests.conftest import LiveServer, live_server, wait_until
 
 
 def test_api_keys(tiny: LoadedModel, tmp_path: Path) -> None:
@@ -84,6 +84,8 @@ def test_request_id_and_one_log_line_per_request(tiny_server: LiveServer, caplog
         theirs = httpx.post(f"{tiny_server.url}/generate", json={"prompt": "Hello", "max_new_tokens": 3},
                             headers={"X-Request-ID": "bad id with spaces"})  # fmt: skip
         bad = httpx.post(f"{tiny_server.url}/generate", json={"prompt": "Hello", "temperature": -1})
+        # the access line is written once the response has gone out: the client can read it first
+        assert wait_until(lambda: sum(r.name == "textgen.access" for r in caplog.records) >= 3)
     assert mine.headers["x-request-id"] == "client-42"
     generated = theirs.headers["x-request-id"]
     assert generated != "bad id with spaces" and len(generated) == 32
