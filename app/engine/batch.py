@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from app.engine.kv_cache import SlotCache
+from app.engine.kv_cache import RowCache, SlotCache
 from app.engine.logprobs import prompt_logprobs
-from app.engine.prefix_cache import PrefillKV
+from app.engine.prefix_cache import Hit, PrefillKV
 from app.engine.state import RequestState, SequenceState
 from app.engine.types import TokenLogprob
 
@@ -25,6 +25,7 @@ class Batch:
         self.dtype = next(model.parameters()).dtype
         self.cache = SlotCache(model.config.num_hidden_layers, max_rows, max_tokens)
         self.seqs: list[SequenceState] = []
+        self._open: RequestState | None = None  # prefilled into the next free slot, not joined yet
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -49,29 +50,41 @@ class Batch:
         return [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
 
     def prefill(
-        self, request: RequestState, prefix_len: int = 0, prefix: PrefillKV | None = None
+        self, request: RequestState, prefix: Hit | None = None
     ) -> tuple[torch.Tensor, PrefillKV, list[TokenLogprob] | None]:
-        """Run one prompt on its own; return its last-position logits (V,), the K/V of the whole prompt,
-        and the prompt's token log-probabilities when the request asked for them.
+        """Run one prompt on its own, writing its K/V straight into the next free slot; return its
+        last-position logits (V,), views of the prompt's K/V in that slot (1, H, P, D) per layer, valid until
+        the batch next changes, and the prompt's token log-probabilities when the request asked for them.
+        The slot joins with `join`; until then it is the next free one and the next prefill overwrites it.
 
         Prompts are prefilled one at a time, unpadded: padding a group to its longest prompt wasted
         ~40% of prefill compute on mixed lengths, and a few hundred tokens already fill the matmuls.
-        With `prefix` (the K/V of the first `prefix_len` prompt tokens) only the rest is computed.
+        With `prefix` (a kept prompt sharing its first tokens) only the rest is computed.
         """
-        ids = torch.tensor([request.prompt_ids[prefix_len:]], device=self.device)  # (1, P - n)
-        cache = self._cache_from(prefix)
+        self._open = None
+        length = request.prompt_len
+        if not self.cache.has_layout:
+            self.cache.allocate(self.kv_example())
+        self.cache.reserve(len(self.seqs) + 1, length)
+        kv = self.cache.open_row(length)
+        done = 0
+        if prefix is not None:
+            prefix.copy_into(kv)
+            done = prefix.length
+        ids = torch.tensor([request.prompt_ids[done:]], device=self.device)  # (1, P - n)
+        cache = RowCache(kv, done)
         top = getattr(request.request, "prompt_logprobs", None)
         scored: list[TokenLogprob] | None = None
         if top is None:
             out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
             logits: torch.Tensor = out.logits[0, -1, :]  # (V,)
         else:
-            assert prefix_len == 0, "prompt log-probabilities need the whole prompt computed"
+            assert done == 0, "prompt log-probabilities need the whole prompt computed"
             hidden = self.model.base_model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state[0]  # (P, H)
             output = self.model.get_output_embeddings()
             logits = output(hidden[-1:])[0]  # (V,)
             scored = prompt_logprobs(hidden, output, request.prompt_ids, top)
-        kv: PrefillKV = [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
+        self._open = request
         return logits, kv, scored
 
     def score(
@@ -130,14 +143,27 @@ class Batch:
         logits: torch.Tensor = out.logits[:, -1, :]  # (B, V)
         return logits
 
-    def join(self, seq: SequenceState, kv: PrefillKV) -> None:
-        """Add a prefilled sequence; its first generated token is fed at the next decode."""
+    def join(self, seq: SequenceState) -> None:
+        """Add a prefilled sequence; its first generated token is fed at the next decode. The first of its
+        request to join takes the slot its prefill wrote; its siblings copy that row."""
         length = seq.request.prompt_len
-        self.cache.reserve(len(self.seqs) + 1, length, like=kv)
-        seq.slot = self.cache.add_row(kv, 0, length)
+        if self._open is seq.request:
+            seq.slot = self.cache.add_open_row(length)
+            self._open = None
+        else:
+            sibling = next(s for s in seq.request.sequences if s.slot >= 0)
+            self.cache.reserve(len(self.seqs) + 1, length)
+            seq.slot = self.cache.copy_row(sibling.slot, length)
         seq.kv_len = length
         self.seqs.append(seq)
         assert self.seqs[seq.slot] is seq
+
+    def settle(self) -> None:
+        """After a step's prefills: a prefilled slot nobody joined is free again; an empty batch lets go of
+        its buffers."""
+        self._open = None
+        if not self.seqs:
+            self.cache.release()
 
     def leave(self, seq: SequenceState) -> None:
         slot = seq.slot
@@ -155,6 +181,7 @@ class Batch:
     def clear(self) -> list[SequenceState]:
         """Drop every row (after a failed step): the cache's contents can no longer be trusted."""
         dropped, self.seqs = self.seqs, []
+        self._open = None
         for s in dropped:
             s.slot = -1
         self.cache.window.rows = 0

@@ -32,7 +32,7 @@ from app.engine.errors import (
 from app.engine.logprobs import token_logprobs
 from app.engine.memory import TRIM_INTERVAL_S, release_free_memory
 from app.engine.observer import EngineObserver, NullObserver
-from app.engine.prefix_cache import PrefillKV, PrefixCache
+from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import SampleRow, sample
 from app.engine.scheduler import Scheduler
 from app.engine.state import Channel, RequestState, SequenceState
@@ -449,9 +449,9 @@ class Engine:
             wants_prompt = getattr(state.request, "prompt_logprobs", None) is not None
             try:
                 # prompt log-probabilities need every prompt position computed: no reuse then
-                reused, prefix = (0, None) if wants_prompt else self.prefix_cache.lookup(state.prompt_ids)
-                logits, kv, scored = self.batch.prefill(state, reused, prefix)  # (V,)
-                self.prefix_cache.store(state.prompt_ids, kv)
+                hit = None if wants_prompt else self.prefix_cache.match(state.prompt_ids)
+                logits, kv, scored = self.batch.prefill(state, hit)  # (V,)
+                self.prefix_cache.store(state.prompt_ids, kv)  # before any join: kv are views of the open slot
                 rows = [SampleRow(s.params, s.generator, s.history) for s in state.sequences]
                 tokens = sample(logits.unsqueeze(0).expand(len(rows), -1), rows) if rows else []
                 first = self._logprobs(state.sequences[:1], logits.unsqueeze(0)).get(0)  # (V,), same for all rows
@@ -470,8 +470,9 @@ class Engine:
                 self._finish(state)
                 continue
             for seq, token in zip(state.sequences, tokens, strict=True):
-                self._accept(seq, token, kv=kv, logprobs=first)
+                self._accept(seq, token, prefilled=True, logprobs=first)
             produced += len(tokens)
+        self.batch.settle()
         return produced
 
     def _score(self, state: RequestState, now: float) -> int:
@@ -492,10 +493,11 @@ class Engine:
         return 0
 
     # ---- postprocess --------------------------------------------------------------------------
-    def _accept(self, seq: SequenceState, token: int, kv: PrefillKV | None = None,
+    def _accept(self, seq: SequenceState, token: int, prefilled: bool = False,
                 logprobs: torch.Tensor | None = None) -> None:  # fmt: skip
         """Append one token to a sequence: detokenize, check stops, emit, and join or leave the batch.
 
+        `prefilled`: the token is the first, drawn right after the request's prefill (the sequence joins).
         `logprobs`: the raw log-softmax (V,) the token was drawn at, for a sequence that asked for them.
         """
         state = seq.request
@@ -524,14 +526,14 @@ class Engine:
             state.channel.put(TokenDelta(seq.index, delta, token, tuple(seq.logprobs[seq.logprobs_sent :])))
             seq.logprobs_sent = len(seq.logprobs)
         if finish is None:
-            if kv is not None:
-                self.batch.join(seq, kv)
+            if prefilled:
+                self.batch.join(seq)
             return
         seq.finish_reason = finish
         if seq.slot >= 0:
             self.batch.leave(seq)
             self.scheduler.release(state)
-        elif kv is not None:
+        elif prefilled:
             self.scheduler.release(state)  # finished on its first token: never joined
         state.channel.put(SequenceFinished(seq.index, finish, seq.text.text, tuple(seq.tokens), seq.params.seed,
                                            tuple(seq.logprobs)))  # fmt: skip

@@ -6,7 +6,8 @@ written there), so rows are right-aligned: a row holding n tokens occupies colum
 attention window is [start, end) with start = end - (longest row); columns left of a shorter row are
 padding, masked out by the caller.
 
-- join: a newcomer's prefilled K/V (from its own prefill cache) is copied into a free slot, right-aligned.
+- join: a newcomer's prompt is prefilled straight into the next free slot, right-aligned (`open_row`,
+  RowCache); its other sequences (num_return_sequences) copy that row.
 - leave: the last active slot is copied into the freed one (one row's window, not the whole cache).
 - decode: each layer writes one column at `end` in place; no concatenation of the whole cache per step.
 The buffers are reshaped (amortised, by growing) only when a row needs more columns or rows than there
@@ -83,6 +84,51 @@ class SlotLayer(CacheLayerMixin):
         return -1
 
 
+class RowLayer(CacheLayerMixin):
+    """One layer of a prompt prefilled straight into its slot: keys/values are views (1, H, P, D) of the
+    row's columns; the first `filled` already hold a reused prefix, each forward appends after them."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, filled: int) -> None:
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.filled = filled
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise RuntimeError("RowLayer writes into views handed to it")
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.keys is not None and self.values is not None
+        n, q = self.filled, key_states.shape[-2]
+        self.keys[:, :, n : n + q] = key_states
+        self.values[:, :, n : n + q] = value_states
+        self.filled = n + q
+        return self.keys[:, :, : n + q], self.values[:, :, : n + q]  # (1, H, n + q, D)
+
+    def get_seq_length(self) -> int:
+        return self.filled
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.filled + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class RowCache(Cache):
+    """What a prefill forward writes through: the K/V of its prompt land in the slot it will decode from,
+    with no per-prompt buffers (an 8k-token prompt's K/V is 350 MB on SmolLM2) and no copy at join."""
+
+    def __init__(self, views: list[tuple[torch.Tensor, torch.Tensor]], filled: int) -> None:
+        super().__init__(layers=[RowLayer(k, v, filled) for k, v in views])
+
+
 class SlotCache(Cache):
     def __init__(self, num_layers: int, max_rows: int, max_tokens: int | None = None) -> None:
         self.window = Window()
@@ -108,6 +154,11 @@ class SlotCache(Cache):
             (k.new_zeros(tokens * k.shape[1] * k.shape[3]), v.new_zeros(tokens * v.shape[1] * v.shape[3]))
             for k, v in like
         ]
+
+    @property
+    def has_layout(self) -> bool:
+        """Whether the cache has seen the model's K/V shapes (`allocate` or a first `reserve`)."""
+        return bool(self._layout)
 
     def capacity_bytes(self) -> int:
         """Bytes the arena holds (0 without one)."""
@@ -178,21 +229,35 @@ class SlotCache(Cache):
         w.start, w.end = new_end - width, new_end
 
     # ---- rows ---------------------------------------------------------------------------------
-    def add_row(self, src: list[tuple[torch.Tensor, torch.Tensor]], src_row: int, length: int) -> int:
-        """Copy the last `length` columns of row `src_row` of a prefill cache into a new slot.
-
-        src: per layer (keys, values) of shape (B_prefill, H, P, D), left-padded. Call `reserve` first.
-        """
+    def open_row(self, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Views (1, H, length, D) per layer of the next free slot's last `length` columns, for a prefill to
+        write into (RowCache). The slot becomes active with `add_open_row`. Call `reserve` first."""
         w = self.window
         slot = w.rows
-        for layer, (keys, values) in zip(self.slot_layers, src, strict=True):
+        views = []
+        for layer in self.slot_layers:
             assert layer.k is not None and layer.v is not None
-            cols = keys.shape[2]
-            layer.k[slot, :, w.end - length : w.end] = keys[src_row, :, cols - length :]
-            layer.v[slot, :, w.end - length : w.end] = values[src_row, :, cols - length :]
+            views.append((layer.k[slot : slot + 1, :, w.end - length : w.end],
+                          layer.v[slot : slot + 1, :, w.end - length : w.end]))  # fmt: skip
+        return views
+
+    def add_open_row(self, length: int) -> int:
+        """Count the next free slot, whose last `length` columns a prefill filled (`open_row`), as active."""
+        w = self.window
+        slot = w.rows
         w.rows += 1
         w.start = min(w.start, w.end - length) if slot else w.end - length
         return slot
+
+    def copy_row(self, src_slot: int, length: int) -> int:
+        """A new slot holding the last `length` columns of active row `src_slot`. Call `reserve` first."""
+        w = self.window
+        slot = w.rows
+        for layer in self.slot_layers:
+            assert layer.k is not None and layer.v is not None
+            layer.k[slot, :, w.end - length : w.end] = layer.k[src_slot, :, w.end - length : w.end]
+            layer.v[slot, :, w.end - length : w.end] = layer.v[src_slot, :, w.end - length : w.end]
+        return self.add_open_row(length)
 
     def remove_row(self, slot: int) -> int | None:
         """Free `slot`; the last active row moves into it. Returns the slot that moved (or None)."""

@@ -35,6 +35,29 @@ class Entry:
     slots: torch.Tensor  # (P,) int64: the pool row of each token
 
 
+@dataclass
+class Hit:
+    """A kept prefix of `length` tokens: where its K/V sit in the pool."""
+
+    length: int
+    slots: torch.Tensor  # (n,) int64 pool rows
+    pool: PrefillKV  # per layer (rows, H, D)
+
+    def gather(self) -> PrefillKV:
+        """A copy, (1, H, n, D) per layer."""
+        return [(self._rows(k), self._rows(v)) for k, v in self.pool]
+
+    def copy_into(self, dest: PrefillKV) -> None:
+        """Write the prefix into the first `length` columns of `dest`, (1, H, >= n, D) per layer: one
+        layer's worth of temporary memory at a time, not the whole prefix's."""
+        for (k, v), (dest_k, dest_v) in zip(self.pool, dest, strict=True):
+            dest_k[:, :, : self.length] = self._rows(k)
+            dest_v[:, :, : self.length] = self._rows(v)
+
+    def _rows(self, pool: torch.Tensor) -> torch.Tensor:
+        return pool.index_select(0, self.slots).permute(1, 0, 2).unsqueeze(0)  # (n, H, D) -> (1, H, n, D)
+
+
 class PrefixCache:
     def __init__(self, budget_bytes: int, min_tokens: int = 16, block_tokens: int = BLOCK_TOKENS) -> None:
         self.budget_bytes = budget_bytes
@@ -91,14 +114,19 @@ class PrefixCache:
     def lookup(self, ids: list[int], keep_last: int = 1) -> tuple[int, PrefillKV | None]:
         """(n, K/V of ids[:n]) for the longest kept prefix, leaving at least `keep_last` tokens to compute.
 
-        The K/V tensors are views of the kept entry: callers must not write into them.
-        """
+        The K/V tensors are copies gathered out of the pool, (1, H, n, D) per layer."""
+        hit = self.match(ids, keep_last)
+        return (0, None) if hit is None else (hit.length, hit.gather())
+
+    def match(self, ids: list[int], keep_last: int = 1) -> Hit | None:
+        """The longest kept prefix of `ids`, leaving at least `keep_last` tokens to compute; valid until the
+        next `store`."""
         limit = len(ids) - keep_last
         if not self.enabled or limit < self.min_tokens:
-            return 0, None
+            return None
         candidates = self._by_head.get(tuple(ids[:KEY_TOKENS]))
         if not candidates:
-            return 0, None
+            return None
         query = torch.tensor(ids[:limit])  # (limit,)
         best_id, best = -1, 0
         for entry_id in candidates:
@@ -109,18 +137,11 @@ class PrefixCache:
             if common > best:
                 best_id, best = entry_id, common
         if best < self.min_tokens:
-            return 0, None
+            return None
         self._entries.move_to_end(best_id)
         self.hit_tokens += best
         assert self._pool is not None
-        slots = self._entries[best_id].slots[:best]
-        # gathered out of the pool: (best, H, D) -> (1, H, best, D), a copy the caller may keep
-        kv = [(self._gather(k, slots), self._gather(v, slots)) for k, v in self._pool]
-        return best, kv
-
-    @staticmethod
-    def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        return pool.index_select(0, slots).permute(1, 0, 2).unsqueeze(0)  # (n, H, D) -> (1, H, n, D)
+        return Hit(best, self._entries[best_id].slots[:best], self._pool)
 
     def store(self, ids: list[int], kv: PrefillKV) -> None:
         """Keep the K/V of a whole prompt, (1, H, len(ids), D) per layer (copied into the pool)."""

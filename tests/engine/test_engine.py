@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from dataclasses import replace
 
 import pytest
 
@@ -73,6 +74,9 @@ async def test_num_return_sequences_are_distinct_and_reproducible(engine: Engine
     assert texts == [b.sequences[i].text for i in range(3)]
     assert [a.sequences[i].seed for i in range(3)] == [7, 8, 9]
     assert a.finished is not None and a.finished.completion_tokens == 36
+    for i in range(3):  # each the same as a request of its own with that seed
+        alone = replace(req, num_return_sequences=1, sampling=replace(params, seed=7 + i))
+        assert (await run_request(engine, alone)).sequences[0].text == texts[i]
 
 
 @pytest.mark.parametrize(

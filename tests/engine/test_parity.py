@@ -79,3 +79,36 @@ async def test_tiny_seeded_sampling_same_alone_or_in_a_crowd(tiny: LoadedModel) 
 @pytest.mark.smollm
 async def test_smollm_seeded_sampling_same_alone_or_in_a_crowd(smollm: LoadedModel) -> None:
     assert await seeded_text(smollm, 0) == await seeded_text(smollm, 5)
+
+
+@pytest.mark.smollm
+async def test_smollm_sibling_sequences_decode_from_the_prompt_kv(smollm: LoadedModel) -> None:
+    # Near-zero temperature makes sampling argmax: every sibling (the first decodes from the slot its
+    # prefill wrote, the others from copies of that row) must follow transformers' greedy output.
+    engine = make_engine(smollm)
+    params = SamplingParams(do_sample=True, temperature=1e-4, seed=1)
+    try:
+        out = await run_request(engine, GenerationRequest(prompt=PROMPTS[1], max_new_tokens=12, num_return_sequences=3,
+                                                          sampling=params, ignore_eos=True))  # fmt: skip
+    finally:
+        engine.stop()
+    expected = reference_greedy(smollm, PROMPTS[1], 12)
+    assert [list(out.sequences[i].token_ids) for i in range(3)] == [expected] * 3
+
+
+@pytest.mark.smollm
+async def test_smollm_prefix_reuse_matches_generate(smollm: LoadedModel) -> None:
+    # The second prompt starts with the whole first one: its prefill reads those K/V from the prefix cache.
+    head = "A long shared instruction that many requests begin with, followed by their own question. " * 3
+    engine = make_engine(smollm)
+    try:
+        await run_request(engine, GenerationRequest(prompt=head + "First:", max_new_tokens=1))
+        # another prompt overwrites the batch's free slot, where the first one's K/V still lay
+        await run_request(engine, GenerationRequest(prompt="Something else entirely. " * 12, max_new_tokens=1))
+        out = await run_request(engine, GenerationRequest(prompt=head + "What is the capital of France?",
+                                                          max_new_tokens=12, ignore_eos=True))  # fmt: skip
+        reused = engine.prefix_cache.hit_tokens
+    finally:
+        engine.stop()
+    assert reused > 40
+    assert out.tokens == reference_greedy(smollm, head + "What is the capital of France?", 12)

@@ -12,10 +12,18 @@ def kv(rows: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.zeros(rows, 2, length, 4), torch.zeros(rows, 2, length, 4)) for _ in range(3)]
 
 
+def put(cache: SlotCache, src: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> int:
+    """What a prefill does: write a row's K/V into the next free slot, then count it."""
+    for (dest_k, dest_v), (k, v) in zip(cache.open_row(length), src, strict=True):
+        dest_k.copy_(k[:1, :, -length:])
+        dest_v.copy_(v[:1, :, -length:])
+    return cache.add_open_row(length)
+
+
 def test_capacity_stays_within_the_token_bound() -> None:
     cache = SlotCache(num_layers=3, max_rows=32, max_tokens=1024)
     cache.reserve(1, 500, like=kv(1, 500))
-    cache.add_row(kv(1, 500), 0, 500)
+    put(cache, kv(1, 500), 500)
     rows, cols = cache._capacity()
     assert rows * cols <= 1024 and cols >= 501  # headroom and spare rows only where they fit
     cache.reserve(2, 500)
@@ -48,7 +56,7 @@ def test_bounded_cache_lives_in_one_arena_and_keeps_rows_across_reshapes() -> No
     lengths = {100.0: 10, 200.0: 30, 300.0: 5, 400.0: 60, 500.0: 41}
     for value, length in lengths.items():  # every join with a longer row reshapes the views
         cache.reserve(cache.rows + 1, length)
-        cache.add_row(row_kv(value, length), 0, length)
+        put(cache, row_kv(value, length), length)
     cache.remove_row(1)  # the last row (500) moves into slot 1
     order = [100.0, 500.0, 300.0, 400.0]
     cache.shrink_window(max(lengths[v] for v in order))
