@@ -43,7 +43,8 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         default=32768,
         ge=16,
-        description="KV-cache budget in tokens: the sum over running rows of prompt + max new tokens.",
+        description="KV-cache budget in tokens: the sum over running rows of prompt + max new tokens. "
+        "Allocated when the engine starts.",
     )
     max_prefill_tokens: int = Field(
         default=2048, ge=16, description="Prompt tokens prefilled in one step, so decoding rows are not starved."

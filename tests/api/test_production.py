@@ -134,3 +134,18 @@ def test_max_batch_texts(tiny: LoadedModel) -> None:
         assert r.status_code == 422 and "at most 2" in r.json()["error"]["message"]
         v1 = httpx.post(f"{server.url}/v1/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 1})
         assert v1.status_code == 400 and v1.json()["error"]["param"] == "prompt"
+
+
+def test_kv_arena_is_the_configured_budget_from_the_start(tiny: LoadedModel) -> None:
+    config = tiny.model.config
+    with live_server(tiny, max_batch_tokens=4096, max_batch_size=8) as server:
+        # one K and one V per layer, per token: (tokens + one decode column per row) x layers x 2 x hidden x fp32
+        expected = (4096 + 8) * config.n_layer * 2 * config.n_embd * 4
+        first = httpx.get(f"{server.url}/info").json()["engine"]
+        assert (first["kv_cache_capacity_bytes"], first["kv_cache_bytes"]) == (expected, 0)
+        for n in (5, 40, 300):
+            r = httpx.post(f"{server.url}/generate", json={"prompt": "word " * n, "max_new_tokens": 8})
+            assert r.status_code == 200
+        after = httpx.get(f"{server.url}/info").json()["engine"]
+        assert (after["kv_cache_capacity_bytes"], after["kv_cache_bytes"]) == (expected, 0)  # never regrown
+        assert scrape(server.url)[("textgen_kv_cache_capacity_bytes", ())] == expected
