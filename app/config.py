@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = Field(
         default=2048, ge=16, description="Prompt tokens prefilled in one step, so decoding rows are not starved."
     )
+    prefill_chunk_tokens: int = Field(
+        default=512, ge=16,
+        description="A longer prompt is prefilled this many tokens per step, between the other rows' decode steps.",
+    )
     prefix_cache_mb: int = Field(
         default=256, ge=0, description="Memory for K/V of recent prompts, reused by prompts that start alike; 0 = off."
     )

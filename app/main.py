@@ -33,6 +33,7 @@ def engine_limits(settings: Settings) -> EngineLimits:
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_tokens,
         max_prefill_tokens=settings.max_prefill_tokens,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
         max_queued_requests=settings.max_queued_requests,
         max_queued_tokens=settings.max_queued_tokens,
         max_prompt_tokens=settings.max_prompt_tokens,

@@ -87,6 +87,7 @@ class EngineLimitsInfo(BaseModel):
     max_batch_size: int
     max_batch_tokens: int
     max_prefill_tokens: int
+    prefill_chunk_tokens: int
     max_queued_requests: int
     max_queued_tokens: int
     max_prompt_tokens: int

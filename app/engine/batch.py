@@ -19,8 +19,12 @@ from app.engine.types import TokenLogprob
 
 
 class Batch:
-    def __init__(self, model: Any, max_rows: int, max_tokens: int | None = None) -> None:
+    def __init__(self, model: Any, max_rows: int, max_tokens: int | None = None, stage_tokens: int = 0) -> None:
         self.model = model
+        # One row, outside the batch, that a long prompt is prefilled into chunk by chunk while the batch keeps
+        # decoding (its columns stay put; the batch's move with every step): per layer (1, H, stage_tokens, D)
+        self.stage_tokens = stage_tokens
+        self.staging: PrefillKV | None = None
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.cache = SlotCache(model.config.num_hidden_layers, max_rows, max_tokens)
@@ -64,7 +68,7 @@ class Batch:
         self._open = None
         length = request.prompt_len
         if not self.cache.has_layout:
-            self.cache.allocate(self.kv_example())
+            self.allocate()
         self.cache.reserve(len(self.seqs) + 1, length)
         kv = self.cache.open_row(length)
         done = 0
@@ -142,6 +146,46 @@ class Batch:
             s.kv_len += 1
         logits: torch.Tensor = out.logits[:, -1, :]  # (B, V)
         return logits
+
+    def allocate(self, example: PrefillKV | None = None) -> None:
+        """Allocate the KV arena and the staging row now (zero-filled, resident), not at the first request.
+        `example`: what `kv_example` returns, when the caller has it already."""
+        example = example or self.kv_example()
+        self.cache.allocate(example)
+        if self.staging is None and self.stage_tokens:
+            n = self.stage_tokens
+            self.staging = [(k.new_zeros(1, k.shape[1], n, k.shape[3]), v.new_zeros(1, v.shape[1], n, v.shape[3]))
+                            for k, v in example]  # fmt: skip
+
+    def prefill_chunk(self, request: RequestState, stop: int, prefix: Hit | None = None) -> torch.Tensor:
+        """Compute prompt tokens [request.prefilled, stop) of a long prompt into the staging row (a `prefix` first
+        fills its start); return the logits (V,) at position stop - 1. `unstage` moves the whole prompt into
+        the batch once it is done."""
+        if self.staging is None:
+            self.allocate()
+        assert self.staging is not None and request.prompt_len <= self.stage_tokens
+        views = [(k[:, :, : request.prompt_len], v[:, :, : request.prompt_len]) for k, v in self.staging]
+        if prefix is not None:
+            prefix.copy_into(views)
+            request.prefilled = prefix.length
+        ids = torch.tensor([request.prompt_ids[request.prefilled : stop]], device=self.device)  # (1, c)
+        out = self.model(input_ids=ids, cache=RowCache(views, request.prefilled), use_cache=True, logits_to_keep=1)
+        request.prefilled = stop
+        logits: torch.Tensor = out.logits[0, -1, :]  # (V,)
+        return logits
+
+    def unstage(self, request: RequestState) -> PrefillKV:
+        """Copy a fully prefilled staging row into the next free slot; like `prefill`, return views of it
+        (1, H, P, D) per layer, and the slot joins with `join`."""
+        assert self.staging is not None and request.prefilled == request.prompt_len
+        length = request.prompt_len
+        self.cache.reserve(len(self.seqs) + 1, length)
+        kv = self.cache.open_row(length)
+        for (dest_k, dest_v), (k, v) in zip(kv, self.staging, strict=True):
+            dest_k.copy_(k[:, :, :length])
+            dest_v.copy_(v[:, :, :length])
+        self._open = request
+        return kv
 
     def join(self, seq: SequenceState) -> None:
         """Add a prefilled sequence; its first generated token is fed at the next decode. The first of its

@@ -14,7 +14,7 @@ import math
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -47,6 +47,7 @@ from app.engine.types import (
     Scores,
     SequenceFinished,
     TokenDelta,
+    TokenLogprob,
 )
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class EngineLimits:
     max_batch_size: int = 32
     max_batch_tokens: int = 32768
     max_prefill_tokens: int = 2048
+    prefill_chunk_tokens: int = 512  # longer prompts are prefilled in pieces this size, one per step
     max_queued_requests: int = 256
     max_queued_tokens: int = 262144
     max_prompt_tokens: int | None = None
@@ -149,7 +151,11 @@ class Engine:
             limits.max_batch_size, limits.max_batch_tokens, limits.max_prefill_tokens, limits.max_queued_requests,
             limits.max_queued_tokens,
         )  # fmt: skip
-        self.batch = Batch(model, limits.max_batch_size, limits.max_batch_tokens)
+        chunked = self.max_prompt_tokens > limits.prefill_chunk_tokens
+        self.batch = Batch(model, limits.max_batch_size, limits.max_batch_tokens,
+                           stage_tokens=self.max_prompt_tokens if chunked else 0)  # fmt: skip
+        # admitted prompts longer than a chunk, prefilled one chunk per step, first in first out
+        self.prefilling: deque[RequestState] = deque()
         self.prefix_cache = PrefixCache(limits.prefix_cache_bytes)
         self.running: dict[str, RequestState] = {}  # admitted, not finished; engine thread only
         self._wake = threading.Event()
@@ -167,7 +173,7 @@ class Engine:
         # hundreds of MB inside the first prefill would count against that request's timeout.
         with torch.inference_mode():
             example = self.batch.kv_example()
-            self.batch.cache.allocate(example)
+            self.batch.allocate(example)
             self.prefix_cache.reserve(example)
         self._thread = threading.Thread(target=self._loop, name="textgen-engine", daemon=True)
         self._thread.start()
@@ -389,7 +395,9 @@ class Engine:
         """schedule -> run -> postprocess."""
         now = time.monotonic()
         self._drop_cancelled_and_late(now)
-        plan = self.scheduler.schedule(now)
+        # a chunk of a long prompt runs this step: newcomers' prompts get what is left of the prefill budget
+        chunk = self.limits.prefill_chunk_tokens if self.prefilling else 0
+        plan = self.scheduler.schedule(now, prefill_budget=max(0, self.limits.max_prefill_tokens - chunk))
         for state in plan.expired:
             self._fail(state, RequestTimeout(f"request waited {now - state.arrival:.1f}s in the queue; "
                                              f"its timeout is {self._timeout(state.request):g}s"))
@@ -397,7 +405,7 @@ class Engine:
             self._close(state)
         started = time.perf_counter()
         rows = len(self.batch.seqs)
-        produced = self._decode_running() + self._prefill(plan.admitted, now)
+        produced = self._decode_running() + self._prefill_chunk() + self._prefill(plan.admitted, now)
         elapsed = time.perf_counter() - started
         if rows or plan.admitted:
             self.observer.step(rows, elapsed)
@@ -445,35 +453,80 @@ class Engine:
             if state.scoring:
                 produced += self._score(state, now)
                 continue
-            started = time.perf_counter()
             wants_prompt = getattr(state.request, "prompt_logprobs", None) is not None
+            state.admitted_at = now
+            if state.prompt_len > self.limits.prefill_chunk_tokens and self.batch.stage_tokens and not wants_prompt:
+                # prefilled a chunk per step from the next step on, while the batch keeps decoding
+                self.running[state.id] = state
+                self.prefilling.append(state)
+                continue
+            started = time.perf_counter()
             try:
                 # prompt log-probabilities need every prompt position computed: no reuse then
                 hit = None if wants_prompt else self.prefix_cache.match(state.prompt_ids)
                 logits, kv, scored = self.batch.prefill(state, hit)  # (V,)
                 self.prefix_cache.store(state.prompt_ids, kv)  # before any join: kv are views of the open slot
-                rows = [SampleRow(s.params, s.generator, s.history) for s in state.sequences]
-                tokens = sample(logits.unsqueeze(0).expand(len(rows), -1), rows) if rows else []
-                first = self._logprobs(state.sequences[:1], logits.unsqueeze(0)).get(0)  # (V,), same for all rows
+                tokens, first = self._first_tokens(state, logits)
                 self._stats.prefill_seconds += time.perf_counter() - started
             except Exception as exc:
                 log.exception("prefill failed for request %s", state.id)
                 self.scheduler.release(state, state.rows)  # reserved at admission, never ran
                 self._fail(state, StepFailed(f"the model step failed: {type(exc).__name__}"))
                 continue
-            state.admitted_at = now
             self.running[state.id] = state
-            self._stats.prompt_tokens += state.prompt_len
-            if scored is not None:
-                state.channel.put(PromptLogprobs((None, *scored)))
-            if not state.sequences:  # the prompt was all it asked about
-                self._finish(state)
-                continue
-            for seq, token in zip(state.sequences, tokens, strict=True):
-                self._accept(seq, token, prefilled=True, logprobs=first)
-            produced += len(tokens)
+            produced += self._begin(state, tokens, first, scored)
         self.batch.settle()
         return produced
+
+    def _prefill_chunk(self) -> int:
+        """The next chunk of the oldest long prompt being prefilled; when it was the last, the prompt joins."""
+        while self.prefilling and self.prefilling[0].done:  # cancelled or timed out meanwhile
+            self.prefilling.popleft()
+        if not self.prefilling:
+            return 0
+        state = self.prefilling[0]
+        started = time.perf_counter()
+        try:
+            hit = self.prefix_cache.match(state.prompt_ids) if state.prefilled == 0 else None
+            start = hit.length if hit is not None else state.prefilled
+            stop = min(state.prompt_len, start + self.limits.prefill_chunk_tokens)
+            logits = self.batch.prefill_chunk(state, stop, hit)  # (V,)
+            if stop < state.prompt_len:
+                self._stats.prefill_seconds += time.perf_counter() - started
+                return 0
+            self.prefilling.popleft()
+            kv = self.batch.unstage(state)
+            self.prefix_cache.store(state.prompt_ids, kv)
+            tokens, first = self._first_tokens(state, logits)
+            self._stats.prefill_seconds += time.perf_counter() - started
+        except Exception as exc:
+            log.exception("prefill failed for request %s", state.id)
+            if self.prefilling and self.prefilling[0] is state:
+                self.prefilling.popleft()
+            self._fail(state, StepFailed(f"the model step failed: {type(exc).__name__}"))  # frees its reservation
+            return 0
+        return self._begin(state, tokens, first, None)
+
+    def _first_tokens(self, state: RequestState, logits: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
+        """Each sequence's first token, drawn from the prompt's last logits (V,), and their log-softmax (V,)
+        when the request asked for log-probabilities."""
+        rows = [SampleRow(s.params, s.generator, s.history) for s in state.sequences]
+        tokens = sample(logits.unsqueeze(0).expand(len(rows), -1), rows) if rows else []
+        first = self._logprobs(state.sequences[:1], logits.unsqueeze(0)).get(0)  # (V,), same for all rows
+        return tokens, first
+
+    def _begin(self, state: RequestState, tokens: list[int], first: torch.Tensor | None,
+               scored: list[TokenLogprob] | None) -> int:  # fmt: skip
+        """A prompt is prefilled into the batch's open slot: emit its first tokens; its sequences join."""
+        self._stats.prompt_tokens += state.prompt_len
+        if scored is not None:
+            state.channel.put(PromptLogprobs((None, *scored)))
+        if not state.sequences:  # the prompt was all it asked about
+            self._finish(state)
+            return 0
+        for seq, token in zip(state.sequences, tokens, strict=True):
+            self._accept(seq, token, prefilled=True, logprobs=first)
+        return len(tokens)
 
     def _score(self, state: RequestState, now: float) -> int:
         started = time.perf_counter()

@@ -7,7 +7,9 @@ Torch-free, so it is tested with fake requests. Budgets:
   times the longest row's tokens (one long prompt keeps the batch narrow while it runs);
 - waiting: requests and their tokens (prompt + max new tokens per row) queued, beyond which 429;
 - prefill tokens per step: prompt tokens prefilled in one step, so a burst of newcomers
-  does not stall the rows that are decoding (at least one request is always admitted).
+  does not stall the rows that are decoding (at least one request is always admitted; a prompt longer
+  than a chunk is then prefilled a chunk per step by the engine, which lowers this step's budget by one
+  chunk while it does).
 """
 
 from __future__ import annotations
@@ -72,9 +74,12 @@ class Scheduler:
                     )
             self.waiting.append(request)
 
-    def schedule(self, now: float) -> Plan:
+    def schedule(self, now: float, prefill_budget: int | None = None) -> Plan:
+        """Admit from the head of the queue while the budgets allow; `prefill_budget` (default: the
+        scheduler's max prefill tokens) is what this step's prefills may use."""
         plan = Plan()
         prefill = 0
+        budget = self.max_prefill_tokens if prefill_budget is None else prefill_budget
         with self._lock:
             while self.waiting:
                 head = self.waiting[0]
@@ -90,7 +95,7 @@ class Scheduler:
                 longest = max(self.longest_row(), head.reserved_tokens)
                 if rows > self.max_rows or tokens > self.max_batch_tokens or rows * longest > self.max_batch_tokens:
                     break
-                if plan.admitted and prefill + head.prefill_tokens > self.max_prefill_tokens:
+                if plan.admitted and prefill + head.prefill_tokens > budget:
                     break
                 self.waiting.popleft()
                 plan.admitted.append(head)

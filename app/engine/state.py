@@ -65,6 +65,7 @@ class RequestState:
     sequences: list[SequenceState] = field(default_factory=list)
     continuations: list[list[int]] = field(default_factory=list)  # scoring only
     admitted_at: float | None = None
+    prefilled: int = 0  # prompt tokens whose K/V are computed, while a long prompt is prefilled in chunks
     cancelled: bool = False
     done: bool = False
 
