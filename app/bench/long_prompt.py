@@ -1,0 +1,65 @@
+"""What one long prompt does to a short request that arrives just after it, with and without chunked prefill.
+
+Runs the engine in-process (no HTTP): a prompt of N tokens, then 0.5 s later a short request; prints both
+requests' time to first token and the short one's total, for each chunk size given (a chunk at least as
+long as the prompt prefills it in one piece, as without chunking).
+Run: python -m app.bench.long_prompt --tokens 4000 --chunks 100000 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from dataclasses import replace
+
+from app.config import Settings
+from app.engine.engine import Engine
+from app.engine.types import GenerationRequest, TokenDelta
+from app.main import engine_limits, warm_up
+from app.models.loader import load_model
+
+
+async def timed(engine: Engine, request: GenerationRequest, delay: float) -> tuple[float, float]:
+    """(seconds to the first token, seconds to the end) from the request's submission."""
+    await asyncio.sleep(delay)
+    started = time.perf_counter()
+    first = None
+    async for event in engine.submit(request):
+        if first is None and isinstance(event, TokenDelta):
+            first = time.perf_counter() - started
+    return first or 0.0, time.perf_counter() - started
+
+
+async def main(model: str, tokens: int, chunks: list[int]) -> None:
+    settings = Settings(model=model)
+    loaded = load_model(settings)
+    long_ids = [(i * 7919) % 20000 + 100 for i in range(tokens)]  # any ids: only the length matters here
+    for chunk in chunks:
+        engine = Engine(loaded.model, loaded.tokenizer, replace(engine_limits(settings), prefill_chunk_tokens=chunk),
+                        context_length=loaded.info.context_length, eos_token_ids=loaded.info.eos_token_ids)  # fmt: skip
+        engine.start()
+        try:
+            await warm_up(engine)
+            (long_first, _), (short_first, short_done) = await asyncio.gather(
+                timed(engine, GenerationRequest(prompt=long_ids, max_new_tokens=4, ignore_eos=True), 0.0),
+                timed(engine, GenerationRequest(prompt="Write a haiku about the sea.", max_new_tokens=16,
+                                                ignore_eos=True), 0.5),
+            )  # fmt: skip
+        finally:
+            engine.stop()
+        print(f"chunk {chunk:>6}: {tokens}-token prompt first token {long_first:.2f}s; short request (0.5 s later, "
+              f"16 tokens) first token {short_first:.2f}s, done {short_done:.2f}s", flush=True)  # fmt: skip
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--tokens", type=int, default=4000, help="length of the long prompt")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[100000, 512], help="chunk sizes to compare")
+    args = parser.parse_args()
+    asyncio.run(main(args.model, args.tokens, args.chunks))
+
+
+if __name__ == "__main__":
+    cli()
