@@ -397,7 +397,8 @@ class Engine:
         self._drop_cancelled_and_late(now)
         # a chunk of a long prompt runs this step: newcomers' prompts get what is left of the prefill budget
         chunk = self.limits.prefill_chunk_tokens if self.prefilling else 0
-        plan = self.scheduler.schedule(now, prefill_budget=max(0, self.limits.max_prefill_tokens - chunk))
+        budget = max(0, self.limits.max_prefill_tokens - chunk)
+        plan = self.scheduler.schedule(now, prefill_budget=budget, defer_longer_than=chunk or None)
         for state in plan.expired:
             self._fail(state, RequestTimeout(f"request waited {now - state.arrival:.1f}s in the queue; "
                                              f"its timeout is {self._timeout(state.request):g}s"))

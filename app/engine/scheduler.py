@@ -74,13 +74,16 @@ class Scheduler:
                     )
             self.waiting.append(request)
 
-    def schedule(self, now: float, prefill_budget: int | None = None) -> Plan:
-        """Admit from the head of the queue while the budgets allow; `prefill_budget` (default: the
-        scheduler's max prefill tokens) is what this step's prefills may use."""
+    def schedule(self, now: float, prefill_budget: int | None = None, defer_longer_than: int | None = None) -> Plan:
+        """Admit in arrival order while the budgets allow. `prefill_budget` (default: the scheduler's max
+        prefill tokens) is what this step's prefills may use. `defer_longer_than`: while a long prompt is
+        being prefilled in chunks (one at a time), prompts longer than this stay queued, in their place,
+        and the requests behind them are considered: admitting them would only hold KV budget idle."""
         plan = Plan()
         prefill = 0
         budget = self.max_prefill_tokens if prefill_budget is None else prefill_budget
         with self._lock:
+            deferred: list[Schedulable] = []
             while self.waiting:
                 head = self.waiting[0]
                 if head.cancelled:
@@ -88,6 +91,9 @@ class Scheduler:
                     continue
                 if now > head.deadline:
                     plan.expired.append(self.waiting.popleft())
+                    continue
+                if defer_longer_than is not None and head.prefill_tokens > defer_longer_than:
+                    deferred.append(self.waiting.popleft())
                     continue
                 rows = self.running_rows + head.rows
                 tokens = self.running_tokens + head.rows * head.reserved_tokens
@@ -103,6 +109,7 @@ class Scheduler:
                 self.running_rows = rows
                 self.running_tokens = tokens
                 self.row_widths[head.reserved_tokens] += head.rows
+            self.waiting.extendleft(reversed(deferred))  # back at the front, in their order
             # Requests behind a blocked head may also have expired or been cancelled.
             for request in list(self.waiting):
                 if request.cancelled or now > request.deadline:

@@ -35,6 +35,29 @@ async def test_a_short_request_finishes_while_a_long_prompt_is_still_prefilling(
     assert finished == ["short", "long"]
 
 
+async def test_a_second_long_prompt_waits_without_holding_kv_budget_from_short_ones(tiny: LoadedModel) -> None:
+    # 2000 KV tokens: two 900-token prompts fill it; admitting the second while the first is still being
+    # prefilled would keep the short request out until the first one had finished
+    engine = make_engine(tiny, prefill_chunk_tokens=16, max_batch_tokens=2000)
+    finished: list[str] = []
+
+    async def one(name: str, prompt: list[int] | str) -> None:
+        out = await run_request(engine, GenerationRequest(prompt=prompt, max_new_tokens=6, ignore_eos=True))
+        assert out.error is None and len(out.tokens) == 6
+        finished.append(name)
+
+    try:
+        first = asyncio.create_task(one("long 1", [(i * 37) % 900 + 50 for i in range(900)]))
+        assert await eventually(lambda: engine.prefilling and engine.prefilling[0].prefilled > 0)
+        second = asyncio.create_task(one("long 2", [(i * 31) % 900 + 50 for i in range(900)]))
+        await asyncio.sleep(0.05)
+        await one("short", "Hello there")
+        await asyncio.gather(first, second)
+    finally:
+        engine.stop()
+    assert finished == ["short", "long 1", "long 2"]
+
+
 @pytest.mark.parametrize("chunk", [16, 100])
 async def test_tiny_chunked_prefill_matches_generate(tiny: LoadedModel, chunk: int) -> None:
     engine = make_engine(tiny, prefill_chunk_tokens=chunk)

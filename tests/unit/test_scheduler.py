@@ -107,3 +107,15 @@ def test_the_rectangular_cache_bounds_rows_times_the_longest_row() -> None:
     s.release(long)
     assert s.longest_row() == 10
     assert s.schedule(0).admitted == shorts[1:]  # 5 rows x 10 tokens
+
+
+def test_long_prompts_wait_in_place_while_one_is_prefilled_in_chunks() -> None:
+    s = Scheduler(max_rows=8, max_batch_tokens=20_000, max_prefill_tokens=3000, max_waiting=10)
+    long_a, long_b, short, long_c, short2 = Fake(3000), Fake(3000), Fake(10), Fake(3000), Fake(10)
+    for r in (long_a, long_b, short, long_c, short2):
+        s.add(r, retry_after=1)
+    assert s.schedule(0).admitted == [long_a]  # the prefill budget: one long prompt
+    # long_a is being chunked: the other long prompts keep their places, the short ones go ahead
+    assert s.schedule(0, defer_longer_than=512).admitted == [short, short2]
+    assert list(s.waiting) == [long_b, long_c]
+    assert s.schedule(0).admitted == [long_b]  # long_a is done prefilling: the oldest long prompt is next
