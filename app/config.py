@@ -23,15 +23,27 @@ class Settings(BaseSettings):
     model_store: Path = Field(default=DEFAULT_STORE, description="Folder holding pulled models.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        default="auto", description="auto = bf16 (or fp16) on GPU, fp32 on CPU."
+        default="auto",
+        description="auto = bf16 (or fp16) on GPU; on CPU the fastest numeric mode the CPU has (see quantize). "
+        "float32 on CPU: the exact reference path; bfloat16: bf16 weights (needs avx512_bf16 or AMX).",
+    )
+    quantize: Literal["auto", "none", "int8"] = Field(
+        default="auto",
+        description="CPU only. int8: int8 weights and per-row int8 activations (needs avx512_vnni, avx_vnni or AMX). "
+        "auto (with dtype auto): int8 where the CPU has it, else bf16, else fp32. none: no quantization.",
+    )
+    cpu_features: str | None = Field(
+        default=None,
+        description="Comma-separated CPU features to assume instead of the detected ones (torch's names, e.g. "
+        "'avx2,avx512_vnni'): to see and test what another CPU would run.",
     )
     threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; unset = torch default.")
     verify_weights: bool = Field(default=True, description="Check the manifest's sha256 of the weights on load.")
     pull_missing: bool = Field(default=True, description="Pull the offline default model if it is missing.")
     pack_weights: bool = Field(
         default=True,
-        description="On CPU: prepack float32 linear weights for oneDNN (2x faster decode) and use the "
-        "single-token decode attention kernel (app/models/attention.py). False = the stock model.",
+        description="On CPU: the fast numeric modes (prepacked fp32 / bf16 / int8 linears, see quantize) and the "
+        "single-token decode attention kernel (app/models/attention.py). False = the stock transformers model.",
     )
 
     # HTTP

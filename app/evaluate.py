@@ -45,7 +45,9 @@ def eval_sentiment(client: httpx.Client, data: Path, limit: int | None, batch: i
             predictions["uncalibrated"].append(int(raw["positive"] > raw["negative"]))
     elapsed = time.perf_counter() - started
     gold = [y for _, y in rows]
-    print(f"SST-2 ({data}, {len(rows)} sentences), model {model}, {elapsed:.1f}s ({len(rows) / elapsed:.1f} texts/s)")
+    numerics = client.get("/info").json().get("numerics")
+    print(f"SST-2 ({data}, {len(rows)} sentences), model {model} ({numerics}), {elapsed:.1f}s "
+          f"({len(rows) / elapsed:.1f} texts/s)")  # fmt: skip
     print(f"{'scoring':14} {'accuracy':>8}   confusion (gold -> predicted)")
     for name, preds in predictions.items():
         acc = sum(p == y for p, y in zip(preds, gold, strict=True)) / len(gold)
@@ -132,8 +134,8 @@ def eval_perplexity(client: httpx.Client, data: Path, limit: int | None, window:
     chunks = perplexity.windows(ids, min(window, info["context_length"]))[:limit]
     api = perplexity.via_api(client, chunks)
     elapsed = time.perf_counter() - started
-    print(f"WikiText-style perplexity of {info['model']} on {data}: {len(ids)} tokens, {len(chunks)} windows of "
-          f"{window}, {api.tokens} predicted")  # fmt: skip
+    print(f"WikiText-style perplexity of {info['model']} ({info.get('numerics')}) on {data}: {len(ids)} tokens, "
+          f"{len(chunks)} windows of {window}, {api.tokens} predicted")  # fmt: skip
     print(f"{'computed by':26} {'perplexity':>10} {'seconds':>8}")
     print(f"{'server /v1/completions':26} {api.value:10.4f} {elapsed:8.1f}")
     if reference:

@@ -68,13 +68,14 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
             context_length=model.info.context_length, eos_token_ids=model.info.eos_token_ids, observer=metrics,
         )  # fmt: skip
         metrics.bind(engine)
+        metrics.describe(model.info)
         engine.start()
         try:
             await warm_up(engine)
             app.state.engine = engine
             app.state.model_info = model.info
-            log.info("serving %s (%s) on %s/%s", model.info.name, model.info.source, model.info.device,
-                     model.info.dtype)  # fmt: skip
+            log.info("serving %s (%s) on %s, numerics %s", model.info.name, model.info.source, model.info.device,
+                     model.info.numerics)  # fmt: skip
             yield
         finally:
             engine.stop()

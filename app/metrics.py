@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, generate_latest
 
 if TYPE_CHECKING:
     from app.engine.engine import Engine
+    from app.models.loader import ModelInfo
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
@@ -45,6 +46,12 @@ class Metrics:
         self.kv_bytes = Gauge("textgen_kv_cache_bytes", "Bytes of the KV cache the running batch spans", registry=r)
         self.kv_capacity = Gauge("textgen_kv_cache_capacity_bytes",
                                  "Bytes allocated for the KV cache (max_batch_tokens)", registry=r)  # fmt: skip
+
+        self.model = Info("textgen_model", "The served model and what runs its products", registry=r)
+
+    def describe(self, info: ModelInfo) -> None:
+        """textgen_model_info{model, device, dtype, numerics} 1."""
+        self.model.info({"model": info.name, "device": info.device, "dtype": info.dtype, "numerics": info.numerics})
 
     def bind(self, engine: Engine) -> None:
         """Gauges read the engine when scraped."""

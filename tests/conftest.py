@@ -27,7 +27,8 @@ def _loaded(name: str) -> LoadedModel:
     store = ModelStore(STORE)
     if not store.has(name):
         store.pull(name)
-    return load_model(Settings(model=name, model_store=STORE, threads=2))
+    # fp32: the reference path, token-exact against transformers (the faster modes: tests/models/test_numerics.py)
+    return load_model(Settings(model=name, model_store=STORE, threads=2, dtype="float32"))
 
 
 @pytest.fixture(scope="session")

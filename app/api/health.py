@@ -45,6 +45,7 @@ async def info(engine: EngineDep, model: ModelInfoDep) -> InfoResponse:
         parameters=model.parameters,
         device=model.device,
         dtype=model.dtype,
+        numerics=model.numerics,
         context_length=model.context_length,
         vocab_size=model.vocab_size,
         has_chat_template=model.has_chat_template,

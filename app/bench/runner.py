@@ -62,6 +62,12 @@ def workload(n: int, seed: int, prompt_tokens: tuple[int, int], new_tokens: tupl
     return jobs
 
 
+def one_stream_jobs(seed: int, new_tokens: int = 128) -> list[Job]:
+    """One request at a time: a short fresh prompt, `new_tokens` generated (ignore_eos): tokens/s of one user.
+    Three of them, so the figure is not one request's noise."""
+    return [Job(j.prompt, new_tokens) for j in workload(3, seed + 1, (20, 40), (new_tokens, new_tokens))]
+
+
 async def _one(client: httpx.AsyncClient, job: Job, stream: bool) -> Result:
     body = {"prompt": job.prompt, "max_new_tokens": job.max_new_tokens, "ignore_eos": True, "stream": stream}
     started = time.perf_counter()
@@ -174,9 +180,22 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) -
     raise RuntimeError("server did not become ready")
 
 
+# TEXTGEN_DTYPE / TEXTGEN_QUANTIZE per numeric mode (app/models/numerics.py), for `--modes`
+MODES = {
+    "auto": {},
+    "fp32": {"TEXTGEN_DTYPE": "float32", "TEXTGEN_QUANTIZE": "none"},
+    "bf16": {"TEXTGEN_DTYPE": "bfloat16", "TEXTGEN_QUANTIZE": "none"},
+    "int8": {"TEXTGEN_DTYPE": "auto", "TEXTGEN_QUANTIZE": "int8"},
+}
+
+
+def mode_env(mode: str) -> dict[str, str]:
+    return {**os.environ, **MODES[mode]}
+
+
 def _command(system: str, model: str | None, port: int, max_batch: int, packed: bool) -> list[str]:
     model_args = ["--model", model] if model else []
-    if system == "engine":
+    if system.startswith("engine"):
         return [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--log-level", "warning", *model_args]
     return [sys.executable, "-m", "app.bench.baselines", "--system", system, "--port", str(port),
             "--max-batch", str(max_batch), *model_args, *(["--packed"] if packed else [])]  # fmt: skip
@@ -187,6 +206,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pid", type=int, help="server pid, to report its peak RSS (without --compare)")
     parser.add_argument("--compare", action="store_true", help="start engine, static and sequential servers in turn")
     parser.add_argument("--systems", default="engine,static,sequential", help="with --compare: which, in order")
+    parser.add_argument("--modes", default="",
+                        help="with --compare: run the engine once per numeric mode, e.g. fp32,bf16,int8 "
+                        "(each also gets a one-stream row)")  # fmt: skip
     parser.add_argument("--model", help="with --compare: model for every system (default: the server's default)")
     parser.add_argument(
         "--packed-baselines", action="store_true", help="with --compare: baselines use prepacked CPU weights too"
@@ -210,14 +232,26 @@ def run_bench(args: argparse.Namespace) -> int:
         rows.append(summarize(args.url, results, wall, peak_rss_mb(args.pid) if args.pid else None))
     else:
         url = f"http://127.0.0.1:{args.port}"
-        for system in args.systems.split(","):
-            proc = subprocess.Popen(_command(system, args.model, args.port, args.concurrency, args.packed_baselines))
+        systems = args.systems.split(",")
+        if args.modes:  # the engine once per numeric mode, in place of the one engine row
+            modes = [f"engine {m}" for m in args.modes.split(",")]
+            systems = [x for s in systems for x in (modes if s == "engine" else [s])]
+        for system in systems:
+            mode = system.removeprefix("engine ") if system.startswith("engine ") else "auto"
+            proc = subprocess.Popen(_command(system, args.model, args.port, args.concurrency, args.packed_baselines),
+                                    env=mode_env(mode))  # fmt: skip
             try:
                 _wait_ready(url, proc)
-                results, wall = asyncio.run(drive(url, jobs, args.concurrency, stream=system == "engine"))
+                engine = system.startswith("engine")
+                if engine:
+                    print(f"{system}: numerics {httpx.get(f'{url}/info', timeout=10).json().get('numerics')}")
+                results, wall = asyncio.run(drive(url, jobs, args.concurrency, stream=engine))
                 rows.append(summarize(system, results, wall, peak_rss_mb(proc.pid)))
-                if system == "engine":
+                if engine:
                     print_engine_time(url, wall)
+                if args.modes and engine:
+                    one, one_wall = asyncio.run(drive(url, one_stream_jobs(args.seed), 1, stream=True))
+                    rows.append(summarize(f"{system} 1-stream", one, one_wall, peak_rss_mb(proc.pid)))
             finally:
                 proc.send_signal(signal.SIGINT)
                 try:
@@ -228,6 +262,10 @@ def run_bench(args: argparse.Namespace) -> int:
     print()
     print_table(rows)
     by = {str(r["system"]): float(r["tok/s"]) for r in rows}  # type: ignore[arg-type]
+    for name in by:  # each mode against fp32, the W1 rows and the one-stream rows apart
+        ref = "engine fp32 1-stream" if name.endswith(" 1-stream") else "engine fp32"
+        if name.startswith("engine ") and name != ref and by.get(ref):
+            print(f"{name} / {ref}: {by[name] / by[ref]:.2f}x tokens/s")
     for other in ("static", "sequential"):
         if "engine" in by and other in by and by[other]:
             print(f"engine / {other}: {by['engine'] / by[other]:.2f}x tokens/s")

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from app.config import Settings
+from app.models import numerics
 from app.models.attention import use_decode_attention
-from app.models.packing import can_pack, pack_linears
 from app.models.store import Located, ModelStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ class ModelInfo:
     parameters: int
     device: str
     dtype: str
+    numerics: str  # what runs the products: "int8-w8a8-per-row-smoothquant", "bf16-packed", "fp32-packed", ...
     context_length: int
     vocab_size: int
     eos_token_ids: tuple[int, ...]
@@ -50,11 +51,12 @@ def resolve_device(setting: str) -> torch.device:
 
 
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The dtype the model's weights load in: on CPU always fp32 unless asked (app/models/numerics.py
+    converts the linear layers after loading)."""
     if setting != "auto":
         return DTYPES[setting]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # bf16 matmuls are slower than fp32 on CPUs without AMX; fp32 is also the exact reference.
     return torch.float32
 
 
@@ -98,7 +100,11 @@ def load_model(settings: Settings) -> LoadedModel:
     if settings.verify_weights:
         store.verify(located)
     device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
+    mode = numerics.choose(device, settings.dtype, settings.quantize, settings.pack_weights,
+                           numerics.cpu_features(settings.cpu_features), resolve_dtype("auto", device))  # fmt: skip
+    if mode.fallback:
+        log.warning("numerics: %s", mode.fallback)
+    dtype = mode.load_dtype
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     started = time.perf_counter()
@@ -107,9 +113,8 @@ def load_model(settings: Settings) -> LoadedModel:
     model.eval()
     model.requires_grad_(False)
     parameters = sum(p.numel() for p in model.parameters())  # counted before packing hides the weights
-    packed = settings.pack_weights and can_pack(model)
-    if packed:
-        pack_linears(model)
+    if settings.pack_weights and device.type == "cpu":
+        numerics.apply(model, tokenizer, mode)
     # the CPU fast paths go together: `pack_weights=False` gives the stock model (baselines, references)
     fast_attention = settings.pack_weights and use_decode_attention(model)
     info = ModelInfo(
@@ -120,14 +125,15 @@ def load_model(settings: Settings) -> LoadedModel:
         parameters=parameters,
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
+        numerics=mode.name,
         context_length=context_length(model.config),
         vocab_size=int(model.config.vocab_size),
         eos_token_ids=eos_ids(model, tokenizer),
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
     )
     log.info(
-        "loaded %s (%s, %.1fM parameters) on %s/%s%s%s in %.1fs, %d torch threads",
-        name, info.architecture, parameters / 1e6, info.device, info.dtype, " (packed)" if packed else "",
+        "loaded %s (%s, %.1fM parameters) on %s, numerics %s%s in %.1fs, %d torch threads",
+        name, info.architecture, parameters / 1e6, info.device, info.numerics,
         " (decode attention)" if fast_attention else "",
         time.perf_counter() - started, torch.get_num_threads(),
     )  # fmt: skip

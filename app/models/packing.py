@@ -15,10 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
+
+from app.models.fusion import as_linear, linear_layers
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +36,28 @@ for _cache in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
 
 
 class PackedLinear(nn.Module):
-    """y = x @ W.T + b with W held in oneDNN's layout (the dense weight is dropped unless tied)."""
+    """y = x @ W.T + b with W held in oneDNN's layout (the dense weight is dropped unless tied).
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    `dtype=torch.bfloat16` keeps W in bf16: the input is cast to bf16 and the output back to the input's
+    dtype, so the rest of the model (norms, attention, KV cache) stays in fp32 (oneDNN accumulates in fp32)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape  # (N, K)
+        self.dtype = dtype or weight.dtype
         # A plain attribute, not a parameter: an opaque oneDNN tensor has no storage to save or move.
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(self.dtype), None)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(self.dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
         # oneDNN wants a contiguous input; slices such as hidden[:, -1:, :] are not
-        y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
-        return y
+        y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype).contiguous(), self.packed, self.bias,
+                                                             "none", [], "")  # fmt: skip
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN {dtype}"
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -57,48 +65,41 @@ def can_pack(model: nn.Module) -> bool:
     return param.device.type == "cpu" and param.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
-def _as_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight (N, K), bias) of a linear-like layer, or None."""
-    if isinstance(module, nn.Linear):
-        return module.weight, module.bias
-    # GPT-2's Conv1D is a linear layer with its weight stored transposed, (K, N)
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        weight = cast(torch.Tensor, module.weight)  # (K, N)
-        bias = cast("torch.Tensor | None", module.bias)
-        return weight.t().contiguous(), bias
-    return None
+def own_memory(model: nn.Module) -> None:
+    """from_pretrained may leave the weights as views of one memory-mapped checkpoint, which stays resident
+    while any view lives: give what is left after replacing the linears (embeddings, norms) its own memory."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
 
 
 def pack_linears(model: nn.Module) -> int:
     """Replace every linear layer of `model` (in place) with a PackedLinear; return how many."""
     started = time.perf_counter()
     targets: list[tuple[nn.Module, str, tuple[torch.Tensor, torch.Tensor | None]]] = []
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            found = _as_linear(child)
-            if found is not None:
-                targets.append((parent, name, found))
+    for parent, name, child in linear_layers(model):
+        found = as_linear(child)
+        assert found is not None
+        targets.append((parent, name, found))
     for parent, name, (weight, bias) in targets:
         setattr(parent, name, PackedLinear(weight, bias))
-    # from_pretrained may leave the weights as views of one memory-mapped checkpoint, which stays
-    # resident while any view lives: give what is left (embeddings, norms) its own memory.
-    with torch.no_grad():
-        for param in model.parameters():
-            param.data = param.data.clone()
+    own_memory(model)
     log.info("packed %d linear layers for oneDNN in %.1fs", len(targets), time.perf_counter() - started)
     return len(targets)
 
 
+def seconds(f: Any, n: int = 30) -> float:  # pragma: no cover - for the measurements run by hand
+    """Mean seconds of one call of f, after three warm-up calls."""
+    for _ in range(3):
+        f()
+    t = time.perf_counter()
+    for _ in range(n):
+        f()
+    return (time.perf_counter() - t) / n
+
+
 def _bench() -> None:  # pragma: no cover - a measurement, run by hand
     torch.set_num_threads(2)
-
-    def seconds(f: Any, n: int = 30) -> float:
-        for _ in range(3):
-            f()
-        t = time.perf_counter()
-        for _ in range(n):
-            f()
-        return (time.perf_counter() - t) / n
 
     print("  K      N   rows  F.linear GFLOP/s  packed GFLOP/s")
     for k, n in ((576, 960), (576, 3072), (1536, 576), (576, 49152)):
