@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     quantize: Literal["auto", "none", "int8"] = Field(
         default="auto",
         description="CPU only. int8: int8 weights and per-row int8 activations (needs avx512_vnni, avx_vnni or AMX). "
-        "auto (with dtype auto): int8 where the CPU has it, else bf16, else fp32. none: no quantization.",
+        "auto (with dtype auto): the fastest mode the CPU has (bf16, else int8, else fp32). none: no int8.",
     )
     cpu_features: str | None = Field(
         default=None,

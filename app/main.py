@@ -66,6 +66,7 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
         engine = Engine(
             model.model, model.tokenizer, engine_limits(settings),
             context_length=model.info.context_length, eos_token_ids=model.info.eos_token_ids, observer=metrics,
+            threads=model.info.threads,
         )  # fmt: skip
         metrics.bind(engine)
         metrics.describe(model.info)

@@ -138,8 +138,11 @@ class RequestStream:
 
 class Engine:
     def __init__(self, model: Any, tokenizer: Any, limits: EngineLimits, *, context_length: int,
-                 eos_token_ids: tuple[int, ...], observer: EngineObserver | None = None) -> None:  # fmt: skip
+                 eos_token_ids: tuple[int, ...], observer: EngineObserver | None = None,
+                 threads: int | None = None) -> None:  # fmt: skip
         self.model = model
+        # torch intra-op threads for the engine's thread (None: torch's setting as it is); see `start`
+        self.threads = threads
         self.observer: EngineObserver = observer or NullObserver()
         self.tokenizer = tokenizer
         self.limits = limits
@@ -160,6 +163,7 @@ class Engine:
         self.running: dict[str, RequestState] = {}  # admitted, not finished; engine thread only
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._allocated = threading.Event()
         self._thread: threading.Thread | None = None
         self._stats = EngineStats(batch_sizes=Counter())
         self._tokens_per_s = 0.0  # smoothed decode throughput, for Retry-After
@@ -167,16 +171,28 @@ class Engine:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the engine's thread and wait until its buffers are allocated.
+
+        With `threads`, the model's multi-threaded work runs on the engine's thread only: the caller's thread
+        is set to one torch thread, so it never starts a pool of OpenMP workers of its own (two live pools
+        on a machine with as many cores as one of them stop spin-waiting, which made a one-row decode step
+        38 ms instead of 26: app/models/loader.py)."""
         if self._thread is not None:
             return
-        # The KV arena and the prefix cache's pool are allocated here, before any request: zero-filling
-        # hundreds of MB inside the first prefill would count against that request's timeout.
-        with torch.inference_mode():
-            example = self.batch.kv_example()
-            self.batch.allocate(example)
-            self.prefix_cache.reserve(example)
+        if self.threads is not None:
+            torch.set_num_threads(1)
         self._thread = threading.Thread(target=self._loop, name="textgen-engine", daemon=True)
         self._thread.start()
+        self._allocated.wait()
+        if self.fatal is not None:
+            raise RuntimeError("the engine could not start") from self.fatal
+
+    def _allocate(self) -> None:
+        # The KV arena and the prefix cache's pool are allocated before any request: zero-filling hundreds of
+        # MB inside the first prefill would count against that request's timeout.
+        example = self.batch.kv_example()
+        self.batch.allocate(example)
+        self.prefix_cache.reserve(example)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -364,11 +380,16 @@ class Engine:
     # ---- the loop (engine thread) -------------------------------------------------------------
     def _loop(self) -> None:
         try:
+            if self.threads is not None:
+                torch.set_num_threads(self.threads)
             with torch.inference_mode():  # the cache's buffers are made and written only in here
+                self._allocate()
+                self._allocated.set()
                 self._run_until_stopped()
         except BaseException as exc:  # the loop must never die silently
             log.exception("engine loop died")
             self.fatal = exc
+            self._allocated.set()
             self._stop.set()
             for state in self._all_requests():
                 self._fail(state, EngineStopped("the engine stopped after an internal error"))

@@ -2,15 +2,21 @@
 
 Weights are quantized once, at load: w ≈ w_scale[n] * wq[n, k], symmetric, one scale per output channel.
 Activations are quantized at run time, one scale per row (per token): x ≈ x_scale[m] * xq[m, k]. The
-product runs on int8 with int32 accumulation (`torch._int_mm`, oneDNN's s8s8s32 GEMM, VNNI where the CPU
-has it), then y[m, n] = x_scale[m] * w_scale[n] * acc[m, n] (+ bias). Integer sums are exact, so a row's
-result is the same whatever other rows share the call: outputs never depend on batch composition (a
-per-tensor activation scale, as `quantize_dynamic` uses, would make them).
+product runs on int8 with int32 accumulation, then y[m, n] = x_scale[m] * w_scale[n] * acc[m, n] (+ bias).
+Integer sums are exact, so a row's result is the same whatever other rows share the call: outputs never
+depend on batch composition (a per-tensor activation scale, as `quantize_dynamic` uses, would make them).
 
-Why this kernel (measured on the project's Zen 4 machine, 2 threads; `python -m app.models.int8`):
-`_int_mm` runs SmolLM2's decode shapes at 400-800 GOP/s from 8 rows up against 150-220 for prepacked fp32,
-and at one row ~200 GOP/s (bound by weight bytes: a quarter of fp32's). fbgemm's dynamic linear is as fast
-but only scales activations per tensor; the weight-only kernels (`_weight_int8pack_mm`) run at ~7 GFLOP/s.
+The kernel is oneDNN's quantized linear (`torch.ops.onednn.qlinear_pointwise`, what inductor emits for
+PT2E-quantized CPU graphs) over a weight prepacked once into its blocked layout. It takes activations as
+uint8 with one scale and zero point for the whole call, so we hand it x / x_scale[m] + 128 with scale 1
+and zero point 128: the zero point is compensated exactly in integers, and the per-row scale is applied
+after. It applies w_scale itself. Why this kernel (Zen 4, 2 threads; `python -m app.models.int8` prints the
+layer rates):
+- `torch._int_mm` (s8 x s8) runs the same products as fast in a loop, but reorders the (cold) weight on
+  every call inside the model: the W1 workload in-process ran 165 tokens/s with it against 178 prepacked.
+- qlinear_pointwise with *signed* int8 activations takes a reference path (0.2 GOP/s).
+- fbgemm's dynamic linear is as fast but scales activations per tensor; the weight-only kernels
+  (`_weight_int8pack_mm`) run at ~7 GFLOP/s.
 
 SmoothQuant (`smooth`): activations of some input channels are much larger than the rest, and one per-row
 scale then spends most of the int8 range on them. Dividing input channel k by s[k] (and multiplying the
@@ -24,6 +30,8 @@ import torch
 from torch import nn
 
 QMAX = 127.0  # symmetric int8: [-127, 127], so -x quantizes to -q
+ZERO_POINT = 128  # activations go to the kernel as uint8: x / scale + 128
+SMALL_ROWS = 2  # calls with this many rows or fewer take `_int_mm` (see Int8Linear.forward)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,13 +42,16 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) float -> int8 (M, K) and a float32 scale per row (M, 1)."""
+def quantize_rows(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) float -> integers (M, K) and a float32 scale per row (M, 1): x ≈ scale * (q - offset).
+    offset 0: int8 in [-127, 127]; offset 128: uint8 in [1, 255]."""
     # abs().amax() is 5-10x faster here than linalg.vector_norm(ord=inf) (measured: 5 vs 53 us at 32 x 576).
     # A row of zeros gets a tiny scale and quantizes to zeros.
     scale = x.abs().amax(dim=-1, keepdim=True).div_(QMAX).clamp_min_(1e-12)  # (M, 1)
-    q = x.div(scale).round_().to(torch.int8)  # |x / scale| <= 127 by construction
-    return q, scale
+    q = x.div(scale).round_()  # |x / scale| <= 127 by construction
+    if offset:
+        return q.add_(offset).to(torch.uint8), scale
+    return q.to(torch.int8), scale
 
 
 class Int8Linear(nn.Module):
@@ -55,12 +66,11 @@ class Int8Linear(nn.Module):
         if smooth is not None:
             w = w * smooth.float()[None, :]
         q, scale = quantize_weight(w)
-        # _int_mm wants (K, N); the transposed view of a row-major (N, K) runs as fast as a copy, and faster
-        # at one row (measured), so the weight keeps its own layout.
-        self.qweight: torch.Tensor
-        self.w_scale: torch.Tensor
-        self.register_buffer("qweight", q, persistent=False)  # (N, K) int8
-        self.register_buffer("w_scale", scale, persistent=False)  # (N,)
+        # An opaque oneDNN tensor (plain attributes: it has no storage to save or move), and its scales.
+        self.packed = torch.ops.onednn.qlinear_prepack(q, None)
+        self.qweight = q  # (N, K) int8, for `_int_mm` at one row
+        self.w_scale = scale  # (N,)
+        self.w_zero = torch.zeros(self.out_features, dtype=torch.int64)  # (N,): symmetric
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
@@ -70,9 +80,22 @@ class Int8Linear(nn.Module):
             x2 = x2.float()
         if self.inv_smooth is not None:
             x2 = x2 * self.inv_smooth
-        xq, x_scale = quantize_rows(x2)
-        acc = torch._int_mm(xq, self.qweight.t())  # (M, N) int32, exact
-        y = acc.to(torch.float32).mul_(self.w_scale).mul_(x_scale)  # (M, N)
+        if x2.shape[0] <= SMALL_ROWS:
+            # At one or two rows the prepacked kernel's fixed cost dominates: `_int_mm` on the plain int8 weight
+            # ran 40 GOP/s against 21 (576 -> 1536, one row). Both sum in exact int32 and scale alike, so a row
+            # gets the same bits on either path (tests/models/test_numerics.py compares them).
+            xq, x_scale = quantize_rows(x2)  # (M, K) int8, (M, 1)
+            acc = torch._int_mm(xq, self.qweight.t())  # (M, N) int32
+            small = acc.to(torch.float32).mul_(self.w_scale).mul_(x_scale)
+            if self.bias is not None:
+                small.add_(self.bias)
+            return small.reshape(*lead, self.out_features).to(x.dtype)
+        xq, x_scale = quantize_rows(x2, offset=ZERO_POINT)  # (M, K) uint8, (M, 1)
+        # w_scale[n] * sum_k (xq - 128) * wq: int32 sums, then one float multiply per element
+        y: torch.Tensor = torch.ops.onednn.qlinear_pointwise(
+            xq, 1.0, ZERO_POINT, self.packed, self.w_scale, self.w_zero, None, 1.0, 0, torch.float32, "none", [], ""
+        )  # (M, N)
+        y.mul_(x_scale)
         if self.bias is not None:
             y.add_(self.bias)
         return y.reshape(*lead, self.out_features).to(x.dtype)
@@ -87,7 +110,7 @@ def _bench() -> None:  # pragma: no cover - a measurement, run by hand
 
     torch.set_num_threads(2)
 
-    print("  K      N   rows  packed fp32 GFLOP/s  int8 layer GOP/s (quantize + int_mm + scale)")
+    print("  K      N   rows  packed fp32 GFLOP/s  int8 layer GOP/s (quantize + product + scale)")
     for k, n in ((576, 1536), (1536, 576), (576, 49152)):
         w = torch.randn(n, k)
         packed, int8 = PackedLinear(w, None), Int8Linear(w, None)

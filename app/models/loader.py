@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from app.models.store import Located, ModelStore, StoreError
 
 log = logging.getLogger(__name__)
 
+DEFAULT_THREADS = torch.get_num_threads()
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -28,7 +30,8 @@ class ModelInfo:
     parameters: int
     device: str
     dtype: str
-    numerics: str  # what runs the products: "int8-w8a8-per-row-smoothquant", "bf16-packed", "fp32-packed", ...
+    numerics: str  # what runs the products: "int8-w8a8-per-row+bf16", "bf16-packed", "fp32-packed", ...
+    threads: int  # torch intra-op threads the model runs with (the engine's thread sets them for itself)
     context_length: int
     vocab_size: int
     eos_token_ids: tuple[int, ...]
@@ -92,6 +95,32 @@ def eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
 
 
 def load_model(settings: Settings) -> LoadedModel:
+    """Load (and convert) the model on a short-lived thread of its own, so that the caller's thread never
+    starts a pool of torch (OpenMP) worker threads.
+
+    Why: with GNU OpenMP every thread that runs a parallel op keeps a pool of workers, and once more worker
+    threads live than the CPU has cores, all pools stop spin-waiting between ops and sleep instead. The
+    model runs thousands of small ops a step, each then pays a wake-up: a one-row SmolLM2 decode step took
+    38 ms on a second thread against 26 ms on the first (2 cores, 2 torch threads). The engine's thread is
+    the one that runs the model, so it must be the only live pool; a pool dies with its thread."""
+    result: list[LoadedModel] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(_load(settings))
+        except BaseException as exc:  # re-raised on the caller's thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name="textgen-load")
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+def _load(settings: Settings) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     store = ModelStore(settings.model_store)
@@ -105,8 +134,8 @@ def load_model(settings: Settings) -> LoadedModel:
     if mode.fallback:
         log.warning("numerics: %s", mode.fallback)
     dtype = mode.load_dtype
-    if settings.threads is not None:
-        torch.set_num_threads(settings.threads)
+    # torch's own default, read before any engine set its caller's thread to one (app/engine/engine.py)
+    torch.set_num_threads(settings.threads or DEFAULT_THREADS)
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(located.path)
     model = AutoModelForCausalLM.from_pretrained(located.path, dtype=dtype).to(device)  # type: ignore[arg-type]
@@ -126,6 +155,7 @@ def load_model(settings: Settings) -> LoadedModel:
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
         numerics=mode.name,
+        threads=torch.get_num_threads(),
         context_length=context_length(model.config),
         vocab_size=int(model.config.vocab_size),
         eos_token_ids=eos_ids(model, tokenizer),

@@ -36,10 +36,11 @@ log = logging.getLogger(__name__)
 BF16_FEATURES = ("avx512_bf16", "amx_bf16")
 INT8_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
 
-# What TEXTGEN_QUANTIZE=auto (with TEXTGEN_DTYPE=auto) runs on a CPU, fastest first; each mode's WikiText-2
-# perplexity is within 1% of fp32's on this project's data (README, "Numeric modes"). A mode the CPU
-# cannot run fast is skipped.
-AUTO_CPU_ORDER = ("int8", "bf16", "fp32")
+# What TEXTGEN_DTYPE=auto (with TEXTGEN_QUANTIZE=auto) runs on a CPU, first that the CPU has: each mode's
+# WikiText-2 perplexity is within 1% of fp32's, and bf16 ran W1 fastest here (`textgen bench --compare
+# --systems engine --modes fp32,bf16,int8`: 167.7 / 227.0 / 210.5 tokens/s; one stream 20.3 / 32.4 / 32.7).
+# int8 comes next: on a CPU with VNNI but without avx512_bf16 it still runs most products in int8.
+AUTO_CPU_ORDER = ("bf16", "int8", "fp32")
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def choose(
         if not usable[mode]:
             fallback = f"{mode} needs {need[mode]}, which this CPU does not have; running fp32"
             mode = "fp32"
-    else:  # auto: the fastest mode this CPU has (quantize=none: the fastest unquantized one)
+    else:  # auto: the fastest mode this CPU has (quantize=none: no int8)
         order = [m for m in AUTO_CPU_ORDER if quantize == "auto" or m != "int8"]
         mode = next(m for m in order if usable[m])
         fallback = None
@@ -104,12 +105,16 @@ def choose(
 def keeps_int8(group: list[nn.Module], weight: torch.Tensor, output_layer: nn.Module | None) -> bool:
     """Whether a layer (or fused group) runs in int8 in the int8 mode. Two kinds stay in bf16 (fp32 without
     avx512_bf16), measured on SmolLM2, WikiText-2 valid, 40 x 512 tokens, fp32 20.241:
-    - the output layer: int8 +1.3% perplexity with the rest int8 (26.36 against 26.01 on test), and a
-      further +5% once the rest is tuned; its input, the final norm's output, has outliers per row.
+    - the output layer: plain int8 costs +3.8% perplexity (its input, the final norm's output, has a few
+      channels of range ~50 against ~5 for the rest).
     - projections down to a smaller width (K > N: the MLP's down_proj / GPT-2's mlp.c_proj), whose input is
       the MLP's activation product: int8 everywhere else +0.48%, with them +1.40% (SmoothQuant alpha 0.5-1.0
       did not help them).
-    They are ~45% of SmolLM2's weights (the output layer alone 28%) but a smaller share of the step's time."""
+    Both can be int8 at a small cost when their largest input channels (8 for the output layer, 16 for the
+    down projections, a fixed set found at calibration) are computed in fp32 on their own (LLM.int8()'s
+    decomposition): all int8 +0.81%. But that ran W1 *slower* here (in-process engine, two runs each:
+    149 / 155 tokens/s against 167 / 168 with these layers in bf16): `_int_mm` at the engine's odd row
+    counts and the extra outlier product cost more than bf16's prepacked kernels save. So they stay bf16."""
     out_features, in_features = weight.shape
     return all(layer is not output_layer for layer in group) and in_features <= out_features
 

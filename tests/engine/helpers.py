@@ -27,8 +27,8 @@ PROMPTS = [
 
 
 def make_engine(model: LoadedModel, **limits: Any) -> Engine:
-    engine = Engine(model.model, model.tokenizer, EngineLimits(**limits),
-                    context_length=model.info.context_length, eos_token_ids=model.info.eos_token_ids)  # fmt: skip
+    engine = Engine(model.model, model.tokenizer, EngineLimits(**limits), context_length=model.info.context_length,
+                    eos_token_ids=model.info.eos_token_ids, threads=model.info.threads)  # fmt: skip
     engine.start()
     return engine
 

@@ -34,8 +34,9 @@ def _choose(dtype: str = "auto", quantize: str = "auto", features: set[str] = ZE
 
 
 def test_auto_picks_the_fastest_mode_the_cpu_has() -> None:
-    assert _choose().name == "int8-w8a8-per-row+bf16" and _choose().fallback is None
+    assert _choose().name == "bf16-packed" and _choose().fallback is None
     assert _choose(features={"avx2", "avx512_vnni"}).name == "int8-w8a8-per-row+fp32"
+    assert _choose(quantize="int8").name == "int8-w8a8-per-row+bf16"
     assert _choose(features={"avx2", "avx512_bf16"}).name == "bf16-packed"
     assert _choose(quantize="none").name == "bf16-packed"
     plain = _choose(features={"avx2"})
