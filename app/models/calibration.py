@@ -18,8 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from app.models.fusion import as_linear
-
 # Migration strength. The paper's default is 0.5; on SmolLM2 (WikiText-2 valid, 40 x 512 tokens, int8 everywhere
 # but the down projections and the output layer) 0.5 gave +0.80% perplexity over fp32, 0.7 +0.48%, 0.85 +0.67%.
 ALPHA = 0.7
@@ -103,9 +101,3 @@ def smoothing(x_range: torch.Tensor, weight: torch.Tensor, alpha: float = ALPHA)
     w_range = weight.detach().float().abs().amax(dim=0)  # (K,)
     s = x_range.clamp_min(1e-5).pow(alpha) / w_range.clamp_min(1e-5).pow(1 - alpha)
     return s.clamp(1e-2, 1e2)  # (K,)
-
-
-def layer_weight(layer: nn.Module) -> torch.Tensor:
-    found = as_linear(layer)
-    assert found is not None
-    return found[0]

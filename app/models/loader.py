@@ -18,7 +18,6 @@ from app.models.store import Located, ModelStore, StoreError
 log = logging.getLogger(__name__)
 
 DEFAULT_THREADS = torch.get_num_threads()
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     """The dtype the model's weights load in: on CPU always fp32 unless asked (app/models/numerics.py
     converts the linear layers after loading)."""
     if setting != "auto":
-        return DTYPES[setting]
+        return numerics.DTYPES[setting]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32

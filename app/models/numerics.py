@@ -33,6 +33,7 @@ from app.models.packing import PackedLinear, own_memory, pack_linears
 
 log = logging.getLogger(__name__)
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BF16_FEATURES = ("avx512_bf16", "amx_bf16")
 INT8_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
 
@@ -71,7 +72,7 @@ def choose(
 ) -> Numerics:  # fmt: skip
     """The numeric mode for the settings TEXTGEN_DTYPE (`dtype`), TEXTGEN_QUANTIZE (`quantize`) and
     TEXTGEN_PACK_WEIGHTS on this device and CPU."""
-    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    names = DTYPES
     if device.type != "cpu":
         load = names[dtype] if dtype != "auto" else (gpu_dtype or torch.float16)
         why = "int8 is a CPU mode; the GPU runs its dtype" if quantize == "int8" else None
