@@ -27,10 +27,12 @@ class Settings(BaseSettings):
         description="auto = bf16 (or fp16) on GPU; on CPU the fastest numeric mode the CPU has (see quantize). "
         "float32 on CPU: the exact reference path; bfloat16: bf16 weights (needs avx512_bf16 or AMX).",
     )
-    quantize: Literal["auto", "none", "int8"] = Field(
+    quantize: Literal["auto", "none", "int8", "int4"] = Field(
         default="auto",
-        description="CPU only. int8: int8 weights and per-row int8 activations (needs avx512_vnni, avx_vnni or AMX). "
-        "auto (with dtype auto): the fastest mode the CPU has (bf16, else int8, else fp32). none: no int8.",
+        description="CPU only. int4: 4-bit weights in groups of 32 (GGUF Q4's layout), bf16 activations (needs "
+        "avx512_f or avx2). int8: int8 weights and per-row int8 activations (needs avx512_vnni, avx_vnni or AMX). "
+        "auto (with dtype auto): int4 for the layers whose weights are 4-bit already (a Q4 GGUF), the rest in the "
+        "fastest other mode the CPU has (bf16, else int8, else fp32). none: neither int4 nor int8.",
     )
     cpu_features: str | None = Field(
         default=None,

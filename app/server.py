@@ -3,8 +3,8 @@
 SIGTERM (what `docker stop` and Kubernetes send): the server keeps listening but answers new requests
 503 + Retry-After (see app/api/guards.py) and /ready 503, while the requests already inside run to
 the end; once the engine is idle, or `grace` seconds have passed, it shuts down and exits 0. A
-second SIGTERM, or Ctrl-C, stops at once as uvicorn does. If the engine loop dies, the server exits
-with status 1 instead of lingering.
+second SIGTERM, or Ctrl-C, stops at once as uvicorn does (Ctrl-C: exit status 130, the shell's for SIGINT,
+without a traceback). If the engine loop dies, the server exits with status 1 instead of lingering.
 """
 
 from __future__ import annotations
@@ -69,5 +69,8 @@ def serve(app: FastAPI, host: str, port: int, log_level: str, grace: float) -> i
                             timeout_keep_alive=75,
                             access_log=False)  # one structured line per request comes from app/api/access.py
     server = DrainingServer(config, app, grace)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises a Ctrl-C once it has shut down: stopped as asked, no traceback
+        return 128 + signal.SIGINT
     return server.exit_code

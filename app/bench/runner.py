@@ -186,6 +186,7 @@ MODES = {
     "fp32": {"TEXTGEN_DTYPE": "float32", "TEXTGEN_QUANTIZE": "none"},
     "bf16": {"TEXTGEN_DTYPE": "bfloat16", "TEXTGEN_QUANTIZE": "none"},
     "int8": {"TEXTGEN_DTYPE": "auto", "TEXTGEN_QUANTIZE": "int8"},
+    "int4": {"TEXTGEN_DTYPE": "auto", "TEXTGEN_QUANTIZE": "int4"},
 }
 
 

@@ -16,6 +16,8 @@ from app.engine.logprobs import prompt_logprobs
 from app.engine.prefix_cache import Hit, PrefillKV
 from app.engine.state import RequestState, SequenceState
 from app.engine.types import TokenLogprob
+from app.models import decode_step
+from app.models.numerics import prompt_pass
 
 
 class Batch:
@@ -30,6 +32,8 @@ class Batch:
         self.cache = SlotCache(model.config.num_hidden_layers, max_rows, max_tokens)
         self.seqs: list[SequenceState] = []
         self._open: RequestState | None = None  # prefilled into the next free slot, not joined yet
+        # the model's decode written out without transformers' plumbing (same results), where there is one
+        self.step = decode_step.for_model(model)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -79,15 +83,17 @@ class Batch:
         cache = RowCache(kv, done)
         top = getattr(request.request, "prompt_logprobs", None)
         scored: list[TokenLogprob] | None = None
-        if top is None:
-            out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-            logits: torch.Tensor = out.logits[0, -1, :]  # (V,)
-        else:
-            assert done == 0, "prompt log-probabilities need the whole prompt computed"
-            hidden = self.model.base_model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state[0]  # (P, H)
-            output = self.model.get_output_embeddings()
-            logits = output(hidden[-1:])[0]  # (V,)
-            scored = prompt_logprobs(hidden, output, request.prompt_ids, top)
+        with prompt_pass():
+            if top is None:
+                out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+                logits: torch.Tensor = out.logits[0, -1, :]  # (V,)
+            else:
+                assert done == 0, "prompt log-probabilities need the whole prompt computed"
+                out = self.model.base_model(input_ids=ids, cache=cache, use_cache=True)
+                hidden = out.last_hidden_state[0]  # (P, H)
+                output = self.model.get_output_embeddings()
+                logits = output(hidden[-1:])[0]  # (V,)
+                scored = prompt_logprobs(hidden, output, request.prompt_ids, top)
         self._open = request
         return logits, kv, scored
 
@@ -110,8 +116,9 @@ class Batch:
             ids[j, : len(s)] = torch.tensor(s)
             mask[j, prefix_len : prefix_len + len(s)] = 1
         cache = self._cache_from(prefix, rows=len(seqs))
-        hidden = self.model.base_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                       cache=cache, use_cache=True).last_hidden_state  # (n, L, H)  # fmt: skip
+        with prompt_pass():
+            hidden = self.model.base_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                           cache=cache, use_cache=True).last_hidden_state  # (n, L, H)  # fmt: skip
         # row 0 starts with the whole prompt: its first len(prompt) columns are the prompt's own K/V
         prompt_kv: PrefillKV = [
             (layer.keys[:1, :, : len(prompt)].clone(), layer.values[:1, :, : len(prompt)].clone())  # type: ignore[index,union-attr]
@@ -121,7 +128,8 @@ class Batch:
         # the token at position p is predicted by the hidden state at p - 1
         cols = torch.tensor([len(rest) - 1 + i for c in continuations for i in range(len(c))], device=self.device)
         targets = torch.tensor([t for c in continuations for t in c], device=self.device)  # (T,)
-        logits = self.model.get_output_embeddings()(hidden[rows, cols]).float()  # (T, V)
+        with prompt_pass():
+            logits = self.model.get_output_embeddings()(hidden[rows, cols]).float()  # (T, V)
         token_logprobs = logits.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)  # (T,)
         sums = torch.zeros(len(continuations), device=self.device).index_add_(0, rows, token_logprobs)
         return [float(x) for x in sums.tolist()], prompt_kv
@@ -137,14 +145,17 @@ class Batch:
         cols = torch.arange(width + 1, device=self.device)  # (W+1,)
         allowed = cols.unsqueeze(0) >= (width - kv_len).unsqueeze(1)  # (B, W+1)
         mask = self._additive(allowed)[:, None, None, :]  # (B, 1, 1, W+1)
-        out = self.model(
-            input_ids=last, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-            logits_to_keep=1,
-        )  # fmt: skip
+        if self.step is not None:
+            logits: torch.Tensor = self.step(last[:, 0], kv_len, cache, mask)  # (B, V)
+        else:
+            out = self.model(
+                input_ids=last, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                logits_to_keep=1,
+            )  # fmt: skip
+            logits = out.logits[:, -1, :]
         cache.advance(1)
         for s in self.seqs:
             s.kv_len += 1
-        logits: torch.Tensor = out.logits[:, -1, :]  # (B, V)
         return logits
 
     def allocate(self, example: PrefillKV | None = None) -> None:
@@ -169,7 +180,8 @@ class Batch:
             prefix.copy_into(views)
             request.prefilled = prefix.length
         ids = torch.tensor([request.prompt_ids[request.prefilled : stop]], device=self.device)  # (1, c)
-        out = self.model(input_ids=ids, cache=RowCache(views, request.prefilled), use_cache=True, logits_to_keep=1)
+        with prompt_pass():
+            out = self.model(input_ids=ids, cache=RowCache(views, request.prefilled), use_cache=True, logits_to_keep=1)
         request.prefilled = stop
         logits: torch.Tensor = out.logits[0, -1, :]  # (V,)
         return logits

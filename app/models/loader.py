@@ -142,7 +142,7 @@ def _load(settings: Settings) -> LoadedModel:
     model.requires_grad_(False)
     parameters = sum(p.numel() for p in model.parameters())  # counted before packing hides the weights
     if settings.pack_weights and device.type == "cpu":
-        numerics.apply(model, tokenizer, mode)
+        mode = numerics.apply(model, tokenizer, mode)
     # the CPU fast paths go together: `pack_weights=False` gives the stock model (baselines, references)
     fast_attention = settings.pack_weights and use_decode_attention(model)
     info = ModelInfo(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,6 +28,9 @@ from torch import nn
 
 from app.models.calibration import calibration_ids, input_ranges, smoothing
 from app.models.fusion import as_linear, find_groups, fuse, linear_layers
+from app.models.int4 import Int4Linear, is_four_bit, prompt_pass, supports
+
+__all__ = ["prompt_pass"]  # the engine marks prompt passes; what a layer does with that stays here
 from app.models.int8 import Int8Linear
 from app.models.packing import PackedLinear, own_memory, pack_linears
 
@@ -36,12 +39,12 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BF16_FEATURES = ("avx512_bf16", "amx_bf16")
 INT8_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
-
+INT4_FEATURES = ("avx512_f", "avx2")  # PyTorch's int4 kernel is vectorized for AVX-512 and AVX2
 # What TEXTGEN_DTYPE=auto (with TEXTGEN_QUANTIZE=auto) runs on a CPU, first that the CPU has: each mode's
 # WikiText-2 perplexity is within 1% of fp32's, and bf16 ran W1 fastest here (`textgen bench --compare
 # --systems engine --modes fp32,bf16,int8`: 167.7 / 227.0 / 210.5 tokens/s; one stream 20.3 / 32.4 / 32.7).
 # int8 comes next: on a CPU with VNNI but without avx512_bf16 it still runs most products in int8.
-AUTO_CPU_ORDER = ("bf16", "int8", "fp32")
+AUTO_CPU_ORDER = ("int4", "bf16", "int8", "fp32")
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,11 @@ class Numerics:
     mode: str  # "fp32" | "bf16" | "int8" on CPU; the dtype's name otherwise
     load_dtype: torch.dtype  # dtype the model is loaded (and its activations run) in
     fallback: str | None = None  # why a faster mode that was asked for does not run
-    wide_bf16: bool = False  # int8 mode: the layers kept out of int8 run in bf16 (else fp32)
+    wide_bf16: bool = False  # int8 / int4 mode: the layers kept out of int8 / int4 run in bf16 (else fp32)
+    # int4 under auto: only the layers whose weights are 4-bit already (a Q4 source) go to int4, so auto adds
+    # no rounding to what the file holds; the other layers run in `rest` ("bf16", "int8" or "fp32")
+    lossless_only: bool = False
+    rest: str = "bf16"
 
 
 def cpu_features(override: str | None = None) -> set[str]:
@@ -75,7 +82,7 @@ def choose(
     names = DTYPES
     if device.type != "cpu":
         load = names[dtype] if dtype != "auto" else (gpu_dtype or torch.float16)
-        why = "int8 is a CPU mode; the GPU runs its dtype" if quantize == "int8" else None
+        why = f"{quantize} is a CPU mode; the GPU runs its dtype" if quantize in ("int8", "int4") else None
         return Numerics(f"{device.type}-{str(load).removeprefix('torch.')}", str(load).removeprefix("torch."),
                         load, why)  # fmt: skip
     if not pack_weights:  # the stock transformers model: baselines and references
@@ -83,24 +90,35 @@ def choose(
         return Numerics(str(load).removeprefix("torch."), str(load).removeprefix("torch."), load)
     if dtype == "float16":
         return Numerics("float16", "float16", torch.float16)
-    usable = {"int8": _has(features, INT8_FEATURES), "bf16": _has(features, BF16_FEATURES), "fp32": True}
-    need = {"int8": " or ".join(INT8_FEATURES), "bf16": " or ".join(BF16_FEATURES)}
-    if quantize == "int8" or dtype != "auto":  # asked for one mode: that one, or fp32 and why not
-        mode = "int8" if quantize == "int8" else {"bfloat16": "bf16", "float32": "fp32"}[dtype]
+    usable = {"int8": _has(features, INT8_FEATURES), "bf16": _has(features, BF16_FEATURES),
+              "int4": _has(features, INT4_FEATURES), "fp32": True}  # fmt: skip
+    need = {"int8": " or ".join(INT8_FEATURES), "bf16": " or ".join(BF16_FEATURES), "int4": " or ".join(INT4_FEATURES)}
+    if quantize in ("int8", "int4") or dtype != "auto":  # asked for one mode: that one, or fp32 and why not
+        mode = quantize if quantize in ("int8", "int4") else {"bfloat16": "bf16", "float32": "fp32"}[dtype]
         fallback = None
         if not usable[mode]:
             fallback = f"{mode} needs {need[mode]}, which this CPU does not have; running fp32"
             mode = "fp32"
-    else:  # auto: the fastest mode this CPU has (quantize=none: no int8)
-        order = [m for m in AUTO_CPU_ORDER if quantize == "auto" or m != "int8"]
-        mode = next(m for m in order if usable[m])
+    else:  # auto: the fastest mode this CPU has (quantize=none: no int8 or int4)
+        order = [m for m in AUTO_CPU_ORDER if quantize == "auto" or m not in ("int8", "int4")]
+        usable_order = [m for m in order if usable[m]]
+        mode = usable_order[0]
         fallback = None
         if mode == "fp32":
-            fallback = f"this CPU has neither {need['int8']} (int8) nor {need['bf16']} (bf16); running fp32"
-    wide_bf16 = mode == "int8" and usable["bf16"] and dtype != "float32"
-    names_by_mode = {"fp32": "fp32-packed", "bf16": "bf16-packed",
-                     "int8": f"int8-w8a8-per-row+{'bf16' if wide_bf16 else 'fp32'}"}  # fmt: skip
-    return Numerics(names_by_mode[mode], mode, torch.float32, fallback, wide_bf16)
+            fallback = "this CPU has none of " + ", ".join(need[m] for m in order if m != "fp32") + "; running fp32"
+        if mode == "int4":
+            rest = usable_order[1]
+            return Numerics(_name("int4", rest), "int4", torch.float32, None, rest == "bf16", lossless_only=True,
+                            rest=rest)  # fmt: skip
+    wide_bf16 = mode in ("int8", "int4") and usable["bf16"] and dtype != "float32"
+    rest = "bf16" if wide_bf16 else "fp32"
+    return Numerics(_name(mode, rest), mode, torch.float32, fallback, wide_bf16, rest=rest)
+
+
+def _name(mode: str, rest: str) -> str:
+    """What /info shows for a mode; `rest`: what runs the layers int8 / int4 leave out."""
+    return {"fp32": "fp32-packed", "bf16": "bf16-packed", "int8": f"int8-w8a8-per-row+{rest}",
+            "int4": f"int4-w4-g32+{rest}"}[mode]  # fmt: skip
 
 
 def keeps_int8(group: list[nn.Module], weight: torch.Tensor, output_layer: nn.Module | None) -> bool:
@@ -120,13 +138,14 @@ def keeps_int8(group: list[nn.Module], weight: torch.Tensor, output_layer: nn.Mo
     return all(layer is not output_layer for layer in group) and in_features <= out_features
 
 
-def apply(model: Any, tokenizer: Any, numerics: Numerics) -> None:
-    """Put `model` (loaded in fp32 on the CPU) into `numerics`' mode, in place."""
-    if numerics.mode not in ("fp32", "bf16", "int8") or not torch.backends.mkldnn.is_available():
-        return
+def apply(model: Any, tokenizer: Any, numerics: Numerics) -> Numerics:
+    """Put `model` (loaded in fp32 on the CPU) into `numerics`' mode, in place; return the mode that runs
+    (under auto, int4 takes only layers it holds exactly: with none, the model runs `numerics.rest`)."""
+    if numerics.mode not in ("fp32", "bf16", "int8", "int4") or not torch.backends.mkldnn.is_available():
+        return numerics
     if numerics.mode == "fp32":
         pack_linears(model)
-        return
+        return numerics
     started = time.perf_counter()
     layers = [layer for _, _, layer in linear_layers(model)]
     groups = find_groups(model, layers)
@@ -134,12 +153,22 @@ def apply(model: Any, tokenizer: Any, numerics: Numerics) -> None:
     singles = [(parent, name, layer) for parent, name, layer in linear_layers(model) if id(layer) not in grouped]
     wide = torch.bfloat16 if numerics.mode == "bf16" or numerics.wide_bf16 else torch.float32
     output_layer = model.get_output_embeddings()
-    ranges = input_ranges(model, layers, calibration_ids(tokenizer)) if numerics.mode == "int8" else {}
+    # int8 layers: the int8 mode's, and under auto those int4 does not take where the CPU runs int8 next
+    with_int8 = numerics.mode == "int8" or (numerics.lossless_only and numerics.rest == "int8")
+    ranges = input_ranges(model, layers, calibration_ids(tokenizer)) if with_int8 else {}
     int8 = 0
+    int4: list[Int4Linear] = []
 
     def make(group: list[nn.Module], weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
         nonlocal int8
-        if numerics.mode == "int8" and keeps_int8(group, weight, output_layer):
+        # int4: every layer but the output layer, which stays bf16 (fp32): in int4 it costs +5.4% perplexity
+        # (SmolLM2, whose file holds it in 8 bits), and two int4 passes (~8 bits) ran 32 rows 5x slower.
+        # Under auto only the layers whose weights are 4-bit already.
+        takes_int4 = numerics.mode == "int4" and all(layer is not output_layer for layer in group)
+        if takes_int4 and supports(weight) and (not numerics.lossless_only or is_four_bit(weight)):
+            int4.append(Int4Linear(weight, bias))
+            return int4[-1]
+        if with_int8 and keeps_int8(group, weight, output_layer):
             int8 += len(group)
             # members of a group read the same input, so they saw the same ranges
             return Int8Linear(weight, bias, smooth=smoothing(ranges[id(group[0])], weight))
@@ -150,5 +179,10 @@ def apply(model: Any, tokenizer: Any, numerics: Numerics) -> None:
         setattr(parent, name, make([layer], weight, bias))
     fuse(model, groups, make)
     own_memory(model)
-    log.info("numerics %s: %d linear layers (%d int8), %d of them fused into %d products, in %.1fs", numerics.name,
-             len(layers), int8, sum(len(g) for g in groups), len(groups), time.perf_counter() - started)  # fmt: skip
+    ran = numerics
+    if numerics.lossless_only and not int4:
+        ran = replace(numerics, name=_name(numerics.rest, numerics.rest), mode=numerics.rest, lossless_only=False)
+    low = f"{int8} int8" + (f", {len(int4)} int4 ({sum(q.lossless for q in int4)} lossless)" if int4 else "")
+    log.info("numerics %s: %d linear layers (%s), %d of them fused into %d products, in %.1fs", ran.name,
+             len(layers), low, sum(len(g) for g in groups), len(groups), time.perf_counter() - started)  # fmt: skip
+    return ran

@@ -25,22 +25,43 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_sigterm_drains_in_flight_streams_and_exits_zero() -> None:
+def _serve() -> tuple[subprocess.Popen[str], str]:
+    """A `textgen serve` process on the tiny model, ready; and its URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, TEXTGEN_MODEL="tiny-gpt2", TEXTGEN_MODEL_STORE=str(STORE), TEXTGEN_THREADS="2")
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("server did not come up")
+        try:
+            if httpx.get(f"{url}/ready").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+
+
+def test_ctrl_c_stops_without_a_traceback() -> None:
+    proc, url = _serve()
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(f"{url}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        assert httpx.post(f"{url}/generate", json={"prompt": "Hi", "max_new_tokens": 2}).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = proc.stdout.read() if proc.stdout else ""
+    assert code == 130, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+
+
+def test_sigterm_drains_in_flight_streams_and_exits_zero() -> None:
+    proc, url = _serve()
+    try:
 
         streams: dict[int, list[dict]] = {}
         all_started = threading.Barrier(9)

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from app.config import Settings
 from app.engine.types import GenerationRequest
-from app.models import numerics
+from app.models import int4, numerics
 from app.models.fusion import FusedMember, find_groups, fuse, linear_layers
 from app.models.int8 import Int8Linear, quantize_rows
 from app.models.loader import LoadedModel, load_model
@@ -34,19 +34,25 @@ def _choose(dtype: str = "auto", quantize: str = "auto", features: set[str] = ZE
 
 
 def test_auto_picks_the_fastest_mode_the_cpu_has() -> None:
-    assert _choose().name == "bf16-packed" and _choose().fallback is None
-    assert _choose(features={"avx2", "avx512_vnni"}).name == "int8-w8a8-per-row+fp32"
+    # int4 only where the weights are 4-bit already (decided at load); the other layers run the next mode
+    auto = _choose()
+    assert auto.name == "int4-w4-g32+bf16" and auto.lossless_only and auto.rest == "bf16" and auto.fallback is None
+    assert _choose(features={"avx2", "avx512_vnni"}).name == "int4-w4-g32+int8"
+    assert _choose(features={"avx2"}).name == "int4-w4-g32+fp32"
     assert _choose(quantize="int8").name == "int8-w8a8-per-row+bf16"
-    assert _choose(features={"avx2", "avx512_bf16"}).name == "bf16-packed"
     assert _choose(quantize="none").name == "bf16-packed"
-    plain = _choose(features={"avx2"})
-    assert plain.name == "fp32-packed" and plain.fallback is not None and "avx512_vnni" in plain.fallback
+    assert _choose(quantize="none", features={"avx2", "avx512_vnni"}).name == "fp32-packed"
+    plain = _choose(features={"sse2"})
+    assert plain.name == "fp32-packed" and plain.fallback is not None and "avx2" in plain.fallback
 
 
 def test_an_asked_mode_runs_or_says_why_not() -> None:
     assert _choose(dtype="float32").name == "fp32-packed"
     assert _choose(dtype="bfloat16").name == "bf16-packed"
     assert _choose(quantize="int8", dtype="float32").name == "int8-w8a8-per-row+fp32"
+    asked = _choose(quantize="int4")
+    assert asked.name == "int4-w4-g32+bf16" and not asked.lossless_only
+    assert _choose(quantize="int4", features={"sse2"}).name == "fp32-packed"
     no_vnni = _choose(quantize="int8", features={"avx2", "avx512_bf16"})
     assert no_vnni.name == "fp32-packed"
     assert no_vnni.fallback == (
@@ -89,6 +95,37 @@ def test_quantize_rows_is_per_row_and_symmetric() -> None:
     assert q.dtype == torch.int8 and q[0].tolist() == [64, -127, 32] and q[1].tolist() == [0, 0, 0]
     assert q[2].tolist() == [127, 64, -127]
     torch.testing.assert_close(scale.squeeze(1)[[0, 2]], torch.tensor([2 / 127, 100 / 127]))
+
+
+def _four_bit(n: int, k: int) -> torch.Tensor:
+    """A weight (n, k) that is 16 levels per group of 32 inputs, with bf16 scales and zeros (a Q4 file's kind)."""
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (n, k // 32, 32)).float()
+    q[..., 0], q[..., 1] = 0, 15  # every group spans its range, as a Q4 quantizer leaves it
+    scale = (torch.rand(n, k // 32, 1) * 0.01 + 0.001).bfloat16().float()
+    zero = (torch.randn(n, k // 32, 1) * 0.01).bfloat16().float()
+    return ((q - 8) * scale + zero).reshape(n, k)
+
+
+def test_int4_holds_a_four_bit_weight_exactly_and_rounds_others() -> None:
+    weight = _four_bit(208, 96)
+    assert int4.supports(weight) and not int4.supports(weight[:200]) and not int4.supports(weight[:, :80])
+    q, scales_zeros, error = int4.quantize_groups(weight)
+    assert error == 0 and torch.equal(int4.dequantize(q, scales_zeros), weight)
+    assert int4.is_four_bit(weight) and not int4.is_four_bit(torch.randn(208, 96))
+    layer = int4.Int4Linear(weight, torch.randn(208))
+    assert layer.lossless and not int4.Int4Linear(torch.randn(208, 96), None).lossless
+    x = torch.randn(33, 96)  # (M, K)
+    with torch.inference_mode():
+        expected = x.bfloat16().float() @ weight.t() + layer.bias.float()
+        got = layer(x)
+        alone = layer(x[5:6])
+        with int4.prompt_pass():
+            wide = layer(x)  # a prompt's pass: bf16 copy of the same weights
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0.02, atol=0.02)
+    assert torch.equal(alone[0], got[5])  # the kernel computes each row on its own
+    torch.testing.assert_close(wide, got, rtol=0.02, atol=0.02)
 
 
 def _tiny_llama() -> LlamaForCausalLM:
@@ -149,7 +186,8 @@ async def _greedy_alone_and_in_a_crowd(model: LoadedModel, target: str, n: int) 
     return alone, outcomes[0].tokens
 
 
-FAST_MODES = [pytest.param({"quantize": "int8"}, id="int8"), pytest.param({"dtype": "bfloat16"}, id="bf16")]
+FAST_MODES = [pytest.param({"quantize": "int8"}, id="int8"), pytest.param({"dtype": "bfloat16"}, id="bf16"),
+              pytest.param({"quantize": "int4"}, id="int4")]  # fmt: skip
 
 
 @pytest.mark.skipif(not HAS_FAST, reason="this CPU has no int8 / bf16 instructions")
@@ -188,6 +226,45 @@ def test_smollm_int8_logits_stay_near_fp32(smollm: LoadedModel) -> None:
     assert float(drift.max()) < 0.6 and float(drift.mean()) < 0.1, drift
     agree = (got.argmax(-1) == chosen).float().mean()
     assert float(agree) >= 0.9, agree
+
+
+def test_auto_takes_int4_only_for_weights_that_are_four_bit_already(smollm: LoadedModel) -> None:
+    """The offline default comes from a Q4_1 file: under auto its block layers go to int4 unchanged. The tiny
+    model's random weights are not 4-bit: auto leaves it in the next mode."""
+    if not numerics._has(numerics.cpu_features(), numerics.INT4_FEATURES):
+        pytest.skip("this CPU has no int4 kernel")
+    tiny = _load(TINY_GPT2)
+    assert not any(isinstance(m, int4.Int4Linear) for m in tiny.model.modules())
+    assert tiny.info.numerics == ("bf16-packed" if HAS_FAST else "fp32-packed")
+    if not HAS_FAST:
+        return
+    default = _load(OFFLINE_DEFAULT)
+    assert default.info.numerics == "int4-w4-g32+bf16"
+    layers = [m for m in default.model.modules() if isinstance(m, int4.Int4Linear)]
+    assert len(layers) == sum(m.lossless for m in layers) == 4 * default.model.config.num_hidden_layers  # qkv, o,
+    # gate/up, down; the output layer (its file holds it in 8 bits) stays bf16
+    assert isinstance(default.model.get_output_embeddings(), PackedLinear)
+
+
+@pytest.mark.smollm
+@pytest.mark.skipif(not HAS_FAST, reason="this CPU has no int8 / bf16 instructions")
+def test_smollm_int4_logits_stay_near_fp32(smollm: LoadedModel) -> None:
+    """The 4-bit layers hold the file's weights exactly; what differs is bf16 activations and the bf16 output layer:
+    next-token log-probabilities within 0.2 nats of fp32's (max) and 0.05 on average, in a decode pass (int4
+    kernel) and in a prompt pass (bf16 copy)."""
+    model = _load(OFFLINE_DEFAULT, quantize="int4")
+    ids = smollm.tokenizer(PROMPTS[4] + " happy and she loved to read books about faraway places.",
+                           return_tensors="pt").input_ids  # fmt: skip
+    with torch.inference_mode():
+        ref = smollm.model(input_ids=ids).logits[0].log_softmax(-1)  # (P, V)
+        decode = model.model(input_ids=ids).logits[0].log_softmax(-1)  # (P, V)
+        with int4.prompt_pass():
+            prompt = model.model(input_ids=ids).logits[0].log_softmax(-1)  # (P, V)
+    chosen = ref.argmax(-1)  # (P,)
+    for got in (decode, prompt):
+        drift = (got.gather(1, chosen[:, None]) - ref.gather(1, chosen[:, None])).abs().squeeze(1)  # (P,)
+        assert float(drift.max()) < 0.2 and float(drift.mean()) < 0.05, drift
+        assert float((got.argmax(-1) == chosen).float().mean()) >= 0.9
 
 
 @pytest.mark.skipif(not HAS_FAST, reason="this CPU has no int8 / bf16 instructions")

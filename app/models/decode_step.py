@@ -1,0 +1,138 @@
+"""One decode step (one new token per row) written out for the model families we know: fewer ops than
+transformers' modules run, the same results.
+
+At one row a SmolLM2 decode step through `model(...)` spends about as long outside the matrix products
+as in them (int4: ~7 of ~16 ms): each of 30 layers goes through several module calls, keyword plumbing,
+mask and cache bookkeeping and a dozen small tensors. This step calls the same submodules (norms,
+linear layers in whatever numeric mode, rotary embedding, activation) and the same decode attention
+kernel, in the same order with the same operations, so its logits equal the model's own forward
+bit for bit (tests/models/test_decode_step.py checks `torch.equal`); what it leaves out is the plumbing.
+Where q/k/v or gate/up were fused into one product (app/models/fusion.py), it calls that product once
+and rotates q and k together.
+
+`for_model` returns None for any model it does not know or any option it does not implement (then the
+caller runs the model's forward): Llama-style models (Llama, SmolLM2 and others with `LlamaForCausalLM`'s
+layout) and GPT-2, on the CPU decode attention. The GPU and the stock model keep the model's forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+
+from app.models.attention import NAME, decode_attention
+from app.models.fusion import FusedMember
+
+# (last token of each row (B,), its position (B,), the cache to write K/V into and read from, additive mask
+# (B, 1, 1, W + 1) over the window the cache returns) -> logits (B, V)
+Step = Callable[[torch.Tensor, torch.Tensor, Cache, torch.Tensor], torch.Tensor]
+
+
+def _fused(modules: list[nn.Module]) -> nn.Module | None:
+    """The one product that computes all of `modules`, in this order and nothing else; None if there is none."""
+    members: list[Any] = modules
+    if not all(isinstance(m, FusedMember) for m in members) or len({id(m.shared) for m in members}) != 1:
+        return None
+    whole = members[0].shared.bounds[-1] == sum(m.out_features for m in members)
+    in_order = [m.index for m in members] == list(range(len(members)))
+    return members[0].shared.kernel if whole and in_order else None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaStep:
+    """LlamaForCausalLM's decode: RMSNorm -> q/k/v -> rotary -> attention -> o -> RMSNorm -> gate/up -> down."""
+
+    def __init__(self, model: Any) -> None:
+        config = model.config
+        self.model = model
+        self.base = model.model
+        self.q_heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.layers = []
+        for layer in self.base.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
+            gate_up = _fused([mlp.gate_proj, mlp.up_proj])
+            self.layers.append((layer, qkv, gate_up))
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: Cache, mask: torch.Tensor) -> torch.Tensor:
+        rows, hq, hkv, d = ids.shape[0], self.q_heads, self.kv_heads, self.head_dim
+        x = self.base.embed_tokens(ids[:, None])  # (B, 1, E)
+        cos, sin = self.base.rotary_emb(x, positions[:, None])  # (B, 1, D) each
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, 1, D)
+        for i, (layer, qkv, gate_up) in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            h = layer.input_layernorm(x)  # (B, 1, E)
+            if qkv is not None:
+                y = qkv(h)  # (B, 1, (Hq + 2 Hkv) D)
+                qk = y[..., : (hq + hkv) * d].view(rows, 1, hq + hkv, d).transpose(1, 2)  # (B, Hq + Hkv, 1, D)
+                qk = (qk * cos) + (_rotate_half(qk) * sin)
+                q, k = qk[:, :hq], qk[:, hq:]  # (B, Hq, 1, D), (B, Hkv, 1, D)
+                v = y[..., (hq + hkv) * d :].view(rows, 1, hkv, d).transpose(1, 2)  # (B, Hkv, 1, D)
+            else:
+                q = attn.q_proj(h).view(rows, 1, hq, d).transpose(1, 2)  # (B, Hq, 1, D)
+                k = attn.k_proj(h).view(rows, 1, hkv, d).transpose(1, 2)  # (B, Hkv, 1, D)
+                v = attn.v_proj(h).view(rows, 1, hkv, d).transpose(1, 2)
+                q = (q * cos) + (_rotate_half(q) * sin)
+                k = (k * cos) + (_rotate_half(k) * sin)
+            keys, values = cache.update(k, v, i)  # (B, Hkv, W + 1, D)
+            a, _ = decode_attention(attn, q, keys, values, mask, scaling=attn.scaling)  # (B, 1, Hq, D)
+            x = x + attn.o_proj(a.reshape(rows, 1, hq * d).contiguous())
+            h = layer.post_attention_layernorm(x)
+            if gate_up is not None:
+                g = gate_up(h)  # (B, 1, 2 I)
+                half = g.shape[-1] // 2
+                m = mlp.act_fn(g[..., :half]) * g[..., half:]
+            else:
+                m = mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h)
+            x = x + mlp.down_proj(m)
+        logits: torch.Tensor = self.model.lm_head(self.base.norm(x))  # (B, 1, V)
+        return logits[:, -1, :]
+
+
+class Gpt2Step:
+    """GPT2LMHeadModel's decode: LayerNorm -> c_attn -> attention -> c_proj -> LayerNorm -> MLP."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.base = model.transformer
+        self.heads = model.config.n_head
+        self.head_dim = model.config.n_embd // self.heads
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: Cache, mask: torch.Tensor) -> torch.Tensor:
+        rows, heads, d = ids.shape[0], self.heads, self.head_dim
+        x = self.base.wte(ids[:, None]) + self.base.wpe(positions[:, None])  # (B, 1, E)
+        for i, block in enumerate(self.base.h):
+            attn = block.attn
+            q, k, v = attn.c_attn(block.ln_1(x)).split(heads * d, dim=2)  # (B, 1, E) each
+            q, k, v = (t.view(rows, 1, heads, d).transpose(1, 2) for t in (q, k, v))  # (B, H, 1, D)
+            keys, values = cache.update(k, v, i)  # (B, H, W + 1, D)
+            a, _ = decode_attention(attn, q, keys, values, mask, scaling=attn.scaling)  # (B, 1, H, D)
+            x = attn.c_proj(a.reshape(rows, 1, heads * d).contiguous()) + x
+            x = x + block.mlp.c_proj(block.mlp.act(block.mlp.c_fc(block.ln_2(x))))
+        logits: torch.Tensor = self.model.lm_head(self.base.ln_f(x))  # (B, 1, V)
+        return logits[:, -1, :]
+
+
+def for_model(model: Any) -> Step | None:
+    """The written-out decode step for `model`, or None where the model's own forward must run."""
+    config = model.config
+    kind = type(model).__name__
+    # only over the CPU decode attention the model itself runs (app/models/attention.py): the stock model and
+    # the GPU keep their own forward
+    if model.training or getattr(config, "_attn_implementation", None) != NAME:
+        return None
+    if kind == "LlamaForCausalLM" and getattr(config, "pretraining_tp", 1) == 1:
+        return LlamaStep(model)
+    if kind == "GPT2LMHeadModel" and not (config.scale_attn_by_inverse_layer_idx or config.reorder_and_upcast_attn
+                                          or config.add_cross_attention):  # fmt: skip
+        return Gpt2Step(model)
+    return None
