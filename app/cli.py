@@ -7,7 +7,20 @@ import logging
 import os
 import sys
 
+from pydantic import ValidationError
+
 from app.config import Settings
+
+
+def _settings(command: str, **overrides: object) -> Settings:
+    """The settings, or exit 2 with one line per bad one, naming its environment variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = "TEXTGEN_" + "_".join(str(part) for part in error["loc"]).upper()
+            print(f"textgen {command}: {name}={error.get('input')!s}: {error['msg']}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -17,7 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
     from app.server import serve
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("model", args.model)) if v is not None}
-    settings = Settings(**overrides)
+    settings = _settings("serve", **overrides)
     try:
         # Loaded before uvicorn starts so that a model that cannot be had ends the process with one
         # clear line; `uvicorn --factory app.main:create_app` loads it in the lifespan instead.
@@ -32,7 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _pull(args: argparse.Namespace) -> int:
     from app.models.store import ModelStore, StoreError
 
-    store = ModelStore(Settings().model_store)
+    store = ModelStore(_settings("pull").model_store)
     try:
         located = store.pull(args.name, force=args.force, revision=args.revision)
     except StoreError as exc:
@@ -47,7 +60,7 @@ def _pull(args: argparse.Namespace) -> int:
 def _models(_: argparse.Namespace) -> int:
     from app.models.store import BUILTIN, ModelStore
 
-    store = ModelStore(Settings().model_store)
+    store = ModelStore(_settings("models").model_store)
     manifests = store.list()
     print(f"model store: {store.root}")
     if not manifests:

@@ -70,7 +70,9 @@ class Settings(BaseSettings):
     prefix_cache_mb: int = Field(
         default=256, ge=0, description="Memory for K/V of recent prompts, reused by prompts that start alike; 0 = off."
     )
-    max_queued_requests: int = Field(default=256, ge=0, description="Waiting requests before 429.")
+    # at least 1: every request waits in the queue, however briefly, before it runs (0 refused every request,
+    # the start-up warm-up included, so the server could not start)
+    max_queued_requests: int = Field(default=256, ge=1, description="Waiting requests before 429 (at least 1).")
     max_queued_tokens: int = Field(
         default=262144, ge=1, description="Waiting work before 429: the sum of prompt + max new tokens, per row."
     )

@@ -152,7 +152,12 @@ def eval_perplexity(client: httpx.Client, data: Path, limit: int | None, window:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("task", choices=["sentiment", "translate", "summarize", "perplexity"])
     parser.add_argument("--data", type=Path, required=True, help="e.g. ../shared/data/sst2/dev.tsv")
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server to measure (without --modes)")
+    parser.add_argument("--modes", default="",
+                        help="start a server per numeric mode instead, one after the other, e.g. fp32,bf16,int8,int4 "
+                        "(on --port, with --model)")  # fmt: skip
+    parser.add_argument("--model", help="with --modes: the model (default: the server's default)")
+    parser.add_argument("--port", type=int, default=8011, help="with --modes: port of the servers started")
     parser.add_argument("--limit", type=int, help="first N examples only (translate: 200 by default)")
     parser.add_argument("--batch", type=int, default=32, help="texts per HTTP call")
     parser.add_argument("--window", type=int, default=1024, help="perplexity: tokens per window (no overlap)")
@@ -161,7 +166,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    with httpx.Client(base_url=args.url, timeout=3600) as client:
+    if not args.modes:
+        return _run_task(args, args.url)
+    from app.bench.runner import MODES, engine_command, mode_env, serving
+
+    for mode in args.modes.split(","):
+        if mode not in MODES:
+            raise SystemExit(f"--modes: unknown mode {mode!r} (known: {', '.join(MODES)})")
+    url = f"http://127.0.0.1:{args.port}"
+    for mode in args.modes.split(","):
+        print(f"== mode {mode}", flush=True)
+        with serving(engine_command(args.model, args.port), mode_env(mode), url):
+            _run_task(args, url)
+    return 0
+
+
+def _run_task(args: argparse.Namespace, url: str) -> int:
+    with httpx.Client(base_url=url, timeout=3600) as client:
         if args.task == "sentiment":
             eval_sentiment(client, args.data, args.limit, args.batch)
         elif args.task == "translate":

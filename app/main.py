@@ -89,6 +89,8 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
     )
     app.state.settings = settings
     app.state.draining = False
+    # /sentiment's label priors for content-free inputs, per label set (app/api/tasks.py), computed once
+    app.state.calibration = {}
     metrics = Metrics()
     install_error_handlers(app)
     app.include_router(generate.router)

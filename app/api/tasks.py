@@ -43,7 +43,7 @@ def _items(body: SentimentRequest | TranslateRequest | SummarizeRequest, request
 
 async def _priors(request: Request, engine: Engine, labels: tuple[str, ...]) -> list[list[float]] | None:
     """Per prompt, the label distribution for content-free inputs (cached per label set)."""
-    cache: dict[tuple[str, ...], list[list[float]]] = request.app.state.__dict__.setdefault("calibration", {})
+    cache: dict[tuple[str, ...], list[list[float]]] = request.app.state.calibration
     if labels not in cache:
         family = family_of(engine.tokenizer)
         per_input = [sentiment.build(engine.tokenizer, family, text, labels) for text in sentiment.CONTENT_FREE]

@@ -18,6 +18,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,6 +196,25 @@ def mode_env(mode: str) -> dict[str, str]:
     return {**os.environ, **MODES[mode]}
 
 
+@contextmanager
+def serving(command: list[str], env: dict[str, str], url: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A server process started with `command`, ready at `url`; stopped (Ctrl-C, then kill) on the way out."""
+    proc = subprocess.Popen(command, env=env)
+    try:
+        _wait_ready(url, proc)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def engine_command(model: str | None, port: int) -> list[str]:
+    return _command("engine", model, port, 0, False)
+
+
 def _command(system: str, model: str | None, port: int, max_batch: int, packed: bool) -> list[str]:
     model_args = ["--model", model] if model else []
     if system.startswith("engine"):
@@ -239,10 +260,8 @@ def run_bench(args: argparse.Namespace) -> int:
             systems = [x for s in systems for x in (modes if s == "engine" else [s])]
         for system in systems:
             mode = system.removeprefix("engine ") if system.startswith("engine ") else "auto"
-            proc = subprocess.Popen(_command(system, args.model, args.port, args.concurrency, args.packed_baselines),
-                                    env=mode_env(mode))  # fmt: skip
-            try:
-                _wait_ready(url, proc)
+            command = _command(system, args.model, args.port, args.concurrency, args.packed_baselines)
+            with serving(command, mode_env(mode), url) as proc:
                 engine = system.startswith("engine")
                 if engine:
                     print(f"{system}: numerics {httpx.get(f'{url}/info', timeout=10).json().get('numerics')}")
@@ -253,12 +272,6 @@ def run_bench(args: argparse.Namespace) -> int:
                 if args.modes and engine:
                     one, one_wall = asyncio.run(drive(url, one_stream_jobs(args.seed), 1, stream=True))
                     rows.append(summarize(f"{system} 1-stream", one, one_wall, peak_rss_mb(proc.pid)))
-            finally:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
             print_table(rows)  # as it goes: the sequential run is long
     print()
     print_table(rows)

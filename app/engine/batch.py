@@ -35,9 +35,6 @@ class Batch:
         # the model's decode written out without transformers' plumbing (same results), where there is one
         self.step = decode_step.for_model(model)
 
-    def __len__(self) -> int:
-        return len(self.seqs)
-
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         """bool mask -> additive float mask in the model's dtype (works for sdpa and eager attention)."""
         zero = torch.zeros((), dtype=self.dtype, device=self.device)

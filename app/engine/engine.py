@@ -15,13 +15,14 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 import torch
 
 from app.engine.batch import Batch
+from app.engine.detokenize import IncrementalText
 from app.engine.errors import (
     EngineError,
     EngineStopped,
@@ -50,6 +51,7 @@ from app.engine.types import (
     TokenLogprob,
 )
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for
@@ -89,7 +91,7 @@ class EngineStats:
     decode_seconds: float = 0.0  # in the model's decode forward + sampling
     prefill_seconds: float = 0.0  # in the model's prefill forward + sampling
     busy_seconds: float = 0.0  # in steps, postprocessing included
-    batch_sizes: Counter[int] | None = None  # decode steps seen per batch size
+    batch_sizes: Counter[int] = field(default_factory=Counter)  # decode steps seen per batch size
 
 
 class RequestStream:
@@ -99,14 +101,6 @@ class RequestStream:
         self._engine = engine
         self._state = state
         self._finished = False
-
-    @property
-    def id(self) -> str:
-        return self._state.id
-
-    @property
-    def prompt_tokens(self) -> int:
-        return self._state.prompt_len
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -165,7 +159,7 @@ class Engine:
         self._stop = threading.Event()
         self._allocated = threading.Event()
         self._thread: threading.Thread | None = None
-        self._stats = EngineStats(batch_sizes=Counter())
+        self._stats = EngineStats()
         self._tokens_per_s = 0.0  # smoothed decode throughput, for Retry-After
         self.fatal: BaseException | None = None
 
@@ -195,13 +189,21 @@ class Engine:
         self.prefix_cache.reserve(example)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop; every request still queued or running fails with EngineStopped.
+
+        Only the engine's thread touches the batch: it fails what is left as it leaves its loop. If it is
+        still inside a step after `timeout`, the requests are told from here, and the batch is left alone."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        with torch.inference_mode():  # freeing rows writes to the cache's inference tensors
-            for state in self._all_requests():
-                self._fail(state, EngineStopped("the server is shutting down"))
+            if not self._thread.is_alive():
+                return
+            log.warning("the engine is still inside a step after %.0fs; stopping without it", timeout)
+        for state in self._all_requests():
+            if not state.done:
+                state.done = True  # the engine's thread, should it come back, sends nothing more
+                state.channel.put(RequestFailed(EngineStopped("the server is shutting down")))
 
     @property
     def is_running(self) -> bool:
@@ -349,9 +351,9 @@ class Engine:
              "num_return_sequences > 1 needs sampling (do_sample=true and temperature > 0): greedy "
              "decoding would return the same text n times"),
         ]  # fmt: skip
-        for ok, field, message in checks:
+        for ok, name, message in checks:
             if not ok:
-                raise InvalidRequest(message, field=field)
+                raise InvalidRequest(message, field=name)
 
     def _new_sequence(self, state: RequestState, index: int) -> SequenceState:
         request = state.request
@@ -363,9 +365,8 @@ class Engine:
             seed = params.seed + index if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
             params = replace(params, seed=seed)
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        return SequenceState(
-            request=state, index=index, params=params, generator=generator, text=StreamText(request.stop)
-        )
+        return SequenceState(request=state, index=index, params=params, generator=generator,
+                             text=StreamText(request.stop), detok=IncrementalText(self.tokenizer))  # fmt: skip
 
     def _timeout(self, request: GenerationRequest | ScoreRequest) -> float:
         if request.timeout is None:
@@ -386,6 +387,9 @@ class Engine:
                 self._allocate()
                 self._allocated.set()
                 self._run_until_stopped()
+                for state in self._all_requests():  # stopped: what is left fails here, on this thread
+                    self._fail(state, EngineStopped("the server is shutting down"))
+                self.batch.clear()  # rows of requests `stop` told while this thread was still in a step
         except BaseException as exc:  # the loop must never die silently
             log.exception("engine loop died")
             self.fatal = exc
@@ -441,7 +445,6 @@ class Engine:
         if not self.batch.seqs:
             return 0
         seqs = list(self.batch.seqs)
-        assert self._stats.batch_sizes is not None
         self._stats.batch_sizes[len(seqs)] += 1
         started = time.perf_counter()
         try:
@@ -455,16 +458,17 @@ class Engine:
                 self._fail(seq.request, StepFailed(f"the model step failed: {type(exc).__name__}"))
             return 0
         for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
-            self._accept(seq, token, logprobs=scored.get(i))
+            self._contained(seq.request, self._accept, seq, token, logprobs=scored.get(i))
         return len(seqs)
 
     @staticmethod
     def _logprobs(seqs: list[SequenceState], logits: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Raw log-softmax rows (V,) of the rows (positions in `seqs`) that asked for log-probabilities."""
+        """The raw logits rows (V,), copied out of the step's, of the rows (positions in `seqs`) that asked for
+        log-probabilities; `token_logprobs` normalizes them, once."""
         wanted = [i for i, s in enumerate(seqs) if s.wants_logprobs is not None]
         if not wanted:
             return {}
-        rows = logits[wanted].float().log_softmax(-1)  # (W, V)
+        rows = logits[wanted].float()  # (W, V)
         return dict(zip(wanted, rows, strict=True))
 
     def _prefill(self, admitted: list[RequestState], now: float) -> int:
@@ -496,7 +500,7 @@ class Engine:
                 self._fail(state, StepFailed(f"the model step failed: {type(exc).__name__}"))
                 continue
             self.running[state.id] = state
-            produced += self._begin(state, tokens, first, scored)
+            produced += self._contained(state, self._begin, state, tokens, first, scored) or 0
         self.batch.settle()
         return produced
 
@@ -527,11 +531,11 @@ class Engine:
                 self.prefilling.popleft()
             self._fail(state, StepFailed(f"the model step failed: {type(exc).__name__}"))  # frees its reservation
             return 0
-        return self._begin(state, tokens, first, None)
+        return self._contained(state, self._begin, state, tokens, first, None) or 0
 
     def _first_tokens(self, state: RequestState, logits: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
-        """Each sequence's first token, drawn from the prompt's last logits (V,), and their log-softmax (V,)
-        when the request asked for log-probabilities."""
+        """Each sequence's first token, drawn from the prompt's last logits (V,), and those logits (V,) when the
+        request asked for log-probabilities."""
         rows = [SampleRow(s.params, s.generator, s.history) for s in state.sequences]
         tokens = sample(logits.unsqueeze(0).expand(len(rows), -1), rows) if rows else []
         first = self._logprobs(state.sequences[:1], logits.unsqueeze(0)).get(0)  # (V,), same for all rows
@@ -568,12 +572,22 @@ class Engine:
         return 0
 
     # ---- postprocess --------------------------------------------------------------------------
+    def _contained(self, state: RequestState, work: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """One request's postprocessing (`work(*args, **kwargs)`): should it raise (a join that finds no room,
+        a tokenizer error), that request fails and the loop, the batch and every other request go on."""
+        try:
+            return work(*args, **kwargs)
+        except Exception as exc:
+            log.exception("postprocessing failed for request %s", state.id)
+            self._fail(state, StepFailed(f"postprocessing failed: {type(exc).__name__}"))
+            return None
+
     def _accept(self, seq: SequenceState, token: int, prefilled: bool = False,
                 logprobs: torch.Tensor | None = None) -> None:  # fmt: skip
         """Append one token to a sequence: detokenize, check stops, emit, and join or leave the batch.
 
         `prefilled`: the token is the first, drawn right after the request's prefill (the sequence joins).
-        `logprobs`: the raw log-softmax (V,) the token was drawn at, for a sequence that asked for them.
+        `logprobs`: the raw logits (V,) the token was drawn from, for a sequence that asked for log-probabilities.
         """
         state = seq.request
         if state.done:
@@ -591,11 +605,11 @@ class Engine:
         finish = None
         if token in self.eos_token_ids and not getattr(state.request, "ignore_eos", False):
             finish = "eos"
-        decoded = self.tokenizer.decode(seq.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        if seq.text.feed(decoded):
-            finish = "stop"
-        elif finish is None and len(seq.tokens) >= state.max_new_tokens:
+        elif len(seq.tokens) >= state.max_new_tokens:
             finish = "length"
+        decoded = seq.detok.final(seq.tokens) if finish else seq.detok.update(seq.tokens)
+        if seq.text.feed(decoded):
+            finish = "stop"  # a stop string on the last token counts as the stop, not eos or length
         delta = seq.text.release(final=finish is not None)
         if delta:
             state.channel.put(TokenDelta(seq.index, delta, token, tuple(seq.logprobs[seq.logprobs_sent :])))

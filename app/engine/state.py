@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from app.engine.detokenize import IncrementalText
 from app.engine.stopping import StreamText
 from app.engine.types import Event, GenerationRequest, SamplingParams, ScoreRequest, TokenLogprob
 
@@ -36,6 +37,7 @@ class SequenceState:
     params: SamplingParams
     generator: torch.Generator | None
     text: StreamText
+    detok: IncrementalText  # the generated ids' text, decoded a few tokens per step
     tokens: list[int] = field(default_factory=list)  # generated ids
     kv_len: int = 0  # tokens of this row held in the KV cache
     slot: int = -1  # row in the batch, -1 when not in it

@@ -89,3 +89,13 @@ def test_smollm_gets_obvious_sentiment_right(smollm: LoadedModel) -> None:
     with live_server(smollm) as server:
         r = httpx.post(f"{server.url}/sentiment", json={"texts": texts}, timeout=120)
     assert [x["label"] for x in r.json()["results"]] == ["positive", "negative", "positive", "negative"]
+
+
+def test_label_priors_are_kept_in_the_apps_state(tiny_server: LiveServer) -> None:
+    # computed once per label set and kept through Starlette's State (not written around it)
+    labels = ("awful", "great")
+    r = httpx.post(f"{tiny_server.url}/sentiment", json={"text": TEXTS[0], "labels": list(labels)}, timeout=60)
+    assert r.status_code == 200, r.text
+    state = tiny_server.app.state
+    assert labels in state._state["calibration"]
+    assert len(state.calibration[labels]) == len(r.json()["prompts"])

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 from dataclasses import replace
+from typing import Any
 
 import pytest
+import torch
 
 from app.engine.engine import Engine
-from app.engine.errors import InvalidRequest, Overloaded, RequestTimeout, StepFailed
+from app.engine.errors import EngineStopped, InvalidRequest, Overloaded, RequestTimeout, StepFailed
 from app.engine.types import GenerationRequest, SamplingParams, SequenceFinished, TokenDelta
 from app.models.loader import LoadedModel
 from tests.engine.helpers import eventually, make_engine, reference_greedy, run_request
@@ -172,3 +175,80 @@ async def test_a_failed_step_fails_its_rows_and_the_engine_goes_on(engine: Engin
     assert engine.stats().running_rows == 0 and engine.scheduler.running_rows == 0
     after = await run_request(engine, GenerationRequest(prompt="Hello", max_new_tokens=10))
     assert after.error is None and after.tokens == reference_greedy(tiny, "Hello", 10)
+
+
+async def test_a_failed_postprocess_fails_that_request_only(engine: Engine, tiny: LoadedModel) -> None:
+    """A join that raises (the cache finding no room: kv_cache.reserve's "an error for this step") used to
+    escape the step and kill the loop, and with it every request and the server."""
+    original = engine.batch.join
+
+    def join(seq):  # type: ignore[no-untyped-def]
+        if seq.request.prompt_ids == tiny.tokenizer.encode("Doomed"):
+            raise RuntimeError("the KV cache has no room for this row")
+        return original(seq)
+
+    engine.batch.join = join  # type: ignore[method-assign]
+    doomed, fine = await asyncio.gather(
+        run_request(engine, GenerationRequest(prompt="Doomed", max_new_tokens=8)),
+        run_request(engine, GenerationRequest(prompt="Hello", max_new_tokens=8)),
+    )
+    assert isinstance(doomed.error, StepFailed) and "postprocessing failed" in str(doomed.error)
+    assert fine.error is None and fine.tokens == reference_greedy(tiny, "Hello", 8)
+    assert engine.fatal is None and engine.is_running
+    assert await eventually(lambda: engine.scheduler.running_rows == 0 and engine.stats().running_rows == 0)
+    after = await run_request(engine, GenerationRequest(prompt="Hello", max_new_tokens=8))
+    assert after.tokens == fine.tokens
+
+
+async def test_stop_during_a_long_step_leaves_the_batch_to_the_engine_thread(tiny: LoadedModel) -> None:
+    """stop() used to fail the requests, and free their rows, from the caller's thread while the engine's thread
+    was still inside a step: two threads changing the batch."""
+    engine = make_engine(tiny)
+    entered, release = threading.Event(), threading.Event()
+    original_decode, original_leave, original_clear = engine.batch.decode, engine.batch.leave, engine.batch.clear
+    leavers: list[str] = []
+
+    def slow_decode():  # type: ignore[no-untyped-def]
+        entered.set()
+        release.wait(30)
+        return original_decode()
+
+    def leave(seq):  # type: ignore[no-untyped-def]
+        leavers.append(threading.current_thread().name)
+        return original_leave(seq)
+
+    def clear():  # type: ignore[no-untyped-def]
+        leavers.append(threading.current_thread().name)
+        return original_clear()
+
+    engine.batch.decode = slow_decode  # type: ignore[method-assign]
+    engine.batch.leave = leave  # type: ignore[method-assign]
+    engine.batch.clear = clear  # type: ignore[method-assign]
+    task = asyncio.ensure_future(run_request(engine, GenerationRequest(prompt="Hello", max_new_tokens=50)))
+    assert await eventually(entered.is_set)
+    engine.stop(timeout=0.2)  # the step is still running
+    out = await asyncio.wait_for(task, 10)  # told at once, not after the step
+    assert isinstance(out.error, EngineStopped)
+    release.set()
+    engine._thread.join(10)  # type: ignore[union-attr]
+    assert not engine._thread.is_alive()  # type: ignore[union-attr]
+    assert leavers and set(leavers) == {"textgen-engine"}  # only the engine's thread freed the row
+    assert engine.stats().running_rows == 0
+
+
+async def test_log_probabilities_are_normalized_once_per_token(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # each generated token's row used to go through log_softmax twice (the engine, then token_logprobs)
+    calls = {"n": 0}
+    original = torch.Tensor.log_softmax
+
+    def counted(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "log_softmax", counted)
+    out = await run_request(engine, GenerationRequest(prompt="Hello", max_new_tokens=6, ignore_eos=True,
+                                                      logprobs=2))  # fmt: skip
+    assert out.error is None and len(out.tokens) == 6
+    assert calls["n"] == 6
+    alternatives = out.sequences[0].logprobs
+    assert len(alternatives) == 6 and all(len(t.top) == 2 and t.top[0][1] >= t.logprob for t in alternatives)
