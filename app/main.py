@@ -47,7 +47,7 @@ def engine_limits(settings: Settings) -> EngineLimits:
 
 async def warm_up(engine: Engine) -> None:
     """One short request through the whole engine, so the first client does not pay for first-call setup."""
-    stream = engine.submit(GenerationRequest(prompt="Hello", max_new_tokens=4, ignore_eos=True))
+    stream = await engine.submit(GenerationRequest(prompt="Hello", max_new_tokens=4, ignore_eos=True))
     async for event in stream:
         if isinstance(event, RequestFailed):
             raise event.error

@@ -87,7 +87,7 @@ def build_response(body: GenerateRequest, request_id: str, model: str, result: C
 )
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep, info: ModelInfoDep) -> Response:
     request_id = f"gen-{uuid.uuid4().hex[:24]}"
-    stream = engine.submit(engine_request(body, request_id))
+    stream = await engine.submit(engine_request(body, request_id))
     if body.stream:
 
         def on_delta(delta: TokenDelta) -> dict[str, Any]:

@@ -44,15 +44,20 @@ def _model_check(requested: str | None, served: str) -> None:
         raise InvalidRequest(f"model '{requested}' is not served here; this server serves '{served}'", field="model")
 
 
-def _submit(engine: Engine, request: GenerationRequest) -> RequestStream:
-    return _submit_all(engine, [request])[0]
+async def _submit(engine: Engine, request: GenerationRequest) -> RequestStream:
+    return (await _submit_all(engine, [request]))[0]
 
 
-def _submit_all(engine: Engine, requests: list[GenerationRequest]) -> list[RequestStream]:
+async def _submit_all(engine: Engine, requests: list[GenerationRequest]) -> list[RequestStream]:
     try:
-        return submit_all(engine, requests)
+        return await submit_all(engine, requests)
     except InvalidRequest as exc:
         raise InvalidRequest(exc.message, field=PARAMS.get(exc.field or "", exc.field)) from None
+
+
+def _chat_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def _usage(results: list[Collected]) -> dict[str, int]:
@@ -165,7 +170,7 @@ async def completions(
         )
         for i, p in enumerate(prompts)
     ]
-    streams = _submit_all(engine, requests)
+    streams = await _submit_all(engine, requests)
     pieces = TokenText(engine.tokenizer)
     echoes = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts] if body.echo else []
 
@@ -235,11 +240,10 @@ async def chat(body: ChatRequest, request: Request, engine: EngineDep, info: Mod
             field="messages",
         )
     messages = [m.model_dump() for m in body.messages]
-    text = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = list(engine.tokenizer.encode(text, add_special_tokens=False))
+    ids = await engine.on_input(_chat_ids, engine.tokenizer, messages)
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     top = (body.top_logprobs or 0) if body.logprobs else None
-    stream = _submit(engine, GenerationRequest(
+    stream = await _submit(engine, GenerationRequest(
         prompt=ids, max_new_tokens=body.max_completion_tokens or body.max_tokens, sampling=body.sampling(),
         stop=body.stops(), num_return_sequences=body.n, request_id=rid, logprobs=top,
     ))  # fmt: skip

@@ -38,12 +38,12 @@ class Collected:
     finished: RequestFinished | None = None
 
 
-def submit_all(engine: Engine, requests: Sequence[GenerationRequest | ScoreRequest]) -> list[RequestStream]:
+async def submit_all(engine: Engine, requests: Sequence[GenerationRequest | ScoreRequest]) -> list[RequestStream]:
     """Submit every request or none: if one is refused (429, 422), the ones already queued are aborted."""
     streams: list[RequestStream] = []
     try:
         for r in requests:
-            streams.append(engine.submit(r))
+            streams.append(await engine.submit(r))
     except Exception:
         for s in streams:
             s.abort()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 
 from app.api.deps import EngineDep, ModelInfoDep
@@ -31,7 +34,7 @@ EngineRequests = list[GenerationRequest | ScoreRequest]
 async def run_all(
     request: Request, engine: Engine, requests: list[GenerationRequest | ScoreRequest]
 ) -> list[Collected] | None:
-    return await collect(request.receive, submit_all(engine, requests))
+    return await collect(request.receive, await submit_all(engine, requests))
 
 
 def _items(body: SentimentRequest | TranslateRequest | SummarizeRequest, request: Request) -> list[str]:
@@ -45,8 +48,7 @@ async def _priors(request: Request, engine: Engine, labels: tuple[str, ...]) -> 
     """Per prompt, the label distribution for content-free inputs (cached per label set)."""
     cache: dict[tuple[str, ...], list[list[float]]] = request.app.state.calibration
     if labels not in cache:
-        family = family_of(engine.tokenizer)
-        per_input = [sentiment.build(engine.tokenizer, family, text, labels) for text in sentiment.CONTENT_FREE]
+        per_input = await engine.on_input(_sentiment_prompts, engine.tokenizer, sentiment.CONTENT_FREE, labels)
         flat = [p for prompts in per_input for p in prompts]
         done = await run_all(request, engine, [ScoreRequest(p.ids, p.continuations) for p in flat])
         if done is None:
@@ -66,8 +68,7 @@ async def _priors(request: Request, engine: Engine, labels: tuple[str, ...]) -> 
 async def classify(body: SentimentRequest, request: Request, engine: EngineDep, info: ModelInfoDep) -> Response:
     texts = _items(body, request)
     labels = tuple(body.labels)
-    family = family_of(engine.tokenizer)
-    per_text = [sentiment.build(engine.tokenizer, family, text, labels) for text in texts]
+    per_text = await engine.on_input(_sentiment_prompts, engine.tokenizer, texts, labels)
     priors = await _priors(request, engine, labels) if body.calibrate else None
     flat = [p for prompts in per_text for p in prompts]
     done = await run_all(request, engine, [ScoreRequest(p.ids, p.continuations) for p in flat])
@@ -105,6 +106,24 @@ async def classify(body: SentimentRequest, request: Request, engine: EngineDep, 
     return Response(response.model_dump_json(), media_type="application/json")
 
 
+# Prompt templates tokenize: they run on the engine's input thread (Engine.on_input), off the event loop.
+def _sentiment_prompts(tokenizer: Any, texts: Sequence[str], labels: tuple[str, ...]) -> list[list[sentiment.Prompt]]:
+    family = family_of(tokenizer)
+    return [sentiment.build(tokenizer, family, text, labels) for text in texts]
+
+
+def _translation_prompts(tokenizer: Any, texts: list[str], source: str, target: str) -> list[tuple[list[int], int]]:
+    """Per text, its prompt's ids and its own length in tokens."""
+    family = family_of(tokenizer)
+    return [(translate.prompt_ids(tokenizer, family, text, source, target), len(tokenizer.encode(text)))
+            for text in texts]  # fmt: skip
+
+
+def _summary_prompts(tokenizer: Any, texts: list[str], budget: int) -> list[summarize.Prompt]:
+    family = family_of(tokenizer)
+    return [summarize.prompt(tokenizer, family, text, budget) for text in texts]
+
+
 def _usage(done: list[Collected]) -> Usage:
     prompt = sum(c.finished.prompt_tokens for c in done if c.finished is not None)
     completion = sum(c.finished.completion_tokens for c in done if c.finished is not None)
@@ -130,12 +149,10 @@ async def translate_texts(body: TranslateRequest, request: Request, engine: Engi
     target = _language(body.target_lang, "target_lang")
     if source == target:
         raise InvalidRequest("source_lang and target_lang are the same language", field="target_lang")
-    family = family_of(engine.tokenizer)
     requests: EngineRequests = []
-    for text in texts:
-        ids = translate.prompt_ids(engine.tokenizer, family, text, source, target)
+    for ids, length in await engine.on_input(_translation_prompts, engine.tokenizer, texts, source, target):
         # A translation is rarely more than twice as many tokens as its source.
-        budget = min(engine.limits.max_new_tokens, 2 * len(engine.tokenize(text)) + 16)
+        budget = min(engine.limits.max_new_tokens, 2 * length + 16)
         requests.append(_generation(ids, body, budget, ("\n",)))
     done = await run_all(request, engine, requests)
     if done is None:
@@ -153,10 +170,9 @@ async def translate_texts(body: TranslateRequest, request: Request, engine: Engi
 @router.post("/summarize", response_model=SummarizeResponse, responses=ERRORS, summary="Summarize articles")
 async def summarize_texts(body: SummarizeRequest, request: Request, engine: EngineDep, info: ModelInfoDep) -> Response:
     texts = _items(body, request)
-    family = family_of(engine.tokenizer)
     max_new = body.max_new_tokens or 128
     budget = min(engine.max_prompt_tokens, engine.context_length - max_new)
-    prompts = [summarize.prompt(engine.tokenizer, family, text, budget) for text in texts]
+    prompts = await engine.on_input(_summary_prompts, engine.tokenizer, texts, budget)
     done = await run_all(request, engine, [_generation(p.ids, body, max_new, ("\n\n",)) for p in prompts])
     if done is None:
         return Response(status_code=499)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+from functools import partial
 
 from fastapi import APIRouter
 from pydantic import Field
@@ -39,8 +39,9 @@ class DetokenizeResponse(StrictModel):
 
 @router.post("/tokenize", response_model=TokenizeResponse, summary="Text -> the served model's token ids")
 async def tokenize(body: TokenizeRequest, engine: EngineDep, info: ModelInfoDep) -> TokenizeResponse:
-    # off the event loop: a long text takes the tokenizer a while
-    ids = list(await asyncio.to_thread(engine.tokenizer.encode, body.text, add_special_tokens=body.add_special_tokens))
+    # off the event loop (a long text takes the tokenizer a while), on the thread that tokenizes requests
+    ids = list(await engine.on_input(partial(engine.tokenizer.encode, body.text,
+                                             add_special_tokens=body.add_special_tokens)))  # fmt: skip
     pieces = None
     if body.return_pieces:
         pieces = [engine.tokenizer.decode([t], clean_up_tokenization_spaces=False) for t in ids]

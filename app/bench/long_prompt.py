@@ -25,7 +25,7 @@ async def timed(engine: Engine, request: GenerationRequest, delay: float) -> tup
     await asyncio.sleep(delay)
     started = time.perf_counter()
     first = None
-    async for event in engine.submit(request):
+    async for event in await engine.submit(request):
         if first is None and isinstance(event, TokenDelta):
             first = time.perf_counter() - started
     return first or 0.0, time.perf_counter() - started

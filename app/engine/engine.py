@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -155,6 +156,8 @@ class Engine:
         self.prefilling: deque[RequestState] = deque()
         self.prefix_cache = PrefixCache(limits.prefix_cache_bytes)
         self.running: dict[str, RequestState] = {}  # admitted, not finished; engine thread only
+        # new requests are validated and tokenized here, one at a time, off the event loop (see `submit`)
+        self._input = ThreadPoolExecutor(max_workers=1, thread_name_prefix="textgen-input")
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._allocated = threading.Event()
@@ -195,6 +198,7 @@ class Engine:
         still inside a step after `timeout`, the requests are told from here, and the batch is left alone."""
         self._stop.set()
         self._wake.set()
+        self._input.shutdown(wait=False)  # what it is tokenizing now finds the engine stopped (see `submit`)
         if self._thread is not None:
             self._thread.join(timeout)
             if not self._thread.is_alive():
@@ -210,15 +214,32 @@ class Engine:
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
     # ---- submission (event-loop thread) -------------------------------------------------------
-    def submit(self, request: GenerationRequest | ScoreRequest) -> RequestStream:
+    async def submit(self, request: GenerationRequest | ScoreRequest) -> RequestStream:
+        """Validate and tokenize `request` on the engine's input thread, then queue it; raises InvalidRequest,
+        Overloaded or EngineStopped. Off the event loop: tokenizing a 2 MiB prompt takes about a second,
+        during which every open stream would stall."""
         if not self.is_running:
             raise EngineStopped("the engine is not running")
+        state = await self.on_input(self._prepare, request, asyncio.get_running_loop())
+        if not self.is_running:
+            raise EngineStopped("the engine is not running")
+        return self._enqueue(state)
+
+    async def on_input(self, work: Callable[..., T], *args: Any) -> T:
+        """`work(*args)` on the input thread: also the tokenizing work of routes (prompt templates, /tokenize)."""
+        try:
+            done = asyncio.get_running_loop().run_in_executor(self._input, work, *args)
+        except RuntimeError:  # the input thread is shut down: `stop` ran
+            raise EngineStopped("the engine is not running") from None
+        return await done
+
+    def _prepare(self, request: GenerationRequest | ScoreRequest, loop: asyncio.AbstractEventLoop) -> RequestState:
         prompt_ids = self._prompt_ids(request)
         if isinstance(request, ScoreRequest):
-            return self._enqueue(self._new_state(request, prompt_ids, 0, self._continuations(request, prompt_ids)))
+            return self._new_state(request, prompt_ids, 0, self._continuations(request, prompt_ids), loop)
         max_new = self._max_new_tokens(request, len(prompt_ids))
         self._check_sampling(request)
-        state = self._new_state(request, prompt_ids, max_new, [])
+        state = self._new_state(request, prompt_ids, max_new, [], loop)
         if state.rows * state.reserved_tokens > self.limits.max_batch_tokens:
             raise InvalidRequest(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}), times "
@@ -227,17 +248,17 @@ class Engine:
                 field="max_new_tokens",
             )
         state.sequences = [self._new_sequence(state, i) for i in range(state.rows)]
-        return self._enqueue(state)
+        return state
 
     def _new_state(self, request: GenerationRequest | ScoreRequest, prompt_ids: list[int], max_new: int,
-                   continuations: list[list[int]]) -> RequestState:  # fmt: skip
+                   continuations: list[list[int]], loop: asyncio.AbstractEventLoop) -> RequestState:  # fmt: skip
         now = time.monotonic()
         return RequestState(
             id=request.request_id or uuid.uuid4().hex,
             request=request,
             prompt_ids=prompt_ids,
             max_new_tokens=max_new,
-            channel=Channel(asyncio.get_running_loop()),
+            channel=Channel(loop),
             arrival=now,
             deadline=now + self._timeout(request),
             continuations=continuations,

@@ -48,7 +48,7 @@ class Outcome:
 async def run_request(engine: Engine, request: GenerationRequest, delay: float = 0.0) -> Outcome:
     await asyncio.sleep(delay)
     out = Outcome()
-    async for event in engine.submit(request):
+    async for event in await engine.submit(request):
         if isinstance(event, TokenDelta):
             out.deltas.append(event)
         elif isinstance(event, SequenceFinished):

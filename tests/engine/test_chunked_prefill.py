@@ -96,7 +96,8 @@ async def test_smollm_chunked_prefill_matches_generate_with_and_without_a_kept_p
 async def test_cancelling_a_long_prompt_mid_prefill_frees_it(tiny: LoadedModel) -> None:
     engine = make_engine(tiny, prefill_chunk_tokens=16)
     try:
-        stream = engine.submit(GenerationRequest(prompt=[(i * 7) % 500 + 10 for i in range(900)], max_new_tokens=4))
+        long = GenerationRequest(prompt=[(i * 7) % 500 + 10 for i in range(900)], max_new_tokens=4)
+        stream = await engine.submit(long)
         assert await eventually(lambda: engine.prefilling and engine.prefilling[0].prefilled > 0)
         await stream.aclose()
         assert await eventually(lambda: engine.stats().running_requests == 0 and not engine.prefilling)

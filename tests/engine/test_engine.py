@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -98,7 +99,7 @@ async def test_num_return_sequences_are_distinct_and_reproducible(engine: Engine
 )
 async def test_invalid_requests_name_the_field(engine: Engine, request_kwargs: dict, field: str) -> None:
     with pytest.raises(InvalidRequest) as info:
-        engine.submit(GenerationRequest(**request_kwargs))
+        await engine.submit(GenerationRequest(**request_kwargs))
     assert info.value.field == field
 
 
@@ -106,14 +107,14 @@ async def test_prompt_too_long_names_both_numbers(engine: Engine, tiny: LoadedMo
     prompt = "hi " * 1100
     n = len(tiny.tokenizer.encode(prompt))
     with pytest.raises(InvalidRequest) as info:
-        engine.submit(GenerationRequest(prompt=prompt))
+        await engine.submit(GenerationRequest(prompt=prompt))
     assert str(n) in info.value.message and "1024" in info.value.message
 
 
 async def test_cancel_frees_the_row_and_others_continue(engine: Engine) -> None:
     long = GenerationRequest(prompt="Hello", max_new_tokens=900, ignore_eos=True)
     keep = asyncio.ensure_future(run_request(engine, long))
-    stream = engine.submit(long)
+    stream = await engine.submit(long)
     async for event in stream:
         if isinstance(event, TokenDelta):
             break
@@ -133,9 +134,9 @@ async def test_queue_full_is_overloaded_and_admitted_requests_finish(tiny: Loade
         req = GenerationRequest(prompt="Hello", max_new_tokens=200, ignore_eos=True)
         first = asyncio.ensure_future(run_request(engine, req))
         assert await eventually(lambda: engine.stats().running_rows == 1)
-        second = engine.submit(req)  # waits: the only row is taken
+        second = await engine.submit(req)  # waits: the only row is taken
         with pytest.raises(Overloaded) as info:
-            engine.submit(req)
+            await engine.submit(req)
         assert info.value.retry_after >= 1
         a = await first
         b = [e for e in [event async for event in second] if isinstance(e, SequenceFinished)]
@@ -252,3 +253,28 @@ async def test_log_probabilities_are_normalized_once_per_token(engine: Engine, m
     assert calls["n"] == 6
     alternatives = out.sequences[0].logprobs
     assert len(alternatives) == 6 and all(len(t.top) == 2 and t.top[0][1] >= t.logprob for t in alternatives)
+
+
+async def test_a_huge_prompt_is_tokenized_off_the_event_loop(engine: Engine, tiny: LoadedModel) -> None:
+    """submit used to tokenize on the event loop: every open stream stalled while a 2 MiB prompt was split."""
+    text = ("The quick brown fox jumps over the lazy dog. " * 30000)[: 2**20]
+    started = time.perf_counter()
+    tiny.tokenizer.encode(text)
+    tokenize_s = time.perf_counter() - started
+    gaps: list[float] = []
+
+    async def heartbeat() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.002)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    beating = asyncio.ensure_future(heartbeat())
+    await asyncio.sleep(0.01)
+    with pytest.raises(InvalidRequest, match="prompt has"):  # far past the context length, found after tokenizing
+        await engine.submit(GenerationRequest(prompt=text))
+    await asyncio.sleep(0.02)  # the heartbeat's next beat records the gap the submit left
+    beating.cancel()
+    assert max(gaps) < tokenize_s / 4, (max(gaps), tokenize_s)

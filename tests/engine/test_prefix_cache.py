@@ -109,7 +109,7 @@ async def test_scoring_with_a_reused_prefix_matches_transformers(tiny: LoadedMod
         labels = ((4633,), (3967, 13))  # " negative", " positive."
         results = []
         for _ in range(2):  # the second request takes its prompt's K/V from the cache
-            events = [e async for e in engine.submit(ScoreRequest(prompt=ids, continuations=labels))]
+            events = [e async for e in await engine.submit(ScoreRequest(prompt=ids, continuations=labels))]
             assert isinstance(events[-1], RequestFinished)
             results.append(next(e for e in events if isinstance(e, Scores)).logprobs)
         assert engine.stats().prefix_hit_tokens == len(ids) - 1
