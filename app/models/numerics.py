@@ -5,15 +5,17 @@
 | fp32 | fp32, prepacked for oneDNN (app/models/packing.py) | fp32 |
 | bf16 | bf16 weights, prepacked; inputs cast to bf16, outputs back to fp32 | fp32 |
 | int8 | int8 weights per output channel, activations per row, int32 sums, SmoothQuant (app/models/int8.py) | fp32 |
+| int4 | 4-bit weights, groups of 32 (GGUF Q4_1's layout); a bf16 copy for prompt passes (app/models/int4.py) | fp32 |
 
 Only the matrix products change: PyTorch's bf16 norms and attention are slower than fp32 on this CPU (a
 stock `model.to(bfloat16)` decode step is slower than fp32), and they are a small part of the work. In
-bf16 and int8 the layers that read one input (q/k/v, gate/up) run as one product (app/models/fusion.py).
-Every mode gives each row the same result whatever other rows share the step.
+bf16, int8 and int4 the layers that read one input (q/k/v, gate/up) run as one product
+(app/models/fusion.py). Every mode gives each row the same result whatever other rows share the step.
 
 A fast mode runs only where the CPU has the instructions for it (avx512_bf16 or AMX for bf16;
-avx512_vnni, avx_vnni or AMX for int8); elsewhere the model runs in fp32 and one log line says why.
-Nothing outside app/models knows which mode runs, except what /info and /metrics report (`Numerics.name`).
+avx512_vnni, avx_vnni or AMX for int8; avx512_f or avx2 for int4); elsewhere the model runs in fp32 and one
+log line says why. Nothing outside app/models knows which mode runs, except what /info and /metrics report
+(`Numerics.name`); the engine only marks prompt passes (`prompt_pass`), which int4 layers compute in bf16.
 """
 
 from __future__ import annotations
@@ -40,10 +42,13 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 BF16_FEATURES = ("avx512_bf16", "amx_bf16")
 INT8_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
 INT4_FEATURES = ("avx512_f", "avx2")  # PyTorch's int4 kernel is vectorized for AVX-512 and AVX2
-# What TEXTGEN_DTYPE=auto (with TEXTGEN_QUANTIZE=auto) runs on a CPU, first that the CPU has: each mode's
-# WikiText-2 perplexity is within 1% of fp32's, and bf16 ran W1 fastest here (`textgen bench --compare
-# --systems engine --modes fp32,bf16,int8`: 167.7 / 227.0 / 210.5 tokens/s; one stream 20.3 / 32.4 / 32.7).
-# int8 comes next: on a CPU with VNNI but without avx512_bf16 it still runs most products in int8.
+# What TEXTGEN_DTYPE=auto (with TEXTGEN_QUANTIZE=auto) runs on a CPU, first that the CPU has; each mode's
+# WikiText-2 perplexity is within 1% of fp32's (`textgen eval perplexity --modes ...`: +0.06 / -0.04 /
+# +0.34%). int4 first, for the layers that are 4-bit already (see `Numerics.lossless_only`): it runs one
+# stream fastest by far (`textgen bench --compare --systems engine --modes fp32,bf16,int8,int4`: 23.7 /
+# 37.5 / 36.7 / 54.1 tokens/s, 54-64 over three runs) while W1 is within noise of bf16 and int8 (168 / 227
+# / 212 / 200; 151 / 182 / 217 / 222 in another run). The rest of the layers: bf16, else int8 (a CPU
+# with VNNI but without avx512_bf16 still runs most products in int8), else fp32.
 AUTO_CPU_ORDER = ("int4", "bf16", "int8", "fp32")
 
 
