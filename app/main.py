@@ -19,7 +19,8 @@ from app.api.access import AccessMiddleware
 from app.api.errors import install_error_handlers
 from app.api.guards import ApiKeys, BodyLimit, Draining
 from app.config import Settings
-from app.engine.engine import Engine, EngineLimits
+from app.engine.engine import Engine
+from app.engine.limits import EngineLimits
 from app.engine.types import GenerationRequest, RequestFailed
 from app.metrics import Metrics
 from app.models.loader import LoadedModel, load_model

@@ -27,8 +27,9 @@ from app.api.openai_schemas import (
     OpenAIErrorResponse,
 )
 from app.api.streaming import SSE_HEADERS, Collected, collect, sse_events, submit_all
-from app.engine.engine import Engine, RequestStream
+from app.engine.engine import Engine
 from app.engine.errors import EngineError, InvalidRequest
+from app.engine.stream import RequestStream
 from app.engine.types import GenerationRequest, PromptLogprobs, TokenDelta, TokenLogprob
 
 router = APIRouter(prefix="/v1", tags=["openai"])

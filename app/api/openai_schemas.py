@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.engine.engine import MAX_TOP_LOGPROBS
+from app.engine.limits import MAX_TOP_LOGPROBS
 from app.engine.types import SamplingParams
 
 

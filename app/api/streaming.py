@@ -17,7 +17,8 @@ from fastapi.sse import format_sse_event
 from starlette.types import Receive
 
 from app.api.access import note_finished
-from app.engine.engine import Engine, RequestStream
+from app.engine.engine import Engine
+from app.engine.stream import RequestStream
 from app.engine.types import (
     GenerationRequest,
     PromptLogprobs,

@@ -1,9 +1,9 @@
 """The engine: one thread runs schedule -> step -> postprocess; the asyncio side only submits and reads.
 
-`submit` validates and tokenizes on the caller's thread, registers the request's channel, then queues
-it; the caller iterates the returned RequestStream. Continuous batching: every step decodes one token
-for each running row, then prefills newly admitted requests, whose rows join the batch for the next
-step. Finished rows leave at once.
+`submit` has the input stage (app/engine/input.py) validate and tokenize the request on its own thread,
+then queues it; the caller iterates the returned RequestStream (app/engine/stream.py). Continuous
+batching: every step decodes one token for each running row, then prefills newly admitted requests,
+whose rows join the batch for the next step. Finished rows leave at once.
 """
 
 from __future__ import annotations
@@ -13,34 +13,31 @@ import logging
 import math
 import threading
 import time
-import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import torch
 
 from app.engine.batch import Batch
-from app.engine.detokenize import IncrementalText
 from app.engine.errors import (
     EngineError,
     EngineStopped,
-    InvalidRequest,
     RequestTimeout,
     StepFailed,
 )
+from app.engine.input import Input
+from app.engine.limits import EngineLimits, EngineStats
 from app.engine.logprobs import token_logprobs
 from app.engine.memory import TRIM_INTERVAL_S, release_free_memory
 from app.engine.observer import EngineObserver, NullObserver
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import SampleRow, sample
 from app.engine.scheduler import Scheduler
-from app.engine.state import Channel, RequestState, SequenceState
-from app.engine.stopping import StreamText
+from app.engine.state import RequestState, SequenceState
+from app.engine.stream import RequestStream
 from app.engine.types import (
-    Event,
     GenerationRequest,
     PromptLogprobs,
     RequestFailed,
@@ -55,82 +52,6 @@ from app.engine.types import (
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    max_batch_size: int = 32
-    max_batch_tokens: int = 32768
-    max_prefill_tokens: int = 2048
-    prefill_chunk_tokens: int = 512  # longer prompts are prefilled in pieces this size, one per step
-    max_queued_requests: int = 256
-    max_queued_tokens: int = 262144
-    max_prompt_tokens: int | None = None
-    max_new_tokens: int = 1024
-    default_max_new_tokens: int = 64
-    max_return_sequences: int = 8
-    request_timeout: float = 300.0
-    prefix_cache_bytes: int = 256 * 2**20  # K/V of recent prompts kept for reuse; 0 turns it off
-
-
-@dataclass
-class EngineStats:
-    running_requests: int = 0
-    running_rows: int = 0
-    waiting: int = 0
-    steps: int = 0
-    generated_tokens: int = 0
-    prompt_tokens: int = 0
-    completed_requests: int = 0
-    failed_requests: int = 0
-    kv_cache_bytes: int = 0  # spanned by the running batch
-    kv_cache_capacity_bytes: int = 0  # the arena the batch lives in: the configured budget
-    prefix_cache_bytes: int = 0
-    prefix_cache_entries: int = 0
-    prefix_hit_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
-    decode_seconds: float = 0.0  # in the model's decode forward + sampling
-    prefill_seconds: float = 0.0  # in the model's prefill forward + sampling
-    busy_seconds: float = 0.0  # in steps, postprocessing included
-    batch_sizes: Counter[int] = field(default_factory=Counter)  # decode steps seen per batch size
-
-
-class RequestStream:
-    """Async iterator over one request's events. Closing it early aborts the request."""
-
-    def __init__(self, engine: Engine, state: RequestState) -> None:
-        self._engine = engine
-        self._state = state
-        self._finished = False
-
-    @property
-    def prompt_ids(self) -> list[int]:
-        return self._state.prompt_ids
-
-    @property
-    def wants_prompt_logprobs(self) -> bool:
-        return getattr(self._state.request, "prompt_logprobs", None) is not None
-
-    def __aiter__(self) -> AsyncIterator[Event]:
-        return self
-
-    async def __anext__(self) -> Event:
-        if self._finished:
-            raise StopAsyncIteration
-        event = await self._state.channel.queue.get()
-        if isinstance(event, RequestFinished | RequestFailed):
-            self._finished = True
-        return event
-
-    def abort(self) -> None:
-        if not self._finished:
-            self._finished = True
-            self._engine.abort(self._state)
-
-    async def aclose(self) -> None:
-        self.abort()
-
-
 class Engine:
     def __init__(self, model: Any, tokenizer: Any, limits: EngineLimits, *, context_length: int,
                  eos_token_ids: tuple[int, ...], observer: EngineObserver | None = None,
@@ -142,9 +63,12 @@ class Engine:
         self.tokenizer = tokenizer
         self.limits = limits
         self.context_length = context_length
-        self.max_prompt_tokens = min(limits.max_prompt_tokens or context_length, context_length)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = next(model.parameters()).device
+        # new requests are validated and tokenized on the input stage's thread, off the event loop
+        self.input = Input(tokenizer, limits, context_length=context_length,
+                           vocab_size=int(model.config.vocab_size), device=self.device)  # fmt: skip
+        self.max_prompt_tokens = self.input.max_prompt_tokens
         self.scheduler = Scheduler(
             limits.max_batch_size, limits.max_batch_tokens, limits.max_prefill_tokens, limits.max_queued_requests,
             limits.max_queued_tokens,
@@ -156,8 +80,6 @@ class Engine:
         self.prefilling: deque[RequestState] = deque()
         self.prefix_cache = PrefixCache(limits.prefix_cache_bytes)
         self.running: dict[str, RequestState] = {}  # admitted, not finished; engine thread only
-        # new requests are validated and tokenized here, one at a time, off the event loop (see `submit`)
-        self._input = ThreadPoolExecutor(max_workers=1, thread_name_prefix="textgen-input")
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._allocated = threading.Event()
@@ -198,7 +120,7 @@ class Engine:
         still inside a step after `timeout`, the requests are told from here, and the batch is left alone."""
         self._stop.set()
         self._wake.set()
-        self._input.shutdown(wait=False)  # what it is tokenizing now finds the engine stopped (see `submit`)
+        self.input.shutdown()
         if self._thread is not None:
             self._thread.join(timeout)
             if not self._thread.is_alive():
@@ -215,77 +137,24 @@ class Engine:
 
     # ---- submission (event-loop thread) -------------------------------------------------------
     async def submit(self, request: GenerationRequest | ScoreRequest) -> RequestStream:
-        """Validate and tokenize `request` on the engine's input thread, then queue it; raises InvalidRequest,
-        Overloaded or EngineStopped. Off the event loop: tokenizing a 2 MiB prompt takes about a second,
-        during which every open stream would stall."""
+        """Validate and tokenize `request` on the input stage's thread, then queue it; raises InvalidRequest,
+        Overloaded or EngineStopped."""
         if not self.is_running:
             raise EngineStopped("the engine is not running")
-        state = await self.on_input(self._prepare, request, asyncio.get_running_loop())
+        state = await self.input.run(self.input.prepare, request, asyncio.get_running_loop())
         if not self.is_running:
             raise EngineStopped("the engine is not running")
         return self._enqueue(state)
 
     async def on_input(self, work: Callable[..., T], *args: Any) -> T:
-        """`work(*args)` on the input thread: also the tokenizing work of routes (prompt templates, /tokenize)."""
-        try:
-            done = asyncio.get_running_loop().run_in_executor(self._input, work, *args)
-        except RuntimeError:  # the input thread is shut down: `stop` ran
-            raise EngineStopped("the engine is not running") from None
-        return await done
-
-    def _prepare(self, request: GenerationRequest | ScoreRequest, loop: asyncio.AbstractEventLoop) -> RequestState:
-        prompt_ids = self._prompt_ids(request)
-        if isinstance(request, ScoreRequest):
-            return self._new_state(request, prompt_ids, 0, self._continuations(request, prompt_ids), loop)
-        max_new = self._max_new_tokens(request, len(prompt_ids))
-        self._check_sampling(request)
-        state = self._new_state(request, prompt_ids, max_new, [], loop)
-        if state.rows * state.reserved_tokens > self.limits.max_batch_tokens:
-            raise InvalidRequest(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}), times "
-                f"{state.rows} sequences, is {state.rows * state.reserved_tokens} tokens; this server's "
-                f"max_batch_tokens is {self.limits.max_batch_tokens}",
-                field="max_new_tokens",
-            )
-        state.sequences = [self._new_sequence(state, i) for i in range(state.rows)]
-        return state
-
-    def _new_state(self, request: GenerationRequest | ScoreRequest, prompt_ids: list[int], max_new: int,
-                   continuations: list[list[int]], loop: asyncio.AbstractEventLoop) -> RequestState:  # fmt: skip
-        now = time.monotonic()
-        return RequestState(
-            id=request.request_id or uuid.uuid4().hex,
-            request=request,
-            prompt_ids=prompt_ids,
-            max_new_tokens=max_new,
-            channel=Channel(loop),
-            arrival=now,
-            deadline=now + self._timeout(request),
-            continuations=continuations,
-        )
+        """`work(*args)` on the input stage's thread: the tokenizing work of routes (prompt templates, /tokenize)."""
+        return await self.input.run(work, *args)
 
     def _enqueue(self, state: RequestState) -> RequestStream:
-        stream = RequestStream(self, state)  # the channel exists before the engine can see the request
+        stream = RequestStream(state, self.abort)  # the channel exists before the engine can see the request
         self.scheduler.add(state, retry_after=self._retry_after())
         self._wake.set()
         return stream
-
-    def _continuations(self, request: ScoreRequest, prompt_ids: list[int]) -> list[list[int]]:
-        if not request.continuations:
-            raise InvalidRequest("at least one continuation (label) is needed", field="continuations")
-        out = []
-        for c in request.continuations:
-            ids = list(c) if not isinstance(c, str) else list(self.tokenizer.encode(c, add_special_tokens=False))
-            if not ids:
-                raise InvalidRequest(f"continuation {c!r} has no tokens", field="continuations")
-            out.append(ids)
-        longest = len(prompt_ids) + max(len(c) for c in out)
-        if longest > self.context_length:
-            raise InvalidRequest(
-                f"prompt + continuation is {longest} tokens; the model's context length is {self.context_length}",
-                field="prompt",
-            )
-        return out
 
     def _all_requests(self) -> list[RequestState]:
         waiting = [s for s in list(self.scheduler.waiting) if isinstance(s, RequestState)]
@@ -295,104 +164,6 @@ class Engine:
         """Thread-safe: the engine frees the request's rows at its next step."""
         state.cancelled = True
         self._wake.set()
-
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text))
-
-    def _prompt_ids(self, request: GenerationRequest | ScoreRequest) -> list[int]:
-        if isinstance(request.prompt, str):
-            if not request.prompt:
-                raise InvalidRequest("prompt must not be empty", field="prompt")
-            ids = self.tokenize(request.prompt)
-        else:
-            ids = list(request.prompt)
-            vocab = int(self.model.config.vocab_size)
-            bad = next((t for t in ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {vocab})", field="prompt")
-        if not ids:
-            raise InvalidRequest("prompt must contain at least one token", field="prompt")
-        if len(ids) > self.max_prompt_tokens:
-            raise InvalidRequest(
-                f"prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens} "
-                f"(model context length {self.context_length})",
-                field="prompt",
-            )
-        return ids
-
-    def _max_new_tokens(self, request: GenerationRequest, prompt_len: int) -> int:
-        cap = self.limits.max_new_tokens
-        room = self.context_length - prompt_len
-        if request.max_new_tokens == 0 and request.prompt_logprobs is not None:
-            return 0  # score the prompt only
-        if request.max_new_tokens is not None:
-            field, wanted = "max_new_tokens", request.max_new_tokens
-            if wanted < 1:
-                raise InvalidRequest("max_new_tokens must be >= 1", field=field)
-            if wanted > cap:
-                raise InvalidRequest(f"max_new_tokens must be <= {cap} (got {wanted})", field=field)
-        elif request.max_length is not None:
-            field, wanted = "max_length", request.max_length - prompt_len
-            if wanted < 1:
-                raise InvalidRequest(
-                    f"max_length ({request.max_length}) must be greater than the prompt's length "
-                    f"({prompt_len} tokens); max_length counts prompt + new tokens",
-                    field=field,
-                )
-            if wanted > cap:
-                raise InvalidRequest(
-                    f"max_length ({request.max_length}) allows {wanted} new tokens; the cap is {cap}", field=field
-                )
-        else:
-            # No limit asked for: the default, shortened to what the context still holds.
-            return max(1, min(self.limits.default_max_new_tokens, cap, room))
-        if wanted > room:
-            raise InvalidRequest(
-                f"prompt ({prompt_len} tokens) + {wanted} new tokens = {prompt_len + wanted} exceeds the "
-                f"model's context length of {self.context_length} tokens",
-                field=field,
-            )
-        return wanted
-
-    def _check_sampling(self, request: GenerationRequest) -> None:
-        p = request.sampling
-        n = request.num_return_sequences
-        checks = [
-            (p.temperature >= 0, "temperature", "temperature must be >= 0"),
-            (0 < p.top_p <= 1, "top_p", "top_p must be in (0, 1]"),
-            (p.top_k >= 0, "top_k", "top_k must be >= 0"),
-            (p.repetition_penalty > 0, "repetition_penalty", "repetition_penalty must be > 0"),
-            (1 <= n <= self.limits.max_return_sequences, "num_return_sequences",
-             f"num_return_sequences must be between 1 and {self.limits.max_return_sequences}"),
-            (request.logprobs is None or 0 <= request.logprobs <= MAX_TOP_LOGPROBS, "logprobs",
-             f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
-            (request.prompt_logprobs is None or 0 <= request.prompt_logprobs <= MAX_TOP_LOGPROBS, "prompt_logprobs",
-             f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
-            (n == 1 or not p.greedy, "num_return_sequences",
-             "num_return_sequences > 1 needs sampling (do_sample=true and temperature > 0): greedy "
-             "decoding would return the same text n times"),
-        ]  # fmt: skip
-        for ok, name, message in checks:
-            if not ok:
-                raise InvalidRequest(message, field=name)
-
-    def _new_sequence(self, state: RequestState, index: int) -> SequenceState:
-        request = state.request
-        assert isinstance(request, GenerationRequest)
-        params = request.sampling
-        generator = None
-        if not params.greedy:
-            # Every sampled row gets its own generator: its draws never depend on its batch-mates.
-            seed = params.seed + index if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
-            params = replace(params, seed=seed)
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        return SequenceState(request=state, index=index, params=params, generator=generator,
-                             text=StreamText(request.stop), detok=IncrementalText(self.tokenizer))  # fmt: skip
-
-    def _timeout(self, request: GenerationRequest | ScoreRequest) -> float:
-        if request.timeout is None:
-            return self.limits.request_timeout
-        return min(max(request.timeout, 0.0), self.limits.request_timeout)
 
     def _retry_after(self) -> float:
         queued = self.scheduler.queued_tokens()
@@ -447,7 +218,7 @@ class Engine:
         plan = self.scheduler.schedule(now, prefill_budget=budget, defer_longer_than=chunk or None)
         for state in plan.expired:
             self._fail(state, RequestTimeout(f"request waited {now - state.arrival:.1f}s in the queue; "
-                                             f"its timeout is {self._timeout(state.request):g}s"))
+                                             f"its timeout is {self.input.timeout(state.request):g}s"))
         for state in plan.cancelled:
             self._close(state)
         started = time.perf_counter()
@@ -693,7 +464,7 @@ class Engine:
                 self._close(state)
             elif now > state.deadline:
                 self._fail(state, RequestTimeout(
-                    f"request ran past its timeout of {self._timeout(state.request):g}s"))  # fmt: skip
+                    f"request ran past its timeout of {self.input.timeout(state.request):g}s"))  # fmt: skip
 
     # ---- introspection ------------------------------------------------------------------------
     def stats(self) -> EngineStats:

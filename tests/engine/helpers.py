@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from app.engine.engine import Engine, EngineLimits
+from app.engine.engine import Engine
+from app.engine.limits import EngineLimits
 from app.engine.types import GenerationRequest, RequestFailed, RequestFinished, SequenceFinished, TokenDelta
 from app.models.loader import LoadedModel
 

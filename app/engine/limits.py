@@ -1,0 +1,45 @@
+"""What an engine is allowed (EngineLimits, from the server's settings) and what it reports (EngineStats)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_batch_size: int = 32
+    max_batch_tokens: int = 32768
+    max_prefill_tokens: int = 2048
+    prefill_chunk_tokens: int = 512  # longer prompts are prefilled in pieces this size, one per step
+    max_queued_requests: int = 256
+    max_queued_tokens: int = 262144
+    max_prompt_tokens: int | None = None
+    max_new_tokens: int = 1024
+    default_max_new_tokens: int = 64
+    max_return_sequences: int = 8
+    request_timeout: float = 300.0
+    prefix_cache_bytes: int = 256 * 2**20  # K/V of recent prompts kept for reuse; 0 turns it off
+
+
+@dataclass
+class EngineStats:
+    running_requests: int = 0
+    running_rows: int = 0
+    waiting: int = 0
+    steps: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    completed_requests: int = 0
+    failed_requests: int = 0
+    kv_cache_bytes: int = 0  # spanned by the running batch
+    kv_cache_capacity_bytes: int = 0  # the arena the batch lives in: the configured budget
+    prefix_cache_bytes: int = 0
+    prefix_cache_entries: int = 0
+    prefix_hit_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    decode_seconds: float = 0.0  # in the model's decode forward + sampling
+    prefill_seconds: float = 0.0  # in the model's prefill forward + sampling
+    busy_seconds: float = 0.0  # in steps, postprocessing included
+    batch_sizes: Counter[int] = field(default_factory=Counter)  # decode steps seen per batch size
