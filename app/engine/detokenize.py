@@ -25,20 +25,15 @@ class IncrementalText:
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
-    def update(self, tokens: list[int]) -> str:
-        """The text of all of `tokens` (the previous call's plus the new ones at the end)."""
+    def update(self, tokens: list[int], final: bool = False) -> str:
+        """The text of all of `tokens` (the previous call's plus the new ones at the end). `final`: the sequence
+        has ended, so what is held back (an unfinished character) comes out too."""
         before = self._decode(tokens[self.prefix : self.read])
         after = self._decode(tokens[self.prefix :])
-        if len(after) > len(before) and not after.endswith(REPLACEMENT):
+        if len(after) > len(before) and (final or not after.endswith(REPLACEMENT)):
             self.text += after[len(before) :]
             self.prefix, self.read = self.read, len(tokens)
         return self.text
 
     def final(self, tokens: list[int]) -> str:
-        """The text once the sequence has ended: what is still held back (an unfinished character) too."""
-        after = self._decode(tokens[self.prefix :])
-        before = self._decode(tokens[self.prefix : self.read])
-        if len(after) > len(before):
-            self.text += after[len(before) :]
-        self.prefix = self.read = len(tokens)
-        return self.text
+        return self.update(tokens, final=True)

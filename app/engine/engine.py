@@ -399,7 +399,7 @@ class Engine:
             finish = "eos"
         elif len(seq.tokens) >= state.max_new_tokens:
             finish = "length"
-        decoded = seq.detok.final(seq.tokens) if finish else seq.detok.update(seq.tokens)
+        decoded = seq.detok.update(seq.tokens, final=finish is not None)
         if seq.text.feed(decoded):
             finish = "stop"  # a stop string on the last token counts as the stop, not eos or length
         delta = seq.text.release(final=finish is not None)

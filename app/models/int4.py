@@ -126,7 +126,7 @@ def dequantize(q: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
 
 
 def _bench() -> None:  # pragma: no cover - a measurement, run by hand
-    from app.models.packing import PackedLinear, seconds
+    from app.models.packing import seconds
 
     torch.set_num_threads(2)
     print("  K      N   rows  bf16 us  int4 us   (30 weights each, so none stays in cache)")

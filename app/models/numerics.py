@@ -30,9 +30,8 @@ from torch import nn
 
 from app.models.calibration import calibration_ids, input_ranges, smoothing
 from app.models.fusion import as_linear, find_groups, fuse, linear_layers
-from app.models.int4 import Int4Linear, is_four_bit, prompt_pass, supports
-
-__all__ = ["prompt_pass"]  # the engine marks prompt passes; what a layer does with that stays here
+from app.models.int4 import Int4Linear, is_four_bit, supports
+from app.models.int4 import prompt_pass as prompt_pass  # the engine marks prompt passes; the layers act on it
 from app.models.int8 import Int8Linear
 from app.models.packing import PackedLinear, own_memory, pack_linears
 
@@ -60,11 +59,11 @@ class Numerics:
     mode: str  # "fp32" | "bf16" | "int8" on CPU; the dtype's name otherwise
     load_dtype: torch.dtype  # dtype the model is loaded (and its activations run) in
     fallback: str | None = None  # why a faster mode that was asked for does not run
-    wide_bf16: bool = False  # int8 / int4 mode: the layers kept out of int8 / int4 run in bf16 (else fp32)
-    # int4 under auto: only the layers whose weights are 4-bit already (a Q4 source) go to int4, so auto adds
-    # no rounding to what the file holds; the other layers run in `rest` ("bf16", "int8" or "fp32")
+    # int8 / int4: what runs the layers they leave out ("bf16" or "fp32"); int4 under auto (`lossless_only`:
+    # only the layers whose weights are 4-bit already go to int4, so auto adds no rounding to what the file
+    # holds) also "int8"
+    rest: str = "fp32"
     lossless_only: bool = False
-    rest: str = "bf16"
 
 
 def cpu_features(override: str | None = None) -> set[str]:
@@ -113,11 +112,10 @@ def choose(
             fallback = "this CPU has none of " + ", ".join(need[m] for m in order if m != "fp32") + "; running fp32"
         if mode == "int4":
             rest = usable_order[1]
-            return Numerics(_name("int4", rest), "int4", torch.float32, None, rest == "bf16", lossless_only=True,
-                            rest=rest)  # fmt: skip
+            return Numerics(_name("int4", rest), "int4", torch.float32, rest=rest, lossless_only=True)
     wide_bf16 = mode in ("int8", "int4") and usable["bf16"] and dtype != "float32"
     rest = "bf16" if wide_bf16 else "fp32"
-    return Numerics(_name(mode, rest), mode, torch.float32, fallback, wide_bf16, rest=rest)
+    return Numerics(_name(mode, rest), mode, torch.float32, fallback, rest=rest)
 
 
 def _name(mode: str, rest: str) -> str:
@@ -156,7 +154,7 @@ def apply(model: Any, tokenizer: Any, numerics: Numerics) -> Numerics:
     groups = find_groups(model, layers)
     grouped = {id(layer) for g in groups for layer in g}
     singles = [(parent, name, layer) for parent, name, layer in linear_layers(model) if id(layer) not in grouped]
-    wide = torch.bfloat16 if numerics.mode == "bf16" or numerics.wide_bf16 else torch.float32
+    wide = torch.bfloat16 if numerics.mode == "bf16" or numerics.rest == "bf16" else torch.float32
     output_layer = model.get_output_embeddings()
     # int8 layers: the int8 mode's, and under auto those int4 does not take where the CPU runs int8 next
     with_int8 = numerics.mode == "int8" or (numerics.lossless_only and numerics.rest == "int8")
@@ -186,7 +184,8 @@ def apply(model: Any, tokenizer: Any, numerics: Numerics) -> Numerics:
     own_memory(model)
     ran = numerics
     if numerics.lossless_only and not int4:
-        ran = replace(numerics, name=_name(numerics.rest, numerics.rest), mode=numerics.rest, lossless_only=False)
+        # what int8 leaves out runs fp32 there: a CPU with avx512_bf16 would have had rest == "bf16"
+        ran = replace(numerics, name=_name(numerics.rest, "fp32"), mode=numerics.rest, lossless_only=False)
     low = f"{int8} int8" + (f", {len(int4)} int4 ({sum(q.lossless for q in int4)} lossless)" if int4 else "")
     log.info("numerics %s: %d linear layers (%s), %d of them fused into %d products, in %.1fs", ran.name,
              len(layers), low, sum(len(g) for g in groups), len(groups), time.perf_counter() - started)  # fmt: skip

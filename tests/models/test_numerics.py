@@ -236,6 +236,9 @@ def test_auto_takes_int4_only_for_weights_that_are_four_bit_already(smollm: Load
     tiny = _load(TINY_GPT2)
     assert not any(isinstance(m, int4.Int4Linear) for m in tiny.model.modules())
     assert tiny.info.numerics == ("bf16-packed" if HAS_FAST else "fp32-packed")
+    if HAS_FAST:  # VNNI without avx512_bf16: not 4-bit, so int8, and what int8 leaves out in fp32
+        no_bf16 = _load(TINY_GPT2, cpu_features="avx2,avx512_f,avx512_vnni")
+        assert no_bf16.info.numerics == "int8-w8a8-per-row+fp32"
     if not HAS_FAST:
         return
     default = _load(OFFLINE_DEFAULT)
