@@ -6,9 +6,9 @@ Runs the engine in-process (no HTTP).
   piece, as without chunking). Run: python -m app.bench.long_prompt --tokens 4000 --chunks 100000 512
 - `--short K`: a prompt of N tokens that then decodes, and K short requests (20-token prompts, 64 new
   tokens) arriving while it runs; prints how many rows decoded together while the short ones ran and
-  their time to finish, against the same K requests without the long one. A cache whose every row spans
-  the longest one fits only max_batch_tokens / (N + new) rows. Run: python -m app.bench.long_prompt
-  --tokens 6000 --short 31
+  their time to finish, against the same K requests without the long one (the ragged cache charges each
+  row its own tokens; the rectangular one it replaced fitted only max_batch_tokens / (N + new) rows).
+  Run: python -m app.bench.long_prompt --tokens 6000 --short 31
 """
 
 from __future__ import annotations

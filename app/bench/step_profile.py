@@ -4,8 +4,8 @@ Runs the real engine in-process on the model the server would load (settings fro
 `TEXTGEN_QUANTIZE=int8 python -m app.bench.step_profile` profiles the int8 mode), fills its batch with
 `--rows` requests (fresh random prompts of 110-170 tokens, `ignore_eos`), and once every row decodes,
 profiles `--steps` steps on the engine's own thread with torch.profiler. Each step is split into:
-linear layers (the matrix-product kernels of every numeric mode), attention (the decode kernel's batched
-matmuls and softmax), sampling, output (detokenization, stop strings, events), and the rest (small
+linear layers (the matrix-product kernels of every numeric mode), attention (the ragged C kernel, or the
+torch path's matmuls and softmax), sampling, output (detokenization, stop strings, events), and the rest (small
 tensor ops between them, Python, scheduling).
 """
 
@@ -27,9 +27,10 @@ from app.engine.engine import Engine
 from app.engine.types import GenerationRequest
 from app.main import engine_limits
 from app.models.loader import load_model
+from app.models.ragged_attention import PROFILE_NAME
 
 LINEAR_OPS = ("_linear_pointwise", "qlinear_pointwise", "_int_mm", "_weight_int4pack_mm", "aten::mm", "aten::addmm")
-ATTENTION_OPS = ("aten::bmm", "aten::_softmax")
+ATTENTION_OPS = ("aten::bmm", "aten::_softmax", PROFILE_NAME)  # the torch path's ops, the ragged C kernel
 
 
 def _labelled(name: str, work: Callable[..., Any]) -> Callable[..., Any]:

@@ -1,7 +1,10 @@
-"""The running batch: the model's forward passes over a SlotCache, rows joining and leaving.
+"""The running batch: the model's forward passes over the ragged KV cache, rows joining and leaving.
 
-Holds the sequences in slot order (`seqs[i].slot == i`) next to the cache; `join` and `leave` are the
-only places that change either, so the two cannot drift apart.
+Holds the sequences (`seqs`, in batch order) next to the cache; each joined sequence holds a segment of it
+(`seq.segment`). A prompt takes its segment when its prefill starts (`open`, until its first sequence joins;
+its siblings copy it), and every prompt, whole or in chunks, with or without a reused prefix, is computed
+into that segment the same way (`prefill_chunk`). `join` and `leave` are the only places that change the
+rows, and `leave` gives the segment back.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from app.engine.kv_cache import RowCache, SlotCache
+from app.engine.kv_cache import KV, PrefillCache, RaggedCache, Segment
 from app.engine.logprobs import prompt_logprobs
 from app.engine.prefix_cache import Hit, PrefillKV
 from app.engine.state import RequestState, SequenceState
@@ -21,31 +24,16 @@ from app.models.numerics import prompt_pass
 
 
 class Batch:
-    def __init__(self, model: Any, max_rows: int, max_tokens: int | None = None, stage_tokens: int = 0) -> None:
+    def __init__(self, model: Any, max_rows: int, max_tokens: int | None = None, kernel: bool | None = None) -> None:
         self.model = model
-        # One row, outside the batch, that a long prompt is prefilled into chunk by chunk while the batch keeps
-        # decoding (its columns stay put; the batch's move with every step): per layer (1, H, stage_tokens, D)
-        self.stage_tokens = stage_tokens
-        self.staging: PrefillKV | None = None
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.cache = SlotCache(model.config.num_hidden_layers, max_rows, max_tokens)
+        # the arena: the token budget (the scheduler charges each row whole blocks within it) and a token per row
+        self.cache = RaggedCache(model.config.num_hidden_layers, max_tokens, max_rows, kernel=kernel)
         self.seqs: list[SequenceState] = []
-        self._open: RequestState | None = None  # prefilled into the next free slot, not joined yet
+        self.open: dict[int, tuple[RequestState, Segment]] = {}  # id(request) -> its prompt's segment, not joined
         # the model's decode written out without transformers' plumbing (same results), where there is one
         self.step = decode_step.for_model(model)
-
-    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
-        """bool mask -> additive float mask in the model's dtype (works for sdpa and eager attention)."""
-        zero = torch.zeros((), dtype=self.dtype, device=self.device)
-        return torch.where(allowed, zero, torch.finfo(self.dtype).min)
-
-    def _cache_from(self, prefix: PrefillKV | None, rows: int = 1) -> DynamicCache:
-        """A fresh cache holding `prefix` (read, never written: the forward appends by concatenation)."""
-        cache = DynamicCache(config=self.model.config)
-        for i, (k, v) in enumerate(prefix or []):
-            cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), i)  # (rows, H, n, D)
-        return cache
 
     def kv_example(self) -> PrefillKV:
         """The K/V of a one-token forward: per layer (1, H, 1, D), what caches shape their buffers on."""
@@ -54,45 +42,69 @@ class Batch:
                    use_cache=True, logits_to_keep=1)  # fmt: skip
         return [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
 
+    def allocate(self, example: PrefillKV | None = None) -> None:
+        """Allocate the KV arena now (zero-filled, resident) and build the decode kernel, not at the first
+        request. `example`: what `kv_example` returns, when the caller has it already."""
+        if not self.cache.has_layout:
+            self.cache.allocate(example or self.kv_example(), q_heads=int(self.model.config.num_attention_heads))
+
+    def _segment(self, request: RequestState) -> Segment:
+        """The segment `request`'s prompt is computed into: taken at its first chunk, kept until it joins."""
+        if not self.cache.has_layout:
+            self.allocate()
+        entry = self.open.get(id(request))
+        if entry is None:
+            entry = (request, self.cache.hold(request.reserved_tokens))
+            self.open[id(request)] = entry
+        return entry[1]
+
     def prefill(
         self, request: RequestState, prefix: Hit | None = None
     ) -> tuple[torch.Tensor, PrefillKV, list[TokenLogprob] | None]:
-        """Run one prompt on its own, writing its K/V straight into the next free slot; return its
-        last-position logits (V,), views of the prompt's K/V in that slot (1, H, P, D) per layer, valid until
-        the batch next changes, and the prompt's token log-probabilities when the request asked for them.
-        The slot joins with `join`; until then it is the next free one and the next prefill overwrites it.
+        """Compute the whole prompt (after `prefix`, a kept prompt sharing its first tokens) into its segment;
+        return its last-position logits (V,), the prompt's K/V (1, H, P, D) per layer, and the prompt's token
+        log-probabilities when the request asked for them. Its first sequence joins with `join`.
 
         Prompts are prefilled one at a time, unpadded: padding a group to its longest prompt wasted
         ~40% of prefill compute on mixed lengths, and a few hundred tokens already fill the matmuls.
-        With `prefix` (a kept prompt sharing its first tokens) only the rest is computed.
         """
-        self._open = None
-        length = request.prompt_len
-        if not self.cache.has_layout:
-            self.allocate()
-        self.cache.reserve(len(self.seqs) + 1, length)
-        kv = self.cache.open_row(length)
-        done = 0
-        if prefix is not None:
-            prefix.copy_into(kv)
-            done = prefix.length
-        ids = torch.tensor([request.prompt_ids[done:]], device=self.device)  # (1, P - n)
-        cache = RowCache(kv, done)
         top = getattr(request.request, "prompt_logprobs", None)
-        scored: list[TokenLogprob] | None = None
+        if top is None:
+            logits, kv = self._compute(request, request.prompt_len, prefix)
+            return logits, kv, None
+        assert prefix is None and request.prefilled == 0, "prompt log-probabilities need every position computed"
+        cache = PrefillCache(self.cache, self._segment(request), 0)
+        ids = torch.tensor([request.prompt_ids], device=self.device)  # (1, P)
         with prompt_pass():
-            if top is None:
-                out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-                logits: torch.Tensor = out.logits[0, -1, :]  # (V,)
-            else:
-                assert done == 0, "prompt log-probabilities need the whole prompt computed"
-                out = self.model.base_model(input_ids=ids, cache=cache, use_cache=True)
-                hidden = out.last_hidden_state[0]  # (P, H)
-                output = self.model.get_output_embeddings()
-                logits = output(hidden[-1:])[0]  # (V,)
-                scored = prompt_logprobs(hidden, output, request.prompt_ids, top)
-        self._open = request
-        return logits, kv, scored
+            hidden = self.model.base_model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state[0]  # (P, E)
+            output = self.model.get_output_embeddings()
+            logits = output(hidden[-1:])[0]  # (V,)
+            scored = prompt_logprobs(hidden, output, request.prompt_ids, top)
+        request.prefilled = request.prompt_len
+        return logits, cache.kv(), scored
+
+    def prefill_chunk(self, request: RequestState, stop: int, prefix: Hit | None = None) -> torch.Tensor:
+        """Compute prompt tokens [request.prefilled, stop) into the prompt's segment (a `prefix` first fills its
+        start); return the logits (V,) at position stop - 1."""
+        return self._compute(request, stop, prefix)[0]
+
+    def _compute(self, request: RequestState, stop: int, prefix: Hit | None) -> tuple[torch.Tensor, KV]:
+        seg = self._segment(request)
+        if prefix is not None:
+            for layer, (k, v) in enumerate(prefix.gather()):
+                self.cache.write(layer, seg, 0, k, v)
+            request.prefilled = prefix.length
+        cache = PrefillCache(self.cache, seg, request.prefilled)
+        ids = torch.tensor([request.prompt_ids[request.prefilled : stop]], device=self.device)  # (1, c)
+        with prompt_pass():
+            out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        request.prefilled = stop
+        logits: torch.Tensor = out.logits[0, -1, :]  # (V,)
+        return logits, cache.kv()
+
+    def prompt_kv(self, request: RequestState) -> PrefillKV:
+        """The K/V of a prompt computed into its (open) segment, (1, H, P, D) per layer: copies."""
+        return self.cache.read_all(self.open[id(request)][1], request.prompt_len)
 
     def score(
         self, prompt: list[int], continuations: list[list[int]], prefix_len: int = 0, prefix: PrefillKV | None = None
@@ -112,7 +124,9 @@ class Batch:
         for j, s in enumerate(seqs):
             ids[j, : len(s)] = torch.tensor(s)
             mask[j, prefix_len : prefix_len + len(s)] = 1
-        cache = self._cache_from(prefix, rows=len(seqs))
+        cache = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(prefix or []):  # read, never written: the forward appends by concatenation
+            cache.update(k.expand(len(seqs), -1, -1, -1), v.expand(len(seqs), -1, -1, -1), i)  # (n, H, p, D)
         with prompt_pass():
             hidden = self.model.base_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                            cache=cache, use_cache=True).last_hidden_state  # (n, L, H)  # fmt: skip
@@ -133,110 +147,60 @@ class Batch:
 
     def decode(self) -> torch.Tensor:
         """One step for every row: feed each row's last token; return logits (B, V)."""
-        cache = self.cache
-        cache.reserve(len(self.seqs), max(s.kv_len for s in self.seqs))
-        width = cache.width
-        last = torch.tensor([[s.tokens[-1]] for s in self.seqs], device=self.device)  # (B, 1)
-        kv_len = torch.tensor([s.kv_len for s in self.seqs], device=self.device)  # (B,)
-        positions = kv_len.unsqueeze(1)  # (B, 1): the new token comes after the row's kv_len tokens
-        cols = torch.arange(width + 1, device=self.device)  # (W+1,)
-        allowed = cols.unsqueeze(0) >= (width - kv_len).unsqueeze(1)  # (B, W+1)
-        mask = self._additive(allowed)[:, None, None, :]  # (B, 1, 1, W+1)
+        view = self.cache.decode_view([s.segment for s in self.seqs], [s.kv_len for s in self.seqs])  # type: ignore[misc]
+        last = torch.tensor([s.tokens[-1] for s in self.seqs], device=self.device)  # (B,)
+        kv_len = torch.tensor([s.kv_len for s in self.seqs], device=self.device)  # (B,): the new token's position
         if self.step is not None:
-            logits: torch.Tensor = self.step(last[:, 0], kv_len, cache, mask)  # (B, V)
+            logits: torch.Tensor = self.step(last, kv_len, view)  # (B, V)
         else:
-            out = self.model(
-                input_ids=last, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                logits_to_keep=1,
-            )  # fmt: skip
+            mask = view.window_index()[2]  # (B, 1, 1, W)
+            out = self.model(input_ids=last[:, None], attention_mask=mask, position_ids=kv_len[:, None],
+                             cache=view.as_cache(), use_cache=True, logits_to_keep=1)  # fmt: skip
             logits = out.logits[:, -1, :]
-        cache.advance(1)
         for s in self.seqs:
             s.kv_len += 1
         return logits
 
-    def allocate(self, example: PrefillKV | None = None) -> None:
-        """Allocate the KV arena and the staging row now (zero-filled, resident), not at the first request.
-        `example`: what `kv_example` returns, when the caller has it already."""
-        example = example or self.kv_example()
-        self.cache.allocate(example)
-        if self.staging is None and self.stage_tokens:
-            n = self.stage_tokens
-            self.staging = [(k.new_zeros(1, k.shape[1], n, k.shape[3]), v.new_zeros(1, v.shape[1], n, v.shape[3]))
-                            for k, v in example]  # fmt: skip
-
-    def prefill_chunk(self, request: RequestState, stop: int, prefix: Hit | None = None) -> torch.Tensor:
-        """Compute prompt tokens [request.prefilled, stop) of a long prompt into the staging row (a `prefix` first
-        fills its start); return the logits (V,) at position stop - 1. `unstage` moves the whole prompt into
-        the batch once it is done."""
-        if self.staging is None:
-            self.allocate()
-        assert self.staging is not None and request.prompt_len <= self.stage_tokens
-        views = [(k[:, :, : request.prompt_len], v[:, :, : request.prompt_len]) for k, v in self.staging]
-        if prefix is not None:
-            prefix.copy_into(views)
-            request.prefilled = prefix.length
-        ids = torch.tensor([request.prompt_ids[request.prefilled : stop]], device=self.device)  # (1, c)
-        with prompt_pass():
-            out = self.model(input_ids=ids, cache=RowCache(views, request.prefilled), use_cache=True, logits_to_keep=1)
-        request.prefilled = stop
-        logits: torch.Tensor = out.logits[0, -1, :]  # (V,)
-        return logits
-
-    def unstage(self, request: RequestState) -> PrefillKV:
-        """Copy a fully prefilled staging row into the next free slot; like `prefill`, return views of it
-        (1, H, P, D) per layer, and the slot joins with `join`."""
-        assert self.staging is not None and request.prefilled == request.prompt_len
-        length = request.prompt_len
-        self.cache.reserve(len(self.seqs) + 1, length)
-        kv = self.cache.open_row(length)
-        for (dest_k, dest_v), (k, v) in zip(kv, self.staging, strict=True):
-            dest_k.copy_(k[:, :, :length])
-            dest_v.copy_(v[:, :, :length])
-        self._open = request
-        return kv
-
     def join(self, seq: SequenceState) -> None:
         """Add a prefilled sequence; its first generated token is fed at the next decode. The first of its
-        request to join takes the slot its prefill wrote; its siblings copy that row."""
-        length = seq.request.prompt_len
-        if self._open is seq.request:
-            seq.slot = self.cache.add_open_row(length)
-            self._open = None
+        request to join takes the segment its prefill wrote; its siblings copy it."""
+        request = seq.request
+        length = request.prompt_len
+        entry = self.open.pop(id(request), None)
+        if entry is not None:
+            seq.segment = entry[1]
         else:
-            sibling = next(s for s in seq.request.sequences if s.slot >= 0)
-            self.cache.reserve(len(self.seqs) + 1, length)
-            seq.slot = self.cache.copy_row(sibling.slot, length)
+            sibling = next(s for s in request.sequences if s.segment is not None)
+            seq.segment = self.cache.hold(request.reserved_tokens)
+            assert sibling.segment is not None
+            self.cache.copy(sibling.segment, seq.segment, length)
         seq.kv_len = length
         self.seqs.append(seq)
-        assert self.seqs[seq.slot] is seq
+
+    def discard(self, request: RequestState) -> None:
+        """A prompt that will not join (failed, cancelled, done on its first token): its segment is free."""
+        entry = self.open.pop(id(request), None)
+        if entry is not None:
+            self.cache.drop(entry[1])
 
     def settle(self) -> None:
-        """After a step's prefills: a prefilled slot nobody joined is free again; an empty batch lets go of
-        its buffers."""
-        self._open = None
-        if not self.seqs:
-            self.cache.release()
+        """After a step: an open prompt whose request is done, or that is computed but nobody joined (it finished
+        on its first token), gives its segment back; a long prompt between chunks keeps it."""
+        for request, _ in list(self.open.values()):
+            if request.done or request.prefilled >= request.prompt_len:
+                self.discard(request)
 
     def leave(self, seq: SequenceState) -> None:
-        slot = seq.slot
-        moved = self.cache.remove_row(slot)
-        last = self.seqs.pop()
-        if moved is not None:
-            self.seqs[slot] = last
-            last.slot = slot
-        seq.slot = -1
-        if self.seqs:
-            self.cache.shrink_window(max(s.kv_len for s in self.seqs))
-        else:
-            self.cache.release()
+        self.seqs.remove(seq)
+        if seq.segment is not None:
+            self.cache.drop(seq.segment)
+        seq.segment = None
 
     def clear(self) -> list[SequenceState]:
-        """Drop every row (after a failed step): the cache's contents can no longer be trusted."""
+        """Drop every row and open prompt (after a failed step): the cache's contents can no longer be trusted."""
         dropped, self.seqs = self.seqs, []
-        self._open = None
         for s in dropped:
-            s.slot = -1
-        self.cache.window.rows = 0
-        self.cache.release()
+            s.segment = None
+        self.open.clear()
+        self.cache.drop_all()
         return dropped

@@ -28,6 +28,7 @@ from app.engine.errors import (
     StepFailed,
 )
 from app.engine.input import Input
+from app.engine.kv_cache import BLOCK
 from app.engine.limits import EngineLimits, EngineStats
 from app.engine.logprobs import token_logprobs
 from app.engine.memory import TRIM_INTERVAL_S, release_free_memory
@@ -71,11 +72,9 @@ class Engine:
         self.max_prompt_tokens = self.input.max_prompt_tokens
         self.scheduler = Scheduler(
             limits.max_batch_size, limits.max_batch_tokens, limits.max_prefill_tokens, limits.max_queued_requests,
-            limits.max_queued_tokens,
+            limits.max_queued_tokens, kv_block=BLOCK,
         )  # fmt: skip
-        chunked = self.max_prompt_tokens > limits.prefill_chunk_tokens
-        self.batch = Batch(model, limits.max_batch_size, limits.max_batch_tokens,
-                           stage_tokens=self.max_prompt_tokens if chunked else 0)  # fmt: skip
+        self.batch = Batch(model, limits.max_batch_size, limits.max_batch_tokens)
         # admitted prompts longer than a chunk, prefilled one chunk per step, first in first out
         self.prefilling: deque[RequestState] = deque()
         self.prefix_cache = PrefixCache(limits.prefix_cache_bytes)
@@ -273,7 +272,7 @@ class Engine:
                 continue
             wants_prompt = getattr(state.request, "prompt_logprobs", None) is not None
             state.admitted_at = now
-            if state.prompt_len > self.limits.prefill_chunk_tokens and self.batch.stage_tokens and not wants_prompt:
+            if state.prompt_len > self.limits.prefill_chunk_tokens and not wants_prompt:
                 # prefilled a chunk per step from the next step on, while the batch keeps decoding
                 self.running[state.id] = state
                 self.prefilling.append(state)
@@ -283,7 +282,7 @@ class Engine:
                 # prompt log-probabilities need every prompt position computed: no reuse then
                 hit = None if wants_prompt else self.prefix_cache.match(state.prompt_ids)
                 logits, kv, scored = self.batch.prefill(state, hit)  # (V,)
-                self.prefix_cache.store(state.prompt_ids, kv)  # before any join: kv are views of the open slot
+                self.prefix_cache.store(state.prompt_ids, kv)
                 tokens, first = self._first_tokens(state, logits)
                 self._stats.prefill_seconds += time.perf_counter() - started
             except Exception as exc:
@@ -313,8 +312,7 @@ class Engine:
                 self._stats.prefill_seconds += time.perf_counter() - started
                 return 0
             self.prefilling.popleft()
-            kv = self.batch.unstage(state)
-            self.prefix_cache.store(state.prompt_ids, kv)
+            self.prefix_cache.store(state.prompt_ids, self.batch.prompt_kv(state))
             tokens, first = self._first_tokens(state, logits)
             self._stats.prefill_seconds += time.perf_counter() - started
         except Exception as exc:
@@ -335,7 +333,7 @@ class Engine:
 
     def _begin(self, state: RequestState, tokens: list[int], first: torch.Tensor | None,
                scored: list[TokenLogprob] | None) -> int:  # fmt: skip
-        """A prompt is prefilled into the batch's open slot: emit its first tokens; its sequences join."""
+        """A prompt is computed into its segment: emit its first tokens; its sequences join."""
         self._stats.prompt_tokens += state.prompt_len
         if scored is not None:
             state.channel.put(PromptLogprobs((None, *scored)))
@@ -411,7 +409,7 @@ class Engine:
                 self.batch.join(seq)
             return
         seq.finish_reason = finish
-        if seq.slot >= 0:
+        if seq.segment is not None:
             self.batch.leave(seq)
             self.scheduler.release(state)
         elif prefilled:
@@ -436,8 +434,9 @@ class Engine:
         state.channel.put(finished)
 
     def _release_rows(self, state: RequestState) -> None:
+        self.batch.discard(state)  # a prompt computed (or being computed) that will not join
         for seq in state.sequences:
-            if seq.slot >= 0:
+            if seq.segment is not None:
                 self.batch.leave(seq)
             if state.id in self.running and seq.finish_reason is None:
                 self.scheduler.release(state)

@@ -19,6 +19,7 @@ import torch
 
 from app.engine.detokenize import IncrementalText
 from app.engine.errors import EngineStopped, InvalidRequest
+from app.engine.kv_cache import BLOCK
 from app.engine.limits import MAX_TOP_LOGPROBS, EngineLimits
 from app.engine.state import Channel, RequestState, SequenceState
 from app.engine.stopping import StreamText
@@ -56,10 +57,12 @@ class Input:
         max_new = self._max_new_tokens(request, len(prompt_ids))
         self._check_sampling(request)
         state = self._new_state(request, prompt_ids, max_new, [], loop)
-        if state.rows * state.reserved_tokens > self.limits.max_batch_tokens:
+        held = -(-state.reserved_tokens // BLOCK) * BLOCK  # a row holds whole blocks of the KV cache
+        if state.rows * held > self.limits.max_batch_tokens:
+            blocks = "" if held == state.reserved_tokens else f" ({state.rows * held} in whole KV blocks of {BLOCK})"
             raise InvalidRequest(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}), times "
-                f"{state.rows} sequences, is {state.rows * state.reserved_tokens} tokens; this server's "
+                f"{state.rows} sequences, is {state.rows * state.reserved_tokens} tokens{blocks}; this server's "
                 f"max_batch_tokens is {self.limits.max_batch_tokens}",
                 field="max_new_tokens",
             )

@@ -1,81 +1,328 @@
-"""A KV cache whose rows can join and leave between decode steps without touching the other rows.
+"""The ragged KV cache: each row holds its own tokens in one segment of a shared arena, nothing padded.
 
-Layout, per layer: preallocated buffers `k`, `v` of shape (row_capacity, kv_heads, len_capacity, head_dim).
-Active rows are slots [0, rows). Every row ends at the same column `end` (the next token of every row is
-written there), so rows are right-aligned: a row holding n tokens occupies columns [end - n, end). The
-attention window is [start, end) with start = end - (longest row); columns left of a shorter row are
-padding, masked out by the caller.
+Layout, per layer: one arena of blocks of BLOCK (16) tokens, head-major, K transposed within a block (what
+the decode kernel reads fastest, app/models/ragged_attention.py):
+    keys (H, NB, D, 16), values (H, NB, 16, D).
+A row (a sequence) holds a `Segment`: consecutive blocks, enough for its prompt and its max new tokens,
+taken when its prefill starts and given back when it leaves. Memory is therefore charged per row for what
+that row may hold, not rows x the longest row: one 6,000-token prompt takes its own 375 blocks and the short
+rows beside it take theirs. Segments are placed first-fit; when the free blocks are enough but no gap is,
+the live segments slide left (`compact`, a copy of what is held, rare).
 
-- join: a newcomer's prompt is prefilled straight into the next free slot, right-aligned (`open_row`,
-  RowCache); its other sequences (num_return_sequences) copy that row.
-- leave: the last active slot is copied into the freed one (one row's window, not the whole cache).
-- decode: each layer writes one column at `end` in place; no concatenation of the whole cache per step.
-The buffers are reshaped (amortised, by growing) only when a row needs more columns or rows than there
-are.
+- prefill: a forward writes the prompt's K/V into its segment through `PrefillCache` (a transformers Cache);
+  a chunk or a reused prefix reads back what the segment already holds.
+- decode: `decode_view(segments, lengths)` gives the step's `DecodeView`: per layer it writes each row's new
+  token into its segment and attends over that row's tokens only (the C kernel, or gathered windows on the
+  torch path). Models without a written-out step run their own forward over `DecodeView.as_cache()`.
 
-Memory: with a token bound (`max_tokens`, the server's max_batch_tokens) the whole budget is one flat
-arena per layer, allocated and touched once (`allocate`, at engine start); the (rows, H, len, D) buffers
-are views into it, reshaped in place as the batch's geometry changes. The process's memory therefore
-holds the configured KV budget from the start and never grows past it, and batches of every shape
-coming and going do not fragment the heap (a soak of the default model grew RSS 62% while the cache was
-allocated per geometry). Without a bound, buffers are allocated per geometry and dropped when idle.
+Memory: with a token bound (the server's max_batch_tokens) the arena is allocated and zero-filled once, at
+engine start, so the process holds its KV budget from the start and never grows past it. Without a bound the
+arena doubles when it is full.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from app.models import ragged_attention
+from app.models.attention import decode_attention
 
-@dataclass(frozen=True)
-class Layout:
-    """One layer's K/V geometry, learnt from the first tensors the cache sees."""
-
-    heads: int
-    k_dim: int
-    v_dim: int
-    dtype: torch.dtype
-    device: torch.device
+BLOCK = ragged_attention.BLOCK
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, H, P, D) keys and values
 
 
-@dataclass
-class Window:
-    rows: int = 0  # active slots [0, rows)
-    start: int = 0  # first column any active row uses
-    end: int = 0  # the column the next decoded token is written to
+def blocks_for(tokens: int) -> int:
+    return -(-tokens // BLOCK)
 
 
-class SlotLayer(CacheLayerMixin):
+@dataclass(eq=False)
+class Segment:
+    """Blocks [start, start + blocks) of the arena; `start` moves when the cache compacts."""
+
+    start: int
+    blocks: int
+
+
+class SegmentSpace:
+    """Which blocks are held: segments kept in address order, placed first-fit. Torch-free."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.segments: list[Segment] = []  # by start
+
+    @property
+    def held(self) -> int:
+        return sum(s.blocks for s in self.segments)
+
+    def place(self, blocks: int) -> Segment | None:
+        at = 0
+        for i, seg in enumerate(self.segments):
+            if seg.start - at >= blocks:
+                placed = Segment(at, blocks)
+                self.segments.insert(i, placed)
+                return placed
+            at = seg.start + seg.blocks
+        if self.capacity - at >= blocks:
+            placed = Segment(at, blocks)
+            self.segments.append(placed)
+            return placed
+        return None
+
+    def free(self, seg: Segment) -> None:
+        self.segments.remove(seg)
+
+    def compact(self) -> list[tuple[Segment, int]]:
+        """Slide every segment left to close the gaps; returns (segment, its old start) for those that moved."""
+        moved = []
+        at = 0
+        for seg in self.segments:
+            if seg.start != at:
+                moved.append((seg, seg.start))
+                seg.start = at
+            at += seg.blocks
+        return moved
+
+
+class RaggedCache:
+    def __init__(self, num_layers: int, max_tokens: int | None, slack_tokens: int = 0,
+                 kernel: bool | None = None) -> None:  # fmt: skip
+        self.num_layers = num_layers
+        # the arena holds max_tokens + slack_tokens tokens (the scheduler charges each row its reserved tokens
+        # rounded up to a block, within max_tokens); None: no bound, it grows
+        self.max_tokens = None if max_tokens is None else max_tokens + slack_tokens
+        self.use_kernel = kernel  # None: where it builds and the shape allows; False: always the torch path
+        self.kernel: ragged_attention.Kernel | None = None
+        self.transposed = False  # keys (H, NB, D, 16) for the kernel; else (H, NB, 16, D) like the values
+        self.keys: list[torch.Tensor] = []  # per layer (H, NB, D, 16)
+        self.values: list[torch.Tensor] = []  # per layer (H, NB, 16, D)
+        self._flat: list[tuple[torch.Tensor, torch.Tensor]] = []  # the bounded arena the views live in
+        # per layer: heads, key dim, value dim, and 0-d tensors of the keys' and values' dtype and device
+        self._layout: list[tuple[int, int, int, torch.Tensor, torch.Tensor]] = []
+        self.space = SegmentSpace(0)
+
+    # ---- memory -------------------------------------------------------------------------------
+    @property
+    def has_layout(self) -> bool:
+        return bool(self.keys)
+
+    def allocate(self, like: KV, q_heads: int | None = None) -> None:
+        """Allocate the arena shaped like `like` ((B, H, n, D) per layer), zero-filled: resident from now on.
+        `q_heads`: the model's query heads, for the decode kernel (built now, not in the first step); without
+        it, or where the kernel cannot run, the torch path runs and keys are stored untransposed."""
+        if self.keys:
+            return
+        k, v = like[0]
+        heads, dim = k.shape[1], k.shape[3]
+        if (self.use_kernel is not False and q_heads is not None and k.device.type == "cpu"
+                and k.dtype == torch.float32 and v.shape[3] == dim and not q_heads % heads):  # fmt: skip
+            self.kernel = ragged_attention.load(heads, q_heads // heads, dim)
+        self.transposed = self.kernel is not None
+        self._layout = [(k.shape[1], k.shape[3], v.shape[3], k.new_zeros(()), v.new_zeros(())) for k, v in like]
+        tokens = self.max_tokens if self.max_tokens is not None else 64 * BLOCK
+        self._grow(tokens // BLOCK)
+
+    def _grow(self, blocks: int) -> None:
+        keys, values, flat = [], [], []
+        for i, (heads, k_dim, v_dim, k, v) in enumerate(self._layout):  # k, v: 0-d tensors of the dtype/device
+            if self.max_tokens is not None:  # one flat arena, its bytes exactly the configured budget
+                fk = k.new_zeros(self.max_tokens * heads * k_dim)
+                fv = v.new_zeros(self.max_tokens * heads * v_dim)
+                flat.append((fk, fv))
+                nk = fk[: heads * blocks * k_dim * BLOCK].view(self._key_shape(heads, blocks, k_dim))
+                nv = fv[: heads * blocks * BLOCK * v_dim].view(heads, blocks, BLOCK, v_dim)
+            else:
+                nk = k.new_zeros(self._key_shape(heads, blocks, k_dim))
+                nv = v.new_zeros(heads, blocks, BLOCK, v_dim)
+                if self.keys:
+                    old = self.keys[i].shape[1]
+                    nk[:, :old] = self.keys[i]
+                    nv[:, :old] = self.values[i]
+            keys.append(nk)
+            values.append(nv)
+        self.keys, self.values, self._flat = keys, values, flat
+        self.space.capacity = blocks
+
+    def _key_shape(self, heads: int, blocks: int, dim: int) -> tuple[int, int, int, int]:
+        return (heads, blocks, dim, BLOCK) if self.transposed else (heads, blocks, BLOCK, dim)
+
+    def capacity_bytes(self) -> int:
+        """Bytes the bounded arena holds (0 without a bound)."""
+        return sum(k.nbytes + v.nbytes for k, v in self._flat)
+
+    def nbytes(self) -> int:
+        """Bytes of the blocks rows hold now."""
+        if not self.keys:
+            return 0
+        per_block = sum(k[:, :1].nbytes + v[:, :1].nbytes for k, v in zip(self.keys, self.values, strict=True))
+        return self.space.held * per_block
+
+    # ---- segments -----------------------------------------------------------------------------
+    def hold(self, tokens: int) -> Segment:
+        """A segment for `tokens` tokens. Raises RuntimeError when the arena cannot hold it (the scheduler
+        admits nothing that gets here: an error for this step, not a crash)."""
+        need = blocks_for(tokens)
+        seg = self.space.place(need)
+        if seg is None and self.space.capacity - self.space.held >= need:
+            self._compact()
+            seg = self.space.place(need)
+        if seg is None and self.max_tokens is None:
+            self._grow(max(2 * self.space.capacity, self.space.held + need))
+            seg = self.space.place(need)
+        if seg is None:
+            raise RuntimeError(f"KV cache bound exceeded: {need} blocks asked, "
+                               f"{self.space.capacity - self.space.held} of {self.space.capacity} free")  # fmt: skip
+        return seg
+
+    def drop(self, seg: Segment) -> None:
+        self.space.free(seg)
+
+    def drop_all(self) -> None:
+        self.space.segments.clear()
+
+    def _compact(self) -> None:
+        for seg, old in self.space.compact():
+            src, dst = slice(old, old + seg.blocks), slice(seg.start, seg.start + seg.blocks)
+            overlap = old < seg.start + seg.blocks
+            for k, v in zip(self.keys, self.values, strict=True):
+                k[:, dst] = k[:, src].clone() if overlap else k[:, src]
+                v[:, dst] = v[:, src].clone() if overlap else v[:, src]
+
+    def copy(self, src: Segment, dst: Segment, tokens: int) -> None:
+        """The first `tokens` tokens of `src` into `dst` (a sibling sequence of the same prompt)."""
+        n = blocks_for(tokens)
+        for k, v in zip(self.keys, self.values, strict=True):
+            k[:, dst.start : dst.start + n] = k[:, src.start : src.start + n]
+            v[:, dst.start : dst.start + n] = v[:, src.start : src.start + n]
+
+    # ---- tokens -------------------------------------------------------------------------------
+    def write(self, layer: int, seg: Segment, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Tokens [pos, pos + q) of `seg` from k, v (1, H, q, D)."""
+        p = torch.arange(pos, pos + k.shape[2], device=k.device)  # (q,)
+        blk, slot = seg.start + p // BLOCK, p % BLOCK
+        if self.transposed:
+            self.keys[layer][:, blk, :, slot] = k[0].transpose(0, 1)  # (q, H, D)
+        else:
+            self.keys[layer][:, blk, slot, :] = k[0]  # (H, q, D)
+        self.values[layer][:, blk, slot, :] = v[0]  # (H, q, D)
+
+    def read(self, layer: int, seg: Segment, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [0, tokens) of `seg`, contiguous copies (1, H, tokens, D)."""
+        n = blocks_for(tokens)
+        k = self.keys[layer][:, seg.start : seg.start + n]  # (H, n, D, 16) or (H, n, 16, D)
+        v = self.values[layer][:, seg.start : seg.start + n]  # (H, n, 16, D)
+        if self.transposed:
+            k = k.transpose(2, 3)
+        keys = k.reshape(k.shape[0], n * BLOCK, k.shape[3])[:, :tokens]
+        values = v.reshape(v.shape[0], n * BLOCK, v.shape[3])[:, :tokens]
+        return keys.unsqueeze(0), values.unsqueeze(0)
+
+    def read_all(self, seg: Segment, tokens: int) -> KV:
+        return [self.read(layer, seg, tokens) for layer in range(self.num_layers)]
+
+    def decode_view(self, segments: list[Segment], lengths: list[int]) -> DecodeView:
+        """The step's view: rows hold `lengths` tokens each in `segments`; the new token goes after them."""
+        return DecodeView(self, segments, lengths)
+
+
+class DecodeView:
+    """One decode step over the rows: write each row's new token, attend over its tokens."""
+
+    def __init__(self, cache: RaggedCache, segments: list[Segment], lengths: list[int]) -> None:
+        self.cache = cache
+        device = cache.keys[0].device
+        starts = torch.tensor([s.start for s in segments], device=device)  # (B,)
+        held = torch.tensor(lengths, device=device)  # (B,)
+        self.blk, self.slot = starts + held // BLOCK, held % BLOCK  # (B,): where each new token goes
+        self.lengths = [n + 1 for n in lengths]
+        self.starts = [s.start for s in segments]
+        self.plan = ragged_attention.Plan(self.starts, self.lengths) if cache.kernel else None
+        self._window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (B, H, 1, D): each row's new token."""
+        if self.cache.transposed:
+            self.cache.keys[layer][:, self.blk, :, self.slot] = k[:, :, 0]  # (B, H, D)
+        else:
+            self.cache.keys[layer][:, self.blk, self.slot, :] = k[:, :, 0].transpose(0, 1)  # (H, B, D)
+        self.cache.values[layer][:, self.blk, self.slot, :] = v[:, :, 0].transpose(0, 1)  # (H, B, D)
+
+    def window_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block and slot (B, W) of every column of right-aligned windows W = the longest row wide (padding:
+        block 0), and the additive mask (B, 1, 1, W) over them."""
+        if self._window is None:
+            device = self.blk.device
+            width = max(self.lengths)
+            lengths = torch.tensor(self.lengths, device=device)  # (B,)
+            pos = torch.arange(width, device=device).unsqueeze(0) - (width - lengths).unsqueeze(1)  # (B, W)
+            real = pos >= 0
+            pos = pos.clamp(min=0)
+            starts = self.blk - (lengths - 1) // BLOCK  # (B,)
+            blk = torch.where(real, starts.unsqueeze(1) + pos // BLOCK, 0)
+            dtype = self.cache.keys[0].dtype
+            mask = torch.where(real, torch.zeros((), dtype=dtype, device=device), torch.finfo(dtype).min)
+            self._window = blk, pos % BLOCK, mask[:, None, None, :]
+        return self._window
+
+    def window(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's tokens gathered into right-aligned padded windows, (B, H, W, D)."""
+        blk, slot, _ = self.window_index()
+        if self.cache.transposed:
+            keys = self.cache.keys[layer][:, blk, :, slot].permute(0, 2, 1, 3)  # (B, W, H, D) -> (B, H, W, D)
+        else:
+            keys = self.cache.keys[layer][:, blk, slot, :].transpose(0, 1)  # (H, B, W, D) -> (B, H, W, D)
+        values = self.cache.values[layer][:, blk, slot, :].transpose(0, 1)  # (H, B, W, D) -> (B, H, W, D)
+        return keys, values
+
+    def attend(self, layer: int, module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float) -> torch.Tensor:  # fmt: skip
+        """q (B, Hq, 1, D), the new k, v (B, Hkv, 1, D) -> attention output (B, 1, Hq, Dv), as sdpa returns."""
+        self.append(layer, k, v)
+        kernel = self.cache.kernel
+        if kernel is not None and self.plan is not None:
+            rows, heads, _, dim = q.shape
+            out = kernel(q.reshape(rows, heads, dim).contiguous(), scale, self.cache.keys[layer],
+                         self.cache.values[layer], self.plan)  # (B, Hq, D)  # fmt: skip
+            return out.view(rows, 1, heads, dim)
+        # the torch path: row by row over views of each segment (a padded window costs rows x the longest row)
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        heads, dim = keys.shape[0], values.shape[3]
+        outs = []
+        for row, (start, n) in enumerate(zip(self.starts, self.lengths, strict=True)):
+            nb = -(-n // BLOCK)
+            k = keys[:, start : start + nb].reshape(heads, nb * BLOCK, -1)[None, :, :n]  # (1, H, n, D)
+            v = values[:, start : start + nb].reshape(heads, nb * BLOCK, dim)[None, :, :n]
+            outs.append(decode_attention(module, q[row : row + 1], k, v, None, scaling=scale)[0])
+        return torch.cat(outs)  # (B, 1, Hq, Dv)
+
+    def as_cache(self) -> DecodeCache:
+        return DecodeCache(self)
+
+
+class _DecodeLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, window: Window) -> None:
+    def __init__(self, view: DecodeView, index: int) -> None:
         super().__init__()
-        self.window = window
-        self.k: torch.Tensor | None = None  # (row_cap, H, len_cap, D)
-        self.v: torch.Tensor | None = None
+        self.view, self.index = view, index
+        self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        raise RuntimeError("SlotLayer buffers are allocated by SlotCache.reserve before the first step")
+        raise RuntimeError("decode layers write into the ragged cache")
 
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.k is not None and self.v is not None
-        w = self.window
-        q = key_states.shape[-2]
-        self.k[: w.rows, :, w.end : w.end + q] = key_states
-        self.v[: w.rows, :, w.end : w.end + q] = value_states
-        # Views, not copies: (rows, H, window + q, D)
-        return self.k[: w.rows, :, w.start : w.end + q], self.v[: w.rows, :, w.start : w.end + q]
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        self.view.append(self.index, key_states, value_states)
+        return self.view.window(self.index)  # (B, H, W, D)
 
     def get_seq_length(self) -> int:
-        return self.window.end - self.window.start
+        return max(self.view.lengths) - 1
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -84,32 +331,40 @@ class SlotLayer(CacheLayerMixin):
         return -1
 
 
-class RowLayer(CacheLayerMixin):
-    """One layer of a prompt prefilled straight into its slot: keys/values are views (1, H, P, D) of the
-    row's columns; the first `filled` already hold a reused prefix, each forward appends after them."""
+class DecodeCache(Cache):
+    """A decode step through the model's own forward (the GPU, models without a written-out step): each layer
+    appends its rows' new token and reads the gathered windows; the caller passes `window_index()`'s mask."""
 
+    def __init__(self, view: DecodeView) -> None:
+        super().__init__(layers=[_DecodeLayer(view, i) for i in range(view.cache.num_layers)])
+
+
+class _PrefillLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, filled: int) -> None:
+    def __init__(self, cache: RaggedCache, index: int, seg: Segment, filled: int) -> None:
         super().__init__()
-        self.keys, self.values = keys, values
-        self.filled = filled
+        self.cache, self.index, self.seg, self.filled = cache, index, seg, filled
         self.is_initialized = True
+        self.keys: torch.Tensor | None = None  # (1, H, filled, D) after a forward: the prompt so far
+        self.values: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        raise RuntimeError("RowLayer writes into views handed to it")
+        raise RuntimeError("prefill layers write into the ragged cache")
 
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.keys is not None and self.values is not None
-        n, q = self.filled, key_states.shape[-2]
-        self.keys[:, :, n : n + q] = key_states
-        self.values[:, :, n : n + q] = value_states
-        self.filled = n + q
-        return self.keys[:, :, : n + q], self.values[:, :, : n + q]  # (1, H, n + q, D)
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        n = self.filled
+        self.cache.write(self.index, self.seg, n, key_states, value_states)
+        if n:  # a chunk after earlier ones, or after a reused prefix: attend over all of it
+            old_k, old_v = self.cache.read(self.index, self.seg, n)
+            key_states = torch.cat([old_k, key_states], dim=2)
+            value_states = torch.cat([old_v, value_states], dim=2)
+        self.filled = key_states.shape[2]
+        self.keys, self.values = key_states, value_states
+        return key_states, value_states  # (1, H, filled, D)
 
     def get_seq_length(self) -> int:
         return self.filled
@@ -121,186 +376,18 @@ class RowLayer(CacheLayerMixin):
         return -1
 
 
-class RowCache(Cache):
-    """What a prefill forward writes through: the K/V of its prompt land in the slot it will decode from,
-    with no per-prompt buffers (an 8k-token prompt's K/V is 350 MB on SmolLM2) and no copy at join."""
+class PrefillCache(Cache):
+    """What a prompt's forward writes through: its K/V land in the row's segment, after the `filled` tokens the
+    segment already holds. After the forward, `kv()` is the prompt so far, contiguous (for the prefix cache)."""
 
-    def __init__(self, views: list[tuple[torch.Tensor, torch.Tensor]], filled: int) -> None:
-        super().__init__(layers=[RowLayer(k, v, filled) for k, v in views])
+    def __init__(self, cache: RaggedCache, seg: Segment, filled: int) -> None:
+        self.prefill_layers = [_PrefillLayer(cache, i, seg, filled) for i in range(cache.num_layers)]
+        super().__init__(layers=list(self.prefill_layers))
 
+    def kv(self) -> KV:
+        out = []
+        for layer in self.prefill_layers:
+            assert layer.keys is not None and layer.values is not None
+            out.append((layer.keys, layer.values))
+        return out
 
-class SlotCache(Cache):
-    def __init__(self, num_layers: int, max_rows: int, max_tokens: int | None = None) -> None:
-        self.window = Window()
-        self.max_rows = max_rows
-        # Bound on rows x columns allocated (the buffers are rectangular): spare rows and headroom
-        # columns are only added while they fit. The scheduler keeps rows x longest row within it.
-        self.max_tokens = max_tokens
-        self.slot_layers = [SlotLayer(self.window) for _ in range(num_layers)]
-        # per layer flat (keys, values) storage the buffers are views of; None until `allocate`
-        self.arena: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._layout: list[Layout] = []
-        super().__init__(layers=list(self.slot_layers))
-
-    def allocate(self, like: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Allocate the arena for `max_tokens` (plus one decode column per row), shaped like `like`
-        ((B, H, n, D) per layer), unless it exists or there is no bound. Zero-filled: resident from now on."""
-        if not self._layout:
-            self._layout = [Layout(k.shape[1], k.shape[3], v.shape[3], k.dtype, k.device) for k, v in like]
-        if self.arena is not None or self.max_tokens is None:
-            return
-        tokens = self.max_tokens + self.max_rows
-        self.arena = [
-            (k.new_zeros(tokens * k.shape[1] * k.shape[3]), v.new_zeros(tokens * v.shape[1] * v.shape[3]))
-            for k, v in like
-        ]
-
-    @property
-    def has_layout(self) -> bool:
-        """Whether the cache has seen the model's K/V shapes (`allocate` or a first `reserve`)."""
-        return bool(self._layout)
-
-    def capacity_bytes(self) -> int:
-        """Bytes the arena holds (0 without one)."""
-        return sum(k.nbytes + v.nbytes for k, v in self.arena or [])
-
-    # ---- geometry -----------------------------------------------------------------------------
-    @property
-    def rows(self) -> int:
-        return self.window.rows
-
-    @property
-    def width(self) -> int:
-        return self.window.end - self.window.start
-
-    def _capacity(self) -> tuple[int, int]:
-        k = self.slot_layers[0].k
-        return (0, 0) if k is None else (k.shape[0], k.shape[2])
-
-    def reserve(self, rows: int, longest: int, like: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
-        """Make room for `rows` active rows, each up to `longest` columns, plus one column to decode into.
-
-        `like` gives (keys, values) per layer to copy shapes/dtype from when nothing is allocated yet.
-        """
-        row_cap, len_cap = self._capacity()
-        w = self.window
-        need_end = max(longest, w.end)
-        if rows <= row_cap and need_end + 1 <= len_cap and w.end >= longest:
-            return
-        # Compact to the left edge: the window [start, end) moves to [new_end - width, new_end).
-        width = self.width if w.rows else 0
-        new_end = max(longest, width)
-        headroom = max(64, new_end // 2)
-        new_len_cap = max(len_cap, -(-(new_end + headroom) // 64) * 64)
-        new_row_cap = max(row_cap, min(self.max_rows, max(rows, 2 * row_cap, 4)))
-        new_row_cap = max(new_row_cap, rows)
-        if self.max_tokens is not None:
-            # rows first (they are what was asked for), then columns, never below what is needed
-            new_row_cap = max(rows, min(new_row_cap, self.max_tokens // (new_end + 1)))
-            new_len_cap = max(new_end + 1, min(new_len_cap, self.max_tokens // new_row_cap))
-        if not self._layout:
-            assert like is not None, "first reserve needs example tensors"
-            self.allocate(like)
-        if self.max_tokens is not None and new_row_cap * new_len_cap > self.max_tokens + self.max_rows:
-            # the scheduler admits nothing that gets here; an error for this step, not a crash
-            raise RuntimeError(f"KV cache bound exceeded: {rows} rows x {new_end + 1} columns > "
-                               f"{self.max_tokens + self.max_rows} tokens")  # fmt: skip
-        arena: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self._layout)
-        if self.arena is not None:
-            arena = list(self.arena)
-        for layer, shape, flat in zip(self.slot_layers, self._layout, arena, strict=True):
-            old: tuple[torch.Tensor, torch.Tensor] | None = None
-            if layer.k is not None and layer.v is not None and w.rows and width:
-                old = layer.k[: w.rows, :, w.start : w.end], layer.v[: w.rows, :, w.start : w.end]
-            k_shape = (new_row_cap, shape.heads, new_len_cap, shape.k_dim)
-            v_shape = (new_row_cap, shape.heads, new_len_cap, shape.v_dim)
-            if flat is not None:
-                if old is not None:  # the new views alias the old ones: move the live window out first
-                    old = old[0].clone(), old[1].clone()
-                new_k = flat[0][: math.prod(k_shape)].view(k_shape)
-                new_v = flat[1][: math.prod(v_shape)].view(v_shape)
-            else:
-                new_k = torch.zeros(k_shape, dtype=shape.dtype, device=shape.device)
-                new_v = torch.zeros(v_shape, dtype=shape.dtype, device=shape.device)
-            if old is not None:
-                new_k[: w.rows, :, new_end - width : new_end] = old[0]
-                new_v[: w.rows, :, new_end - width : new_end] = old[1]
-            layer.k, layer.v = new_k, new_v
-        w.start, w.end = new_end - width, new_end
-
-    # ---- rows ---------------------------------------------------------------------------------
-    def open_row(self, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Views (1, H, length, D) per layer of the next free slot's last `length` columns, for a prefill to
-        write into (RowCache). The slot becomes active with `add_open_row`. Call `reserve` first."""
-        w = self.window
-        slot = w.rows
-        views = []
-        for layer in self.slot_layers:
-            assert layer.k is not None and layer.v is not None
-            views.append((layer.k[slot : slot + 1, :, w.end - length : w.end],
-                          layer.v[slot : slot + 1, :, w.end - length : w.end]))  # fmt: skip
-        return views
-
-    def add_open_row(self, length: int) -> int:
-        """Count the next free slot, whose last `length` columns a prefill filled (`open_row`), as active."""
-        w = self.window
-        slot = w.rows
-        w.rows += 1
-        w.start = min(w.start, w.end - length) if slot else w.end - length
-        return slot
-
-    def copy_row(self, src_slot: int, length: int) -> int:
-        """A new slot holding the last `length` columns of active row `src_slot`. Call `reserve` first."""
-        w = self.window
-        slot = w.rows
-        for layer in self.slot_layers:
-            assert layer.k is not None and layer.v is not None
-            layer.k[slot, :, w.end - length : w.end] = layer.k[src_slot, :, w.end - length : w.end]
-            layer.v[slot, :, w.end - length : w.end] = layer.v[src_slot, :, w.end - length : w.end]
-        return self.add_open_row(length)
-
-    def remove_row(self, slot: int) -> int | None:
-        """Free `slot`; the last active row moves into it. Returns the slot that moved (or None)."""
-        w = self.window
-        last = w.rows - 1
-        moved = None
-        if slot != last:
-            for layer in self.slot_layers:
-                assert layer.k is not None and layer.v is not None
-                layer.k[slot, :, w.start : w.end] = layer.k[last, :, w.start : w.end]
-                layer.v[slot, :, w.start : w.end] = layer.v[last, :, w.start : w.end]
-            moved = last
-        w.rows -= 1
-        return moved
-
-    def shrink_window(self, longest: int) -> None:
-        """After rows left: the window only needs the longest remaining row."""
-        w = self.window
-        w.start = w.end - longest if w.rows else w.end
-
-    def release(self) -> None:
-        """With no rows left, drop the buffers: the next join starts a small geometry again. Without an
-        arena their memory goes back (an idle server holds no KV memory); with one, the arena stays."""
-        assert self.window.rows == 0
-        for layer in self.slot_layers:
-            layer.k = layer.v = None
-        self.window.start = self.window.end = 0
-
-    def advance(self, q: int = 1) -> None:
-        """After a forward wrote q columns at `end` for every row."""
-        self.window.end += q
-
-    def nbytes(self) -> int:
-        """Bytes the running batch's buffers span (rows x columns reserved), 0 when idle."""
-        return sum(layer.k.nbytes + layer.v.nbytes for layer in self.slot_layers
-                   if layer.k is not None and layer.v is not None)  # fmt: skip
-
-    # transformers' Cache API the models call
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.width
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.width + query_length, 0
-
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        return self.width

@@ -2,9 +2,10 @@
 
 Torch-free, so it is tested with fake requests. Budgets:
 - rows: sequences decoded together (max batch size);
-- KV tokens: the sum over running sequences of prompt + max_new_tokens, reserved at admission, so a
-  running batch can never outgrow the cache it was promised; and, as the cache is rectangular, rows
-  times the longest row's tokens (one long prompt keeps the batch narrow while it runs);
+- KV tokens: the sum over running sequences of prompt + max_new_tokens (rounded up to the cache's block),
+  reserved at admission, so a running batch can never outgrow the cache it was promised. The cache is
+  ragged (each row holds its own segment), so one long prompt takes its tokens and no more: the rows
+  beside it are not narrowed to fit its length;
 - waiting: requests and their tokens (prompt + max new tokens per row) queued, beyond which 429;
 - prefill tokens per step: prompt tokens prefilled in one step, so a burst of newcomers
   does not stall the rows that are decoding (at least one request is always admitted; a prompt longer
@@ -15,7 +16,7 @@ Torch-free, so it is tested with fake requests. Budgets:
 from __future__ import annotations
 
 import threading
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -44,8 +45,9 @@ class Plan:
 
 class Scheduler:
     def __init__(self, max_rows: int, max_batch_tokens: int, max_prefill_tokens: int, max_waiting: int,
-                 max_waiting_tokens: int | None = None) -> None:  # fmt: skip
+                 max_waiting_tokens: int | None = None, kv_block: int = 1) -> None:  # fmt: skip
         self.max_rows = max_rows
+        self.kv_block = kv_block  # the cache holds whole blocks: a row is charged its tokens rounded up to one
         self.max_waiting_tokens = max_waiting_tokens
         self.max_batch_tokens = max_batch_tokens
         self.max_prefill_tokens = max_prefill_tokens
@@ -53,7 +55,6 @@ class Scheduler:
         self.waiting: deque[Schedulable] = deque()
         self.running_rows = 0
         self.running_tokens = 0
-        self.row_widths: Counter[int] = Counter()  # running rows by their reserved tokens
         self._lock = threading.Lock()  # add() runs on the event loop, the rest on the engine thread
 
     def add(self, request: Schedulable, retry_after: float) -> None:
@@ -96,10 +97,8 @@ class Scheduler:
                     deferred.append(self.waiting.popleft())
                     continue
                 rows = self.running_rows + head.rows
-                tokens = self.running_tokens + head.rows * head.reserved_tokens
-                # The KV cache is rectangular: every row gets as many columns as the longest one.
-                longest = max(self.longest_row(), head.reserved_tokens)
-                if rows > self.max_rows or tokens > self.max_batch_tokens or rows * longest > self.max_batch_tokens:
+                tokens = self.running_tokens + head.rows * self.charge(head)
+                if rows > self.max_rows or tokens > self.max_batch_tokens:
                     break
                 if plan.admitted and prefill + head.prefill_tokens > budget:
                     break
@@ -108,7 +107,6 @@ class Scheduler:
                 prefill += head.prefill_tokens
                 self.running_rows = rows
                 self.running_tokens = tokens
-                self.row_widths[head.reserved_tokens] += head.rows
             self.waiting.extendleft(reversed(deferred))  # back at the front, in their order
             # Requests behind a blocked head may also have expired or been cancelled.
             for request in list(self.waiting):
@@ -120,14 +118,11 @@ class Scheduler:
     def release(self, request: Schedulable, rows: int = 1) -> None:
         """`rows` sequences of a running request left the batch."""
         self.running_rows -= rows
-        self.running_tokens -= rows * request.reserved_tokens
-        self.row_widths[request.reserved_tokens] -= rows
-        if self.row_widths[request.reserved_tokens] <= 0:
-            del self.row_widths[request.reserved_tokens]
+        self.running_tokens -= rows * self.charge(request)
 
-    def longest_row(self) -> int:
-        """The most tokens (prompt + max new) any running row may reach."""
-        return max(self.row_widths, default=0)
+    def charge(self, request: Schedulable) -> int:
+        """KV tokens one row of `request` holds: prompt + max new tokens, in whole blocks."""
+        return -(-request.reserved_tokens // self.kv_block) * self.kv_block
 
     @property
     def queued(self) -> int:

@@ -1,7 +1,7 @@
 """Per-request state: everything the engine knows about one request lives in these two objects.
 
 A RequestState owns its SequenceStates (one per returned sequence) and its output channel. The batch
-only holds references to sequences in slot order; nothing here is kept in parallel lists.
+only holds references to sequences; nothing here is kept in parallel lists.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from app.engine.detokenize import IncrementalText
+from app.engine.kv_cache import Segment
 from app.engine.stopping import StreamText
 from app.engine.types import Event, GenerationRequest, SamplingParams, ScoreRequest, TokenLogprob
 
@@ -40,7 +41,7 @@ class SequenceState:
     detok: IncrementalText  # the generated ids' text, decoded a few tokens per step
     tokens: list[int] = field(default_factory=list)  # generated ids
     kv_len: int = 0  # tokens of this row held in the KV cache
-    slot: int = -1  # row in the batch, -1 when not in it
+    segment: Segment | None = None  # its KV cache segment while it is in the batch
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when asked for
     logprobs_sent: int = 0  # how many of them went out with a TokenDelta
@@ -67,7 +68,7 @@ class RequestState:
     sequences: list[SequenceState] = field(default_factory=list)
     continuations: list[list[int]] = field(default_factory=list)  # scoring only
     admitted_at: float | None = None
-    prefilled: int = 0  # prompt tokens whose K/V are computed, while a long prompt is prefilled in chunks
+    prefilled: int = 0  # prompt tokens whose K/V are computed (a long prompt: chunk by chunk)
     cancelled: bool = False
     done: bool = False
 

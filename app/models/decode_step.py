@@ -4,9 +4,10 @@ transformers' modules run, the same results.
 At one row a SmolLM2 decode step through `model(...)` spends about as long outside the matrix products
 as in them (int4: ~7 of ~16 ms): each of 30 layers goes through several module calls, keyword plumbing,
 mask and cache bookkeeping and a dozen small tensors. This step calls the same submodules (norms,
-linear layers in whatever numeric mode, rotary embedding, activation) and the same decode attention
-kernel, in the same order with the same operations, so its logits equal the model's own forward
-bit for bit (tests/models/test_decode_step.py checks `torch.equal`); what it leaves out is the plumbing.
+linear layers in whatever numeric mode, rotary embedding, activation) in the same order with the same
+operations, and hands attention to the KV cache (`Attend`: app/engine/kv_cache.py reads each row's own
+tokens, with the ragged C kernel where it runs); on the cache's torch path its logits equal the model's own
+forward bit for bit (tests/engine/test_decode_step.py checks `torch.equal`); what it leaves out is the plumbing.
 Where q/k/v or gate/up were fused into one product (app/models/fusion.py), it calls that product once
 and rotates q and k together.
 
@@ -18,18 +19,25 @@ layout) and GPT-2, on the CPU decode attention. The GPU and the stock model keep
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
 
-from app.models.attention import NAME, decode_attention
+from app.models.attention import NAME
 from app.models.fusion import FusedMember
 
-# (last token of each row (B,), its position (B,), the cache to write K/V into and read from, additive mask
-# (B, 1, 1, W + 1) over the window the cache returns) -> logits (B, V)
-Step = Callable[[torch.Tensor, torch.Tensor, Cache, torch.Tensor], torch.Tensor]
+
+class Attend(Protocol):
+    """The cache's side of a decode step (app/engine/kv_cache.DecodeView): store layer `layer`'s new k, v
+    (B, Hkv, 1, D) of every row and return the attention of q (B, Hq, 1, D) over each row's tokens, (B, 1, Hq, D)."""
+
+    def attend(self, layer: int, module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float) -> torch.Tensor: ...  # fmt: skip
+
+
+# (last token of each row (B,), its position (B,), the step's view of the KV cache) -> logits (B, V)
+Step = Callable[[torch.Tensor, torch.Tensor, Attend], torch.Tensor]
 
 
 def _fused(modules: list[nn.Module]) -> nn.Module | None:
@@ -63,7 +71,7 @@ class LlamaStep:
             gate_up = _fused([mlp.gate_proj, mlp.up_proj])
             self.layers.append((layer, qkv, gate_up))
 
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: Cache, mask: torch.Tensor) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: Attend) -> torch.Tensor:
         rows, hq, hkv, d = ids.shape[0], self.q_heads, self.kv_heads, self.head_dim
         x = self.base.embed_tokens(ids[:, None])  # (B, 1, E)
         cos, sin = self.base.rotary_emb(x, positions[:, None])  # (B, 1, D) each
@@ -83,8 +91,7 @@ class LlamaStep:
                 v = attn.v_proj(h).view(rows, 1, hkv, d).transpose(1, 2)
                 q = (q * cos) + (_rotate_half(q) * sin)
                 k = (k * cos) + (_rotate_half(k) * sin)
-            keys, values = cache.update(k, v, i)  # (B, Hkv, W + 1, D)
-            a, _ = decode_attention(attn, q, keys, values, mask, scaling=attn.scaling)  # (B, 1, Hq, D)
+            a = cache.attend(i, attn, q, k, v, attn.scaling)  # (B, 1, Hq, D)
             x = x + attn.o_proj(a.reshape(rows, 1, hq * d).contiguous())
             h = layer.post_attention_layernorm(x)
             if gate_up is not None:
@@ -107,15 +114,14 @@ class Gpt2Step:
         self.heads = model.config.n_head
         self.head_dim = model.config.n_embd // self.heads
 
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: Cache, mask: torch.Tensor) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: Attend) -> torch.Tensor:
         rows, heads, d = ids.shape[0], self.heads, self.head_dim
         x = self.base.wte(ids[:, None]) + self.base.wpe(positions[:, None])  # (B, 1, E)
         for i, block in enumerate(self.base.h):
             attn = block.attn
             q, k, v = attn.c_attn(block.ln_1(x)).split(heads * d, dim=2)  # (B, 1, E) each
             q, k, v = (t.view(rows, 1, heads, d).transpose(1, 2) for t in (q, k, v))  # (B, H, 1, D)
-            keys, values = cache.update(k, v, i)  # (B, H, W + 1, D)
-            a, _ = decode_attention(attn, q, keys, values, mask, scaling=attn.scaling)  # (B, 1, H, D)
+            a = cache.attend(i, attn, q, k, v, attn.scaling)  # (B, 1, H, D)
             x = attn.c_proj(a.reshape(rows, 1, heads * d).contiguous()) + x
             x = x + block.mlp.c_proj(block.mlp.act(block.mlp.c_fc(block.ln_2(x))))
         logits: torch.Tensor = self.model.lm_head(self.base.ln_f(x))  # (B, 1, V)

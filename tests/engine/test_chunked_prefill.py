@@ -106,3 +106,23 @@ async def test_cancelling_a_long_prompt_mid_prefill_frees_it(tiny: LoadedModel) 
         assert out.error is None and len(out.tokens) == 3
     finally:
         engine.stop()
+
+
+async def test_short_rows_decode_beside_a_long_one_in_one_batch(tiny: LoadedModel) -> None:
+    """The ragged cache charges each row its own tokens: a 900-token row and 12 short ones (2,000 KV tokens in
+    all) decode in one step. The rectangular cache it replaced fitted 2000 // 940 = 2 rows beside it."""
+    engine = make_engine(tiny, max_batch_tokens=2000)
+    long_ids = [(i * 37) % 900 + 50 for i in range(900)]
+    try:
+        long = asyncio.create_task(run_request(engine, GenerationRequest(prompt=long_ids, max_new_tokens=40,
+                                                                         ignore_eos=True)))  # fmt: skip
+        assert await eventually(lambda: len(engine.batch.seqs) == 1)
+        shorts = [run_request(engine, GenerationRequest(prompt=p, max_new_tokens=20, ignore_eos=True))
+                  for p in (PROMPTS * 4)[:12]]  # fmt: skip
+        outs = await asyncio.gather(long, *shorts)
+    finally:
+        engine.stop()
+    assert all(o.error is None for o in outs)
+    assert max(engine.stats().batch_sizes) == 13
+    for prompt, out in zip((PROMPTS * 4)[:12], outs[1:], strict=True):  # greedy, as if each ran alone
+        assert out.tokens == reference_greedy(tiny, prompt, 20)

@@ -1,5 +1,5 @@
-"""The written-out decode step (app/models/decode_step.py) gives the model's own forward's logits bit for bit,
-in every numeric mode, as rows join a batch with different lengths."""
+"""The written-out decode step (app/models/decode_step.py) gives the model's own forward's logits, in every numeric
+mode, as rows join a batch with different lengths; the ragged C kernel gives the torch path's attention."""
 
 from __future__ import annotations
 
@@ -23,32 +23,43 @@ PROMPTS = [[5, 17, 99, 3, 250], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42, 4
 CPU_FEATURES = numerics.cpu_features()
 
 
-def _decode(model: Any, written_out: bool, prompts: list[list[int]], steps: int = 4) -> list[torch.Tensor]:
-    """Logits (B, V) of `steps` greedy decode steps of `prompts` in one batch, through the step or the forward."""
-    batch = Batch(model, max_rows=8, max_tokens=4096)
+def _decode(model: Any, written_out: bool, prompts: list[list[int]], steps: int = 4, kernel: bool = False,
+            feed: list[torch.Tensor] | None = None) -> list[torch.Tensor]:  # fmt: skip
+    """Logits (B, V) of `steps` greedy decode steps of `prompts` in one batch, through the step or the forward;
+    `feed`: logits of another run, whose greedy tokens are fed instead of this run's (near-ties stay aligned)."""
+    batch = Batch(model, max_rows=8, max_tokens=4096, kernel=kernel)
     if not written_out:
         batch.step = None
     with torch.inference_mode():
         for ids in prompts:
-            request: Any = SimpleNamespace(prompt_len=len(ids), prompt_ids=ids, request=SimpleNamespace(), sequences=[])
+            request: Any = SimpleNamespace(prompt_len=len(ids), prompt_ids=ids, request=SimpleNamespace(), sequences=[],
+                                           reserved_tokens=len(ids) + steps + 1, prefilled=0, done=False)  # fmt: skip
             logits, _, _ = batch.prefill(request)
-            seq: Any = SimpleNamespace(request=request, slot=-1, kv_len=0, tokens=[int(logits.argmax())])
+            seq: Any = SimpleNamespace(request=request, segment=None, kv_len=0, tokens=[int(logits.argmax())])
             request.sequences.append(seq)
             batch.join(seq)
         out = []
-        for _ in range(steps):
+        for step in range(steps):
             logits = batch.decode()  # (B, V)
             out.append(logits)
-            for s, token in zip(batch.seqs, logits.argmax(-1).tolist(), strict=True):
+            chosen = (feed[step] if feed is not None else logits).argmax(-1).tolist()
+            for s, token in zip(batch.seqs, chosen, strict=True):
                 s.tokens.append(token)
     return out
 
 
 def _assert_same(model: Any, kind: type) -> None:
+    """The step equals the forward (both on the cache's torch path: per-row attention against padded windows, so
+    equal to float rounding); the step with the C kernel equals the step without it (where the kernel builds)."""
     assert isinstance(for_model(model), kind)
     prompts = [[t % model.config.vocab_size for t in p] for p in PROMPTS]
-    for got, expected in zip(_decode(model, True, prompts), _decode(model, False, prompts), strict=True):
-        assert torch.equal(got, expected)
+    forward = _decode(model, False, prompts)
+    for kernel in (False, True):
+        for got, expected in zip(_decode(model, True, prompts, kernel=kernel, feed=forward), forward, strict=True):
+            scale = expected.abs().max()
+            bf16 = torch.equal(expected, expected.to(torch.bfloat16).to(expected.dtype))  # a bf16 output layer
+            tolerance = 3e-2 if bf16 else 1e-4  # bf16: a step of its rounding
+            assert (got - expected).abs().max() <= tolerance * scale
 
 
 def _tiny_llama(mode: str) -> Any:

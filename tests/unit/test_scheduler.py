@@ -95,18 +95,27 @@ def test_waiting_work_is_bounded_in_tokens_too() -> None:
     assert exc.value.retry_after == 7
 
 
-def test_the_rectangular_cache_bounds_rows_times_the_longest_row() -> None:
+def test_a_long_row_takes_its_own_tokens_and_does_not_narrow_the_batch() -> None:
+    """The cache is ragged: rows are charged their own tokens, not rows x the longest row (which admitted the
+    long one and a single short row here)."""
     s = Scheduler(max_rows=32, max_batch_tokens=1000, max_prefill_tokens=10_000, max_waiting=100)
-    long = Fake(prompt_len=400, max_new=100)  # 500 tokens: with it, at most 2 rows
-    shorts = [Fake(prompt_len=5, max_new=5) for _ in range(5)]
+    long = Fake(prompt_len=400, max_new=100)  # 500 tokens
+    shorts = [Fake(prompt_len=5, max_new=5) for _ in range(60)]  # 10 tokens each
     s.add(long, 1)
     for r in shorts:
         s.add(r, 1)
-    assert s.schedule(0).admitted == [long, shorts[0]]  # 2 x 500 = 1000; a third row would need 1500
-    assert s.longest_row() == 500
-    s.release(long)
-    assert s.longest_row() == 10
-    assert s.schedule(0).admitted == shorts[1:]  # 5 rows x 10 tokens
+    assert s.schedule(0).admitted == [long, *shorts[:31]]  # 32 rows, 810 tokens
+    assert s.running_tokens == 810
+
+
+def test_rows_are_charged_whole_kv_blocks() -> None:
+    s = Scheduler(max_rows=32, max_batch_tokens=64, max_prefill_tokens=10_000, max_waiting=100, kv_block=16)
+    rows = [Fake(prompt_len=5, max_new=5) for _ in range(5)]  # 10 tokens, one block of 16 each
+    for r in rows:
+        s.add(r, 1)
+    assert s.schedule(0).admitted == rows[:4]  # 4 x 16 = 64
+    s.release(rows[0])
+    assert s.running_tokens == 48
 
 
 def test_long_prompts_wait_in_place_while_one_is_prefilled_in_chunks() -> None:

@@ -1,0 +1,94 @@
+/* Decode attention over a ragged KV cache: one query token per row, each row attending to its own tokens only.
+
+   Built at run time for the CPU it runs on (app/models/ragged_attention.py: cc -O3 -march=native), with the
+   model's shape as constants: D (head dim, a multiple of 16), G (query heads per key-value head), H (key-value
+   heads), CH (most tokens one job reads). Blocks of 16 tokens, head-major so that one head's blocks of a row
+   are consecutive in memory (the hardware prefetcher streams them; interleaved heads halved the speed):
+     K (H, NB, D, 16): keys transposed within a block, so a score is 16 tokens wide in one vector;
+     V (H, NB, 16, D).
+   A row holds blocks [start, start + ceil(length / 16)). Work is split into jobs of up to CH tokens of one row
+   (a long row spreads over every thread), each job leaves a partial softmax (max, sum, weighted values), and
+   the partials of a row are combined in order, so a row's result does not depend on the other rows. */
+#include <float.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define BS 16
+#define HG (H * G)
+typedef float v16 __attribute__((vector_size(64)));  /* whatever vector width -march=native gives */
+
+static inline v16 load16(const float* p) { v16 x; __builtin_memcpy(&x, p, sizeof x); return x; }
+static inline void store16(float* p, v16 x) { __builtin_memcpy(p, &x, sizeof x); }
+
+static void job(const float* restrict q, float scale, const float* restrict K, const float* restrict V, int nbt,
+                int start, int t0, int t1, float* restrict pm, float* restrict pl, float* restrict pacc) {
+  const int n = t1 - t0, nb = (n + BS - 1) / BS, b0 = start + t0 / BS;
+  for (int h = 0; h < H; h++) {
+    float qs[G][D];
+    for (int g = 0; g < G; g++) for (int i = 0; i < D; i++) qs[g][i] = q[(h * G + g) * D + i] * scale;
+    v16 s[G][CH / BS];
+    const float* kh = K + ((size_t)h * nbt + b0) * D * BS;
+    for (int b = 0; b < nb; b++) {
+      const float* kb = kh + (size_t)b * D * BS;
+      v16 a[G];
+      for (int g = 0; g < G; g++) a[g] = (v16){0};
+      for (int i = 0; i < D; i++) {
+        const v16 row = load16(kb + i * BS);  /* key dim i of 16 tokens */
+        for (int g = 0; g < G; g++) a[g] += qs[g][i] * row;
+      }
+      for (int g = 0; g < G; g++) s[g][b] = a[g];
+    }
+    for (int g = 0; g < G; g++) {
+      float* sg = (float*)s[g];
+      float m = -FLT_MAX, l = 0.f;
+      for (int t = 0; t < n; t++) m = sg[t] > m ? sg[t] : m;
+      for (int t = 0; t < n; t++) { const float e = expf(sg[t] - m); sg[t] = e; l += e; }
+      pm[h * G + g] = m;
+      pl[h * G + g] = l;
+    }
+    v16 o[G][D / 16];
+    for (int g = 0; g < G; g++) for (int c = 0; c < D / 16; c++) o[g][c] = (v16){0};
+    const float* vh = V + ((size_t)h * nbt + b0) * BS * D;
+    for (int t = 0; t < n; t++) {
+      const float* vt = vh + (size_t)t * D;
+      for (int c = 0; c < D / 16; c++) {
+        const v16 row = load16(vt + c * 16);
+        for (int g = 0; g < G; g++) o[g][c] += ((const float*)s[g])[t] * row;
+      }
+    }
+    for (int g = 0; g < G; g++) for (int c = 0; c < D / 16; c++) store16(pacc + (h * G + g) * D + c * 16, o[g][c]);
+  }
+}
+
+/* q (rows, H*G, D); starts, lengths (rows,); jobs (njobs, 3): row, t0, t1, a row's jobs consecutive and in order,
+   first (rows + 1,): row r's jobs are [first[r], first[r + 1]); pm, pl (njobs, H*G), pacc (njobs, H*G, D) scratch;
+   out (rows, H*G, D). */
+void ragged_decode(const float* restrict q, float scale, const float* restrict K, const float* restrict V, int nbt,
+                   const int32_t* restrict starts, int rows, const int32_t* restrict jobs, int njobs,
+                   const int32_t* restrict first, float* restrict pm, float* restrict pl, float* restrict pacc,
+                   float* restrict out, int threads) {
+  #pragma omp parallel num_threads(threads)
+  {
+    #pragma omp for schedule(dynamic, 1)
+    for (int j = 0; j < njobs; j++) {
+      const int r = jobs[3 * j];
+      job(q + (size_t)r * HG * D, scale, K, V, nbt, starts[r], jobs[3 * j + 1], jobs[3 * j + 2],
+          pm + (size_t)j * HG, pl + (size_t)j * HG, pacc + (size_t)j * HG * D);
+    }
+    #pragma omp for schedule(static)
+    for (int r = 0; r < rows; r++) {
+      for (int hg = 0; hg < HG; hg++) {
+        float m = -FLT_MAX, l = 0.f, o[D];
+        for (int j = first[r]; j < first[r + 1]; j++) m = pm[j * HG + hg] > m ? pm[j * HG + hg] : m;
+        for (int i = 0; i < D; i++) o[i] = 0.f;
+        for (int j = first[r]; j < first[r + 1]; j++) {
+          const float w = expf(pm[j * HG + hg] - m);
+          l += w * pl[j * HG + hg];
+          for (int i = 0; i < D; i++) o[i] += w * pacc[((size_t)j * HG + hg) * D + i];
+        }
+        for (int i = 0; i < D; i++) out[((size_t)r * HG + hg) * D + i] = o[i] / l;
+      }
+    }
+  }
+}

@@ -1,0 +1,204 @@
+"""Decode attention over the ragged KV cache, as a small C kernel built for the CPU it runs on.
+
+At decode each row brings one query token and reads its own cached keys and values: the step is bound by
+reading the cache. PyTorch has no kernel for rows of different lengths, so the padded cache read every row
+as long as the longest one, and its batched matmuls over (rows x heads) products of 3 x 64 x length ran at a
+fraction of the memory bandwidth; a loop of per-row matmuls costs more in calls than it saves. This kernel
+(kernels/ragged_decode.c) reads each row's real tokens once, split into jobs of up to CHUNK tokens over the
+engine's threads: `python -m app.models.ragged_attention` prints it against the torch path.
+
+Built on first use with the system C compiler (`cc -O3 -march=native`: the instruction set is the host's,
+checked by the compiler, never assumed), cached under ~/.cache/textgen/kernels by source, shape, compiler
+and CPU flags. OpenMP comes from the libgomp torch already loaded (same soname), so the kernel and torch
+share one thread pool. Without a compiler, or for shapes and dtypes it does not cover, `load` returns None
+and the cache uses its torch path (the same result to float rounding; tests compare the two).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BLOCK = 16  # tokens per block: the kernel's vector of scores
+CHUNK = 256  # most tokens one job reads: a long row spreads over the threads
+SOURCE = Path(__file__).with_name("kernels") / "ragged_decode.c"
+PROFILE_NAME = "textgen::ragged_decode"
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "textgen" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(defines: dict[str, int]) -> Path | None:
+    compiler = _compiler()
+    if compiler is None:
+        return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    macros = [f"-D{k}={v}" for k, v in sorted(defines.items())]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, *macros, version, _cpu_flags()]).encode())
+    target = _cache_dir() / f"ragged_decode-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    for folder in (target.parent, Path(tempfile.gettempdir()) / "textgen-kernels"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            # a private name, then one rename: two processes building at once never load half a file
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+            os.close(fd)
+            started = time.perf_counter()
+            done = subprocess.run([compiler, *FLAGS, *macros, str(SOURCE), "-o", tmp, "-lm"],
+                                  capture_output=True, text=True, timeout=120)  # fmt: skip
+            if done.returncode != 0:
+                os.unlink(tmp)
+                log.warning("the ragged attention kernel did not build (%s); using the torch path",
+                            done.stderr.strip().splitlines()[-1:] or done.returncode)  # fmt: skip
+                return None
+            final = folder / target.name
+            os.replace(tmp, final)
+            log.info("built the ragged attention kernel in %.1fs: %s", time.perf_counter() - started, final)
+            return final
+        except OSError:
+            continue
+    return None
+
+
+class Kernel:
+    """The built kernel for one model shape: `(q, scale, K, V, plan) -> out`."""
+
+    def __init__(self, path: Path, kv_heads: int, group: int, head_dim: int) -> None:
+        self.lib = ctypes.CDLL(str(path))
+        self.fn = self.lib.ragged_decode
+        p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        self.fn.argtypes = [p, f, p, p, i, p, i, p, i, p, p, p, p, p, i]
+        self.fn.restype = None
+        self.kv_heads, self.group, self.head_dim = kv_heads, group, head_dim
+
+    def __call__(self, q: torch.Tensor, scale: float, keys: torch.Tensor, values: torch.Tensor,
+                 plan: Plan) -> torch.Tensor:  # fmt: skip
+        """q (B, Hq, D) contiguous fp32; keys (H, NB, D, 16), values (H, NB, 16, D) -> (B, Hq, D)."""
+        out = torch.empty_like(q)
+        pm, pl, pacc = plan.scratch(q.shape[1], q.shape[2])
+        with torch.profiler.record_function(PROFILE_NAME):  # what app/bench/step_profile counts as attention
+                self.fn(q.data_ptr(), scale, keys.data_ptr(), values.data_ptr(), keys.shape[1], plan.starts.data_ptr(),
+                    plan.rows, plan.jobs.data_ptr(), plan.njobs, plan.first.data_ptr(), pm.data_ptr(), pl.data_ptr(),
+                    pacc.data_ptr(), out.data_ptr(), torch.get_num_threads())  # fmt: skip
+        return out
+
+
+class Plan:
+    """One decode step's split of rows into jobs, shared by every layer: rows' first blocks `starts` (B,) and
+    their lengths (tokens, the new one included)."""
+
+    def __init__(self, starts: list[int], lengths: list[int]) -> None:
+        jobs: list[tuple[int, int, int]] = []
+        first = [0]
+        for row, n in enumerate(lengths):
+            jobs.extend((row, t0, min(n, t0 + CHUNK)) for t0 in range(0, n, CHUNK))
+            first.append(len(jobs))
+        self.rows = len(lengths)
+        self.njobs = len(jobs)
+        self.starts = torch.tensor(starts, dtype=torch.int32)  # (B,)
+        self.jobs = torch.tensor(jobs, dtype=torch.int32)  # (J, 3): row, first token, end token
+        self.first = torch.tensor(first, dtype=torch.int32)  # (B + 1,)
+        self._scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def scratch(self, heads: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._scratch is None:
+            self._scratch = (torch.empty(self.njobs, heads), torch.empty(self.njobs, heads),
+                             torch.empty(self.njobs, heads, dim))  # fmt: skip
+        return self._scratch
+
+
+@cache
+def load(kv_heads: int, group: int, head_dim: int) -> Kernel | None:
+    """The kernel for this attention shape, built if needed; None where it cannot run (then: the torch path)."""
+    if os.environ.get("TEXTGEN_RAGGED_KERNEL", "1") == "0" or head_dim % 16 or head_dim > 256:
+        return None
+    path = _build({"H": kv_heads, "G": group, "D": head_dim, "CH": CHUNK})
+    if path is None:
+        return None
+    try:
+        return Kernel(path, kv_heads, group, head_dim)
+    except OSError as exc:
+        log.warning("the ragged attention kernel did not load (%s); using the torch path", exc)
+        return None
+
+
+def _bench() -> None:  # pragma: no cover - a measurement, run by hand
+    import random
+
+    from torch import nn
+
+    from app.engine.kv_cache import RaggedCache
+
+    torch.set_num_threads(2)
+    layers, kv_heads, group, dim = 30, 3, 3, 64  # SmolLM2-135M
+    random.seed(0)
+    cases = {
+        "W1-like: 32 rows of 40-330": [random.randint(40, 330) for _ in range(32)],
+        "one 6000 + 31 of 20-84": [6000] + [random.randint(20, 84) for _ in range(31)],
+        "one row of 300": [300],
+    }
+    print(f"{'rows':<28} {'tokens':>7} {'kernel ms':>10} {'torch ms':>9}   (30 layers, 3 kv heads x 3, 64 dims)")
+    for name, lengths in cases.items():
+        times = []
+        for use_kernel in (True, False):
+            cache = RaggedCache(layers, sum(lengths) + 16 * len(lengths), kernel=use_kernel)
+            example = [(torch.zeros(1, kv_heads, 1, dim), torch.zeros(1, kv_heads, 1, dim))] * layers
+            cache.allocate(example, kv_heads * group)
+            segments = [cache.hold(n + 1) for n in lengths]
+            for layer in range(layers):
+                for seg, n in zip(segments, lengths, strict=True):
+                    cache.write(layer, seg, 0, torch.randn(1, kv_heads, n, dim), torch.randn(1, kv_heads, n, dim))
+            q = torch.randn(len(lengths), kv_heads * group, 1, dim)
+            k = torch.randn(len(lengths), kv_heads, 1, dim)
+
+            def run() -> None:
+                view = cache.decode_view(segments, lengths)  # noqa: B023
+                for layer in range(layers):
+                    view.attend(layer, nn.Module(), q, k, k, dim**-0.5)  # noqa: B023
+
+            with torch.inference_mode():
+                for _ in range(3):
+                    run()
+                started = time.perf_counter()
+                for _ in range(10):
+                    run()
+            times.append((time.perf_counter() - started) / 10 * 1000)
+        print(f"{name:<28} {sum(lengths):>7} {times[0]:>10.1f} {times[1]:>9.1f}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _bench()
+

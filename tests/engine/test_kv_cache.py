@@ -1,0 +1,114 @@
+"""The ragged KV cache: segments placed first-fit and compacted, tokens written and read back in both layouts,
+a bounded arena that never grows, and decode attention (C kernel and torch path) equal to plain attention."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from app.engine.kv_cache import BLOCK, RaggedCache, SegmentSpace
+
+
+def like(heads: int = 2, dim: int = 32, layers: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(torch.zeros(1, heads, 1, dim), torch.zeros(1, heads, 1, dim)) for _ in range(layers)]
+
+
+def test_segments_are_placed_first_fit_and_compaction_closes_the_gaps() -> None:
+    space = SegmentSpace(10)
+    a, b, c = space.place(3), space.place(3), space.place(3)
+    assert (a and b and c) and (a.start, b.start, c.start) == (0, 3, 6)
+    assert space.place(2) is None  # 1 block left
+    space.free(b)
+    d = space.place(2)
+    assert d is not None and d.start == 3  # the first gap that fits
+    space.free(a)
+    assert space.place(4) is None  # 4 free (0-2 and 5, 9) but no gap of 4
+    moved = space.compact()
+    assert [(s.start, old) for s, old in moved] == [(0, 3), (2, 6)] and space.place(4) is not None
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch", "kernel"])
+def test_tokens_read_back_as_written_across_compaction(kernel: bool) -> None:
+    cache = RaggedCache(num_layers=3, max_tokens=20 * BLOCK, kernel=kernel)
+    cache.allocate(like(), q_heads=2)
+    torch.manual_seed(0)
+    first, second = cache.hold(40), cache.hold(5 * BLOCK)
+    data = {id(s): [(torch.randn(1, 2, n, 32), torch.randn(1, 2, n, 32)) for _ in range(3)]
+            for s, n in ((first, 37), (second, 70))}  # fmt: skip
+    for seg in (first, second):
+        for layer, (k, v) in enumerate(data[id(seg)]):
+            cache.write(layer, seg, 0, k[:, :, :20], v[:, :, :20])  # in two pieces, like a chunked prompt
+            cache.write(layer, seg, 20, k[:, :, 20:], v[:, :, 20:])
+    cache.drop(first)
+    big = cache.hold(15 * BLOCK)  # 3 blocks free at the start, 12 after `second`: fits only once compacted
+    assert second.start == 0 and big.start == 5
+    for layer, (k, v) in enumerate(data[id(second)]):
+        got_k, got_v = cache.read(layer, second, 70)
+        assert torch.equal(got_k, k) and torch.equal(got_v, v)
+    with pytest.raises(RuntimeError, match="KV cache bound"):
+        cache.hold(BLOCK)
+
+
+def test_the_bounded_arena_is_allocated_once_and_charged_by_held_blocks() -> None:
+    cache = RaggedCache(num_layers=3, max_tokens=1024, slack_tokens=8)
+    cache.allocate(like())
+    per_token = 3 * 2 * 2 * 32 * 4  # layers x (K, V) x heads x dim x fp32
+    assert cache.capacity_bytes() == (1024 + 8) * per_token and cache.nbytes() == 0
+    segs = [cache.hold(20) for _ in range(10)]  # 2 blocks each
+    assert cache.nbytes() == 10 * 2 * BLOCK * per_token
+    arena = [k.data_ptr() for k, _ in cache._flat]
+    for s in segs:
+        cache.drop(s)
+    cache.hold(1000)  # one long row takes what it needs, no geometry to reshape
+    assert [k.data_ptr() for k, _ in cache._flat] == arena and cache.capacity_bytes() == (1024 + 8) * per_token
+
+
+def test_an_unbounded_cache_grows_and_keeps_what_rows_hold() -> None:
+    cache = RaggedCache(num_layers=1, max_tokens=None)
+    cache.allocate(like(layers=1))
+    seg = cache.hold(10)
+    k = torch.randn(1, 2, 10, 32)
+    cache.write(0, seg, 0, k, -k)
+    cache.hold(5000)  # past the initial 64 blocks
+    assert cache.space.capacity * BLOCK >= 5010
+    got_k, got_v = cache.read(0, seg, 10)
+    assert torch.equal(got_k, k) and torch.equal(got_v, -k)
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch", "kernel"])
+@pytest.mark.parametrize(("heads", "group", "dim"), [(3, 3, 64), (2, 1, 32)])
+def test_decode_attention_equals_plain_attention_per_row(kernel: bool, heads: int, group: int, dim: int) -> None:
+    """Rows of 1 to 600 tokens (a long one spans jobs of the kernel), each attending to its own tokens only."""
+    torch.manual_seed(0)
+    lengths = [5, 17, 600, 0, 255]
+    cache = RaggedCache(num_layers=1, max_tokens=2048, kernel=kernel)
+    cache.allocate(like(heads, dim, 1), q_heads=heads * group)
+    if not kernel:
+        assert cache.kernel is None and not cache.transposed
+    segs = [cache.hold(n + 1) for n in lengths]
+    kv = [(torch.randn(1, heads, n, dim), torch.randn(1, heads, n, dim)) for n in lengths]
+    for seg, (k, v) in zip(segs, kv, strict=True):
+        cache.write(0, seg, 0, k, v)
+    q = torch.randn(len(lengths), heads * group, 1, dim)
+    new_k, new_v = torch.randn(len(lengths), heads, 1, dim), torch.randn(len(lengths), heads, 1, dim)
+    out = cache.decode_view(segs, lengths).attend(0, nn.Module(), q, new_k, new_v, dim**-0.5)  # (B, 1, Hq, D)
+    for row, (k, v) in enumerate(kv):
+        keys = torch.cat([k[0], new_k[row]], dim=1)  # (H, n + 1, D)
+        values = torch.cat([v[0], new_v[row]], dim=1)
+        qr = q[row, :, 0].view(heads, group, dim)
+        expected = (torch.softmax(qr @ keys.transpose(-1, -2) * dim**-0.5, -1) @ values).reshape(heads * group, dim)
+        assert torch.allclose(out[row, 0], expected, atol=1e-5)
+    # the new token was stored where the next step reads it
+    for seg, n, row in zip(segs, lengths, range(len(lengths)), strict=True):
+        assert torch.equal(cache.read(0, seg, n + 1)[0][0, :, n], new_k[row, :, 0])
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+def test_the_kernel_builds_where_there_is_a_compiler() -> None:
+    """The fast path must not silently fall back (the torch path is ~5x slower)."""
+    cache = RaggedCache(num_layers=1, max_tokens=64)
+    cache.allocate(like(3, 64, 1), q_heads=9)
+    assert cache.kernel is not None and cache.transposed
