@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import fields
 from pathlib import Path
 
 from fastapi import FastAPI, Response
@@ -30,20 +31,10 @@ log = logging.getLogger("textgen")
 
 
 def engine_limits(settings: Settings) -> EngineLimits:
-    return EngineLimits(
-        max_batch_size=settings.max_batch_size,
-        max_batch_tokens=settings.max_batch_tokens,
-        max_prefill_tokens=settings.max_prefill_tokens,
-        prefill_chunk_tokens=settings.prefill_chunk_tokens,
-        max_queued_requests=settings.max_queued_requests,
-        max_queued_tokens=settings.max_queued_tokens,
-        max_prompt_tokens=settings.max_prompt_tokens,
-        max_new_tokens=settings.max_new_tokens,
-        default_max_new_tokens=settings.default_max_new_tokens,
-        max_return_sequences=settings.max_return_sequences,
-        request_timeout=settings.request_timeout,
-        prefix_cache_bytes=settings.prefix_cache_mb * 2**20,
-    )
+    """Every limit the engine has, read from the setting of the same name: a new limit is a field of
+    EngineLimits and of Settings, and /info shows it (its `limits` is EngineLimits itself)."""
+    values = {f.name: getattr(settings, f.name) for f in fields(EngineLimits) if f.name != "prefix_cache_bytes"}
+    return EngineLimits(**values, prefix_cache_bytes=settings.prefix_cache_mb * 2**20)
 
 
 async def warm_up(engine: Engine) -> None:

@@ -72,8 +72,7 @@ def build_response(body: GenerateRequest, request_id: str, model: str, result: C
         id=request_id,
         model=model,
         generations=generations,
-        usage=Usage(prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens,
-                    total_tokens=f.prompt_tokens + f.completion_tokens),
+        usage=Usage.of([f]),
         queue_seconds=round(f.queue_seconds, 4),
         total_seconds=round(f.total_seconds, 4),
     )  # fmt: skip

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import replace
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from app import __version__
 from app.api.deps import EngineDep, ModelInfoDep
 from app.api.errors import error_body
-from app.api.schemas import EngineLimitsInfo, EngineStateInfo, InfoResponse
+from app.api.schemas import InfoResponse
 
 router = APIRouter(tags=["health"])
 
@@ -34,9 +34,7 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/info", response_model=InfoResponse, summary="Model, device, limits and engine state")
 async def info(engine: EngineDep, model: ModelInfoDep) -> InfoResponse:
-    limits = asdict(engine.limits)
-    limits["max_prompt_tokens"] = engine.max_prompt_tokens
-    stats = asdict(engine.stats())
+    limits = replace(engine.limits, max_prompt_tokens=engine.max_prompt_tokens)  # resolved: the context length
     return InfoResponse(
         version=__version__,
         model=model.name,
@@ -49,6 +47,6 @@ async def info(engine: EngineDep, model: ModelInfoDep) -> InfoResponse:
         context_length=model.context_length,
         vocab_size=model.vocab_size,
         has_chat_template=model.has_chat_template,
-        limits=EngineLimitsInfo(**limits),
-        engine=EngineStateInfo(**{k: stats[k] for k in EngineStateInfo.model_fields}),
+        limits=limits,
+        engine=engine.stats(),
     )

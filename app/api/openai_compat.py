@@ -26,6 +26,7 @@ from app.api.openai_schemas import (
     ModelList,
     OpenAIErrorResponse,
 )
+from app.api.schemas import Usage
 from app.api.streaming import SSE_HEADERS, Collected, collect, sse_events, submit_all
 from app.engine.engine import Engine
 from app.engine.errors import EngineError, InvalidRequest
@@ -61,10 +62,8 @@ def _chat_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _usage(results: list[Collected]) -> dict[str, int]:
-    prompt = sum(r.finished.prompt_tokens for r in results if r.finished)
-    completion = sum(r.finished.completion_tokens for r in results if r.finished)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(results: list[Collected]) -> dict[str, Any]:
+    return Usage.of(r.finished for r in results).model_dump()
 
 
 def _stream_error(error: Exception) -> list[dict[str, Any] | str]:

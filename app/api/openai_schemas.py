@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.api.schemas import Usage
 from app.engine.limits import MAX_TOP_LOGPROBS
 from app.engine.types import SamplingParams
 
@@ -74,12 +75,6 @@ class ChatRequest(OpenAIFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 class CompletionLogprobs(BaseModel):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.engine.limits import EngineLimits, EngineStats
+from app.engine.types import RequestFinished
 
 
 class StrictModel(BaseModel):
@@ -51,9 +55,19 @@ class GenerateRequest(SamplingFields):
 
 
 class Usage(BaseModel):
+    """Tokens a call used: the one usage model of every route (/generate, the tasks, the OpenAI API)."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, finished: Iterable[RequestFinished | None]) -> Usage:
+        """The sum over the engine requests a call made (None: one that did not finish)."""
+        done = [f for f in finished if f is not None]
+        prompt = sum(f.prompt_tokens for f in done)
+        completion = sum(f.completion_tokens for f in done)
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 class Generation(BaseModel):
@@ -83,39 +97,6 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-class EngineLimitsInfo(BaseModel):
-    max_batch_size: int
-    max_batch_tokens: int
-    max_prefill_tokens: int
-    prefill_chunk_tokens: int
-    max_queued_requests: int
-    max_queued_tokens: int
-    max_prompt_tokens: int
-    max_new_tokens: int
-    default_max_new_tokens: int
-    max_return_sequences: int
-    request_timeout: float
-
-
-class EngineStateInfo(BaseModel):
-    running_requests: int
-    running_rows: int
-    waiting: int
-    steps: int
-    generated_tokens: int
-    prompt_tokens: int
-    completed_requests: int
-    failed_requests: int
-    kv_cache_bytes: int
-    kv_cache_capacity_bytes: int
-    prefix_cache_bytes: int
-    prefix_cache_entries: int
-    prefix_hit_tokens: int
-    decode_seconds: float
-    prefill_seconds: float
-    busy_seconds: float
-
-
 class InfoResponse(BaseModel):
     version: str
     model: str
@@ -129,8 +110,8 @@ class InfoResponse(BaseModel):
     context_length: int
     vocab_size: int
     has_chat_template: bool
-    limits: EngineLimitsInfo
-    engine: EngineStateInfo
+    limits: EngineLimits  # the engine's own limits, one source of truth (app/main.py: engine_limits)
+    engine: EngineStats  # what the engine reports about itself (app/engine/limits.py)
 
 
 def _texts(text: str | None, texts: list[str] | None, limit: int) -> list[str]:

@@ -125,9 +125,7 @@ def _summary_prompts(tokenizer: Any, texts: list[str], budget: int) -> list[summ
 
 
 def _usage(done: list[Collected]) -> Usage:
-    prompt = sum(c.finished.prompt_tokens for c in done if c.finished is not None)
-    completion = sum(c.finished.completion_tokens for c in done if c.finished is not None)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return Usage.of(c.finished for c in done)
 
 
 def _generation(ids: list[int], body: SamplingFields, max_new: int, stop: tuple[str, ...]) -> GenerationRequest:

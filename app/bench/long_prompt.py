@@ -83,8 +83,10 @@ async def crowd(model: str, tokens: int, short: int) -> None:
         steps = sum(sizes.values())
         mean = sum(k * v for k, v in sizes.items()) / steps if steps else 0.0
         label = f"with a {tokens}-token prompt decoding" if with_long else "alone"
+        long = f"; the long prompt's first token {results[-1][0]:.2f}s, done {results[-1][1]:.2f}s" if with_long else ""
         print(f"{short} short requests {label}: done after {done[len(done) // 2]:.2f}s (median) / {done[-1]:.2f}s "
-              f"(last); decode steps {steps}, rows per step mean {mean:.1f}, most {widest}", flush=True)  # fmt: skip
+              f"(last); decode steps {steps}, rows per step mean {mean:.1f}, most {widest}{long}",
+              flush=True)  # fmt: skip
 
 
 def cli() -> None:

@@ -22,7 +22,7 @@ from typing import Any
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from app.config import Settings
-from app.engine import engine as engine_module
+from app.engine import runner as runner_module
 from app.engine.engine import Engine
 from app.engine.types import GenerationRequest
 from app.main import engine_limits
@@ -125,8 +125,8 @@ async def main(args: argparse.Namespace) -> None:
     engine = Engine(loaded.model, loaded.tokenizer, engine_limits(settings), context_length=loaded.info.context_length,
                     eos_token_ids=loaded.info.eos_token_ids, threads=loaded.info.threads)  # fmt: skip
     engine.start()
-    engine_module.sample = _labelled("sampling", engine_module.sample)  # type: ignore[attr-defined]
-    engine._accept = _labelled("output", engine._accept)  # type: ignore[method-assign]
+    runner_module.sample = _labelled("sampling", runner_module.sample)  # type: ignore[attr-defined]
+    engine.output.accept = _labelled("output", engine.output.accept)  # type: ignore[method-assign]
     try:
         tasks = await _fill(engine, args.rows, args.steps + 200, args.seed)
         await asyncio.to_thread(_wait_for_rows, engine, args.rows)

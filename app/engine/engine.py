@@ -1,9 +1,13 @@
-"""The engine: one thread runs schedule -> step -> postprocess; the asyncio side only submits and reads.
+"""The engine: one thread runs schedule -> run -> postprocess; the asyncio side only submits and reads.
 
-`submit` has the input stage (app/engine/input.py) validate and tokenize the request on its own thread,
-then queues it; the caller iterates the returned RequestStream (app/engine/stream.py). Continuous
-batching: every step decodes one token for each running row, then prefills newly admitted requests,
-whose rows join the batch for the next step. Finished rows leave at once.
+The request path, one module each: `submit` has the input stage (app/engine/input.py) validate and tokenize
+the request on its own thread, then queues it in the scheduler (scheduler.py: waiting, admission by rows and
+KV tokens); each step applies cancellations and timeouts at one point, then the runner (runner.py) decodes
+one token for every row of the batch (batch.py over the ragged KV cache, kv_cache.py), computes a chunk of a
+long prompt and the newly admitted prompts; the sampler (sampling.py) draws the tokens and the output stage
+(output.py) turns them into text and events, and retires what ends. The step's events reach the caller's
+RequestStream (stream.py) together. Continuous batching: a prompt's sequences join the batch for the next
+step; finished rows leave at once.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import logging
 import math
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -22,32 +26,24 @@ import torch
 
 from app.engine.batch import Batch
 from app.engine.errors import (
-    EngineError,
     EngineStopped,
     RequestTimeout,
-    StepFailed,
 )
 from app.engine.input import Input
 from app.engine.kv_cache import BLOCK
 from app.engine.limits import EngineLimits, EngineStats
-from app.engine.logprobs import token_logprobs
 from app.engine.memory import TRIM_INTERVAL_S, release_free_memory
 from app.engine.observer import EngineObserver, NullObserver
+from app.engine.output import Output
 from app.engine.prefix_cache import PrefixCache
-from app.engine.sampling import SampleRow, sample
+from app.engine.runner import Runner
 from app.engine.scheduler import Scheduler
-from app.engine.state import RequestState, SequenceState
+from app.engine.state import RequestState, Status, collected
 from app.engine.stream import RequestStream
 from app.engine.types import (
     GenerationRequest,
-    PromptLogprobs,
     RequestFailed,
-    RequestFinished,
     ScoreRequest,
-    Scores,
-    SequenceFinished,
-    TokenDelta,
-    TokenLogprob,
 )
 
 T = TypeVar("T")
@@ -64,7 +60,6 @@ class Engine:
         self.tokenizer = tokenizer
         self.limits = limits
         self.context_length = context_length
-        self.eos_token_ids = frozenset(eos_token_ids)
         self.device = next(model.parameters()).device
         # new requests are validated and tokenized on the input stage's thread, off the event loop
         self.input = Input(tokenizer, limits, context_length=context_length,
@@ -75,8 +70,6 @@ class Engine:
             limits.max_queued_tokens, kv_block=BLOCK,
         )  # fmt: skip
         self.batch = Batch(model, limits.max_batch_size, limits.max_batch_tokens)
-        # admitted prompts longer than a chunk, prefilled one chunk per step, first in first out
-        self.prefilling: deque[RequestState] = deque()
         self.prefix_cache = PrefixCache(limits.prefix_cache_bytes)
         self.running: dict[str, RequestState] = {}  # admitted, not finished; engine thread only
         self._wake = threading.Event()
@@ -84,8 +77,23 @@ class Engine:
         self._allocated = threading.Event()
         self._thread: threading.Thread | None = None
         self._stats = EngineStats()
+        # tokens -> text and events, and every way a request ends
+        self.output = Output(self.batch, self.scheduler, self._stats, self.observer, frozenset(eos_token_ids),
+                             self.running)  # fmt: skip
+        # the step's forward passes: decode, a chunk of a long prompt, the newly admitted prompts
+        self.runner = Runner(self.batch, self.prefix_cache, self.output, self._stats, limits, self.running)
+        self.prefilling = self.runner.prefilling  # admitted prompts longer than a chunk, first in first out
         self._tokens_per_s = 0.0  # smoothed decode throughput, for Retry-After
         self.fatal: BaseException | None = None
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """The tokens that end a sequence (unless it asks to ignore them)."""
+        return self.output.eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids: frozenset[int]) -> None:
+        self.output.eos_token_ids = frozenset(ids)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -127,7 +135,7 @@ class Engine:
             log.warning("the engine is still inside a step after %.0fs; stopping without it", timeout)
         for state in self._all_requests():
             if not state.done:
-                state.done = True  # the engine's thread, should it come back, sends nothing more
+                state.status = Status.FAILED  # the engine's thread, should it come back, sends nothing more
                 state.channel.put(RequestFailed(EngineStopped("the server is shutting down")))
 
     @property
@@ -179,7 +187,7 @@ class Engine:
                 self._allocated.set()
                 self._run_until_stopped()
                 for state in self._all_requests():  # stopped: what is left fails here, on this thread
-                    self._fail(state, EngineStopped("the server is shutting down"))
+                    self.output.fail(state, EngineStopped("the server is shutting down"))
                 self.batch.clear()  # rows of requests `stop` told while this thread was still in a step
         except BaseException as exc:  # the loop must never die silently
             log.exception("engine loop died")
@@ -187,7 +195,7 @@ class Engine:
             self._allocated.set()
             self._stop.set()
             for state in self._all_requests():
-                self._fail(state, EngineStopped("the engine stopped after an internal error"))
+                self.output.fail(state, EngineStopped("the engine stopped after an internal error"))
 
     def _run_until_stopped(self) -> None:
         busy = False
@@ -208,7 +216,11 @@ class Engine:
                 trimmed = time.monotonic()
 
     def step(self) -> None:
-        """schedule -> run -> postprocess."""
+        """schedule -> run -> postprocess; the step's events reach the asyncio side together."""
+        with collected():
+            self._step()
+
+    def _step(self) -> None:
         now = time.monotonic()
         self._drop_cancelled_and_late(now)
         # a chunk of a long prompt runs this step: newcomers' prompts get what is left of the prefill budget
@@ -216,13 +228,13 @@ class Engine:
         budget = max(0, self.limits.max_prefill_tokens - chunk)
         plan = self.scheduler.schedule(now, prefill_budget=budget, defer_longer_than=chunk or None)
         for state in plan.expired:
-            self._fail(state, RequestTimeout(f"request waited {now - state.arrival:.1f}s in the queue; "
-                                             f"its timeout is {self.input.timeout(state.request):g}s"))
+            self.output.fail(state, RequestTimeout(f"request waited {now - state.arrival:.1f}s in the queue; "
+                                                   f"its timeout is {self.input.timeout(state.request):g}s"))
         for state in plan.cancelled:
-            self._close(state)
+            self.output.close(state)
         started = time.perf_counter()
         rows = len(self.batch.seqs)
-        produced = self._decode_running() + self._prefill_chunk() + self._prefill(plan.admitted, now)
+        produced = self.runner.decode() + self.runner.prefill_chunk() + self.runner.prefill(plan.admitted, now)
         elapsed = time.perf_counter() - started
         if rows or plan.admitted:
             self.observer.step(rows, elapsed)
@@ -232,237 +244,12 @@ class Engine:
             self._tokens_per_s = rate if not self._tokens_per_s else 0.9 * self._tokens_per_s + 0.1 * rate
         self._stats.steps += 1
 
-    def _decode_running(self) -> int:
-        if not self.batch.seqs:
-            return 0
-        seqs = list(self.batch.seqs)
-        self._stats.batch_sizes[len(seqs)] += 1
-        started = time.perf_counter()
-        try:
-            logits = self.batch.decode()  # (B, V)
-            scored = self._logprobs(seqs, logits)
-            tokens = sample(logits, [SampleRow(s.params, s.generator, s.history) for s in seqs])
-            self._stats.decode_seconds += time.perf_counter() - started
-        except Exception as exc:
-            log.exception("decode step failed for %d rows", len(seqs))
-            for seq in self.batch.clear():
-                self._fail(seq.request, StepFailed(f"the model step failed: {type(exc).__name__}"))
-            return 0
-        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
-            self._contained(seq.request, self._accept, seq, token, logprobs=scored.get(i))
-        return len(seqs)
-
-    @staticmethod
-    def _logprobs(seqs: list[SequenceState], logits: torch.Tensor) -> dict[int, torch.Tensor]:
-        """The raw logits rows (V,), copied out of the step's, of the rows (positions in `seqs`) that asked for
-        log-probabilities; `token_logprobs` normalizes them, once."""
-        wanted = [i for i, s in enumerate(seqs) if s.wants_logprobs is not None]
-        if not wanted:
-            return {}
-        rows = logits[wanted].float()  # (W, V)
-        return dict(zip(wanted, rows, strict=True))
-
-    def _prefill(self, admitted: list[RequestState], now: float) -> int:
-        produced = 0
-        # Admission is FIFO; within a step, shortest prompt first: each request's first token is sent
-        # as soon as its own prefill ends, so this ordering minimises the step's mean time to first token.
-        for state in sorted(admitted, key=lambda s: s.prefill_tokens):
-            if state.scoring:
-                produced += self._score(state, now)
-                continue
-            wants_prompt = getattr(state.request, "prompt_logprobs", None) is not None
-            state.admitted_at = now
-            if state.prompt_len > self.limits.prefill_chunk_tokens and not wants_prompt:
-                # prefilled a chunk per step from the next step on, while the batch keeps decoding
-                self.running[state.id] = state
-                self.prefilling.append(state)
-                continue
-            started = time.perf_counter()
-            try:
-                # prompt log-probabilities need every prompt position computed: no reuse then
-                hit = None if wants_prompt else self.prefix_cache.match(state.prompt_ids)
-                logits, kv, scored = self.batch.prefill(state, hit)  # (V,)
-                self.prefix_cache.store(state.prompt_ids, kv)
-                tokens, first = self._first_tokens(state, logits)
-                self._stats.prefill_seconds += time.perf_counter() - started
-            except Exception as exc:
-                log.exception("prefill failed for request %s", state.id)
-                self.scheduler.release(state, state.rows)  # reserved at admission, never ran
-                self._fail(state, StepFailed(f"the model step failed: {type(exc).__name__}"))
-                continue
-            self.running[state.id] = state
-            produced += self._contained(state, self._begin, state, tokens, first, scored) or 0
-        self.batch.settle()
-        return produced
-
-    def _prefill_chunk(self) -> int:
-        """The next chunk of the oldest long prompt being prefilled; when it was the last, the prompt joins."""
-        while self.prefilling and self.prefilling[0].done:  # cancelled or timed out meanwhile
-            self.prefilling.popleft()
-        if not self.prefilling:
-            return 0
-        state = self.prefilling[0]
-        started = time.perf_counter()
-        try:
-            hit = self.prefix_cache.match(state.prompt_ids) if state.prefilled == 0 else None
-            start = hit.length if hit is not None else state.prefilled
-            stop = min(state.prompt_len, start + self.limits.prefill_chunk_tokens)
-            logits = self.batch.prefill_chunk(state, stop, hit)  # (V,)
-            if stop < state.prompt_len:
-                self._stats.prefill_seconds += time.perf_counter() - started
-                return 0
-            self.prefilling.popleft()
-            self.prefix_cache.store(state.prompt_ids, self.batch.prompt_kv(state))
-            tokens, first = self._first_tokens(state, logits)
-            self._stats.prefill_seconds += time.perf_counter() - started
-        except Exception as exc:
-            log.exception("prefill failed for request %s", state.id)
-            if self.prefilling and self.prefilling[0] is state:
-                self.prefilling.popleft()
-            self._fail(state, StepFailed(f"the model step failed: {type(exc).__name__}"))  # frees its reservation
-            return 0
-        return self._contained(state, self._begin, state, tokens, first, None) or 0
-
-    def _first_tokens(self, state: RequestState, logits: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
-        """Each sequence's first token, drawn from the prompt's last logits (V,), and those logits (V,) when the
-        request asked for log-probabilities."""
-        rows = [SampleRow(s.params, s.generator, s.history) for s in state.sequences]
-        tokens = sample(logits.unsqueeze(0).expand(len(rows), -1), rows) if rows else []
-        first = self._logprobs(state.sequences[:1], logits.unsqueeze(0)).get(0)  # (V,), same for all rows
-        return tokens, first
-
-    def _begin(self, state: RequestState, tokens: list[int], first: torch.Tensor | None,
-               scored: list[TokenLogprob] | None) -> int:  # fmt: skip
-        """A prompt is computed into its segment: emit its first tokens; its sequences join."""
-        self._stats.prompt_tokens += state.prompt_len
-        if scored is not None:
-            state.channel.put(PromptLogprobs((None, *scored)))
-        if not state.sequences:  # the prompt was all it asked about
-            self._finish(state)
-            return 0
-        for seq, token in zip(state.sequences, tokens, strict=True):
-            self._accept(seq, token, prefilled=True, logprobs=first)
-        return len(tokens)
-
-    def _score(self, state: RequestState, now: float) -> int:
-        started = time.perf_counter()
-        try:
-            reused, prefix = self.prefix_cache.lookup(state.prompt_ids)
-            logprobs, kv = self.batch.score(state.prompt_ids, state.continuations, reused, prefix)
-            self.prefix_cache.store(state.prompt_ids, kv)
-        except Exception as exc:
-            log.exception("scoring failed for request %s", state.id)
-            self._fail(state, StepFailed(f"the model step failed: {type(exc).__name__}"))
-            return 0
-        self._stats.prefill_seconds += time.perf_counter() - started
-        self._stats.prompt_tokens += state.prefill_tokens
-        state.admitted_at = now
-        state.channel.put(Scores(tuple(logprobs), tuple(len(c) for c in state.continuations)))
-        self._finish(state)
-        return 0
-
-    # ---- postprocess --------------------------------------------------------------------------
-    def _contained(self, state: RequestState, work: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
-        """One request's postprocessing (`work(*args, **kwargs)`): should it raise (a join that finds no room,
-        a tokenizer error), that request fails and the loop, the batch and every other request go on."""
-        try:
-            return work(*args, **kwargs)
-        except Exception as exc:
-            log.exception("postprocessing failed for request %s", state.id)
-            self._fail(state, StepFailed(f"postprocessing failed: {type(exc).__name__}"))
-            return None
-
-    def _accept(self, seq: SequenceState, token: int, prefilled: bool = False,
-                logprobs: torch.Tensor | None = None) -> None:  # fmt: skip
-        """Append one token to a sequence: detokenize, check stops, emit, and join or leave the batch.
-
-        `prefilled`: the token is the first, drawn right after the request's prefill (the sequence joins).
-        `logprobs`: the raw logits (V,) the token was drawn from, for a sequence that asked for log-probabilities.
-        """
-        state = seq.request
-        if state.done:
-            return
-        seq.tokens.append(token)
-        arrived = time.monotonic()
-        if len(seq.tokens) == 1:
-            self.observer.first_token(arrived - state.arrival)
-        else:
-            self.observer.next_token(arrived - seq.last_token_at)
-        seq.last_token_at = arrived
-        if logprobs is not None and seq.wants_logprobs is not None:
-            seq.logprobs.append(token_logprobs(logprobs.unsqueeze(0), [token], seq.wants_logprobs)[0])
-        self._stats.generated_tokens += 1
-        finish = None
-        if token in self.eos_token_ids and not getattr(state.request, "ignore_eos", False):
-            finish = "eos"
-        elif len(seq.tokens) >= state.max_new_tokens:
-            finish = "length"
-        decoded = seq.detok.update(seq.tokens, final=finish is not None)
-        if seq.text.feed(decoded):
-            finish = "stop"  # a stop string on the last token counts as the stop, not eos or length
-        delta = seq.text.release(final=finish is not None)
-        if delta:
-            state.channel.put(TokenDelta(seq.index, delta, token, tuple(seq.logprobs[seq.logprobs_sent :])))
-            seq.logprobs_sent = len(seq.logprobs)
-        if finish is None:
-            if prefilled:
-                self.batch.join(seq)
-            return
-        seq.finish_reason = finish
-        if seq.segment is not None:
-            self.batch.leave(seq)
-            self.scheduler.release(state)
-        elif prefilled:
-            self.scheduler.release(state)  # finished on its first token: never joined
-        state.channel.put(SequenceFinished(seq.index, finish, seq.text.text, tuple(seq.tokens), seq.params.seed,
-                                           tuple(seq.logprobs)))  # fmt: skip
-        if not state.live_sequences():
-            self._finish(state)
-
-    def _finish(self, state: RequestState) -> None:
-        state.done = True
-        self.running.pop(state.id, None)
-        self._stats.completed_requests += 1
-        now = time.monotonic()
-        finished = RequestFinished(
-            prompt_tokens=state.prompt_len,
-            completion_tokens=sum(len(s.tokens) for s in state.sequences),
-            queue_seconds=(state.admitted_at or now) - state.arrival,
-            total_seconds=now - state.arrival,
-        )
-        self.observer.finished(finished.prompt_tokens, finished.completion_tokens, finished.queue_seconds)
-        state.channel.put(finished)
-
-    def _release_rows(self, state: RequestState) -> None:
-        self.batch.discard(state)  # a prompt computed (or being computed) that will not join
-        for seq in state.sequences:
-            if seq.segment is not None:
-                self.batch.leave(seq)
-            if state.id in self.running and seq.finish_reason is None:
-                self.scheduler.release(state)
-                seq.finish_reason = "aborted"
-
-    def _fail(self, state: RequestState, error: EngineError) -> None:
-        if state.done:
-            return
-        self._release_rows(state)
-        state.done = True
-        self.running.pop(state.id, None)
-        self._stats.failed_requests += 1
-        state.channel.put(RequestFailed(error))
-
-    def _close(self, state: RequestState) -> None:
-        """The client went away: free everything, tell no one."""
-        self._release_rows(state)
-        state.done = True
-        self.running.pop(state.id, None)
-
     def _drop_cancelled_and_late(self, now: float) -> None:
         for state in list(self.running.values()):
             if state.cancelled:
-                self._close(state)
+                self.output.close(state)
             elif now > state.deadline:
-                self._fail(state, RequestTimeout(
+                self.output.fail(state, RequestTimeout(
                     f"request ran past its timeout of {self.input.timeout(state.request):g}s"))  # fmt: skip
 
     # ---- introspection ------------------------------------------------------------------------

@@ -210,16 +210,24 @@ class RaggedCache:
             self.keys[layer][:, blk, slot, :] = k[0]  # (H, q, D)
         self.values[layer][:, blk, slot, :] = v[0]  # (H, q, D)
 
-    def read(self, layer: int, seg: Segment, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens [0, tokens) of `seg`, contiguous copies (1, H, tokens, D)."""
+    def read(self, layer: int, seg: Segment, tokens: int, extra: tuple[torch.Tensor, torch.Tensor] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Tokens [0, tokens) of `seg`, contiguous copies (1, H, tokens, D); with `extra` (k, v (1, H, q, D)),
+        followed by those: one copy of the prefix, not a read and a concatenation."""
         n = blocks_for(tokens)
         k = self.keys[layer][:, seg.start : seg.start + n]  # (H, n, D, 16) or (H, n, 16, D)
         v = self.values[layer][:, seg.start : seg.start + n]  # (H, n, 16, D)
         if self.transposed:
             k = k.transpose(2, 3)
-        keys = k.reshape(k.shape[0], n * BLOCK, k.shape[3])[:, :tokens]
-        values = v.reshape(v.shape[0], n * BLOCK, v.shape[3])[:, :tokens]
-        return keys.unsqueeze(0), values.unsqueeze(0)
+        heads, more = k.shape[0], 0 if extra is None else extra[0].shape[2]
+        keys = k.new_empty(1, heads, tokens + more, k.shape[3])
+        values = v.new_empty(1, heads, tokens + more, v.shape[3])
+        keys[0, :, :tokens] = k.reshape(heads, n * BLOCK, k.shape[3])[:, :tokens]
+        values[0, :, :tokens] = v.reshape(heads, n * BLOCK, v.shape[3])[:, :tokens]
+        if extra is not None:
+            keys[:, :, tokens:] = extra[0]
+            values[:, :, tokens:] = extra[1]
+        return keys, values
 
     def read_all(self, seg: Segment, tokens: int) -> KV:
         return [self.read(layer, seg, tokens) for layer in range(self.num_layers)]
@@ -281,13 +289,14 @@ class DecodeView:
     def attend(self, layer: int, module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: float) -> torch.Tensor:  # fmt: skip
         """q (B, Hq, 1, D), the new k, v (B, Hkv, 1, D) -> attention output (B, 1, Hq, Dv), as sdpa returns."""
-        self.append(layer, k, v)
         kernel = self.cache.kernel
-        if kernel is not None and self.plan is not None:
+        if kernel is not None and self.plan is not None:  # the kernel stores the new token itself
             rows, heads, _, dim = q.shape
             out = kernel(q.reshape(rows, heads, dim).contiguous(), scale, self.cache.keys[layer],
-                         self.cache.values[layer], self.plan)  # (B, Hq, D)  # fmt: skip
+                         self.cache.values[layer], k[:, :, 0].contiguous(), v[:, :, 0].contiguous(),
+                         self.plan)  # (B, Hq, D)  # fmt: skip
             return out.view(rows, 1, heads, dim)
+        self.append(layer, k, v)
         # the torch path: row by row over views of each segment (a padded window costs rows x the longest row)
         keys, values = self.cache.keys[layer], self.cache.values[layer]
         heads, dim = keys.shape[0], values.shape[3]
@@ -359,9 +368,7 @@ class _PrefillLayer(CacheLayerMixin):
         n = self.filled
         self.cache.write(self.index, self.seg, n, key_states, value_states)
         if n:  # a chunk after earlier ones, or after a reused prefix: attend over all of it
-            old_k, old_v = self.cache.read(self.index, self.seg, n)
-            key_states = torch.cat([old_k, key_states], dim=2)
-            value_states = torch.cat([old_v, value_states], dim=2)
+            key_states, value_states = self.cache.read(self.index, self.seg, n, (key_states, value_states))
         self.filled = key_states.shape[2]
         self.keys, self.values = key_states, value_states
         return key_states, value_states  # (1, H, filled, D)

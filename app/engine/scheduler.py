@@ -134,3 +134,32 @@ class Scheduler:
 
     def _queued_tokens(self) -> int:
         return sum(r.rows * r.reserved_tokens for r in self.waiting)
+
+
+class ChunkPacer:
+    """How many tokens the long prompt being prefilled computes this step.
+
+    A chunk is one step's work beside the rows that decode: at a fixed size (512), a 6000-token prompt's
+    chunks grow to ~1.5 s each as its attention reaches back further, and every running row waits that long
+    for each token. So while rows decode, the next chunk is sized from the last one's measured rate to take
+    about `share` times as long as the step's decode (the decoding rows keep at least half the machine);
+    with no rows decoding it takes the largest chunk. Never below `min_tokens`: the prompt always advances.
+    """
+
+    def __init__(self, max_tokens: int, min_tokens: int = 16, share: float = 1.0, align: int = 16) -> None:
+        self.max_tokens = max_tokens
+        self.min_tokens = min(min_tokens, max_tokens)
+        self.share = share
+        self.align = align
+        self.next = max_tokens
+
+    def size(self) -> int:
+        return self.next
+
+    def observe(self, tokens: int, seconds: float, decode_seconds: float) -> None:
+        """The chunk just computed: `tokens` in `seconds`, beside a decode that took `decode_seconds` (0: none)."""
+        if decode_seconds <= 0 or seconds <= 0:
+            self.next = self.max_tokens
+            return
+        fit = int(tokens * self.share * decode_seconds / seconds) // self.align * self.align
+        self.next = max(self.min_tokens, min(self.max_tokens, fit))

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -19,16 +22,61 @@ from app.engine.types import Event, GenerationRequest, SamplingParams, ScoreRequ
 
 
 class Channel:
-    """Carries events from the engine thread to the request's asyncio task."""
+    """Carries events from the engine thread to the request's asyncio task.
+
+    Inside `collected()` (the engine's step) events wait in a list and cross to the event loop together at
+    each `hand_off()`: one `call_soon_threadsafe` per loop for all of a decode step's tokens, not one per token
+    (each wakes the loop through its self-pipe). Outside it (the engine stopping from another thread, a
+    failure on the way out) an event is sent at once."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
 
     def put(self, event: Event) -> None:
+        pending: list[tuple[Channel, Event]] | None = getattr(_collecting, "pending", None)
+        if pending is not None:
+            pending.append((self, event))
+        else:
+            _send([(self, event)])
+
+
+_collecting = threading.local()  # .pending: this thread's events not handed off yet, inside `collected()`
+
+
+def _send(items: list[tuple[Channel, Event]]) -> None:
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Event], Event]]] = {}
+    for channel, event in items:  # in order: a channel's events keep theirs
+        by_loop.setdefault(channel.loop, []).append((channel.queue, event))
+    for loop, batch in by_loop.items():
         # The loop may be closed at shutdown; nobody is listening then.
         with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            loop.call_soon_threadsafe(_deliver, batch)
+
+
+def _deliver(batch: list[tuple[asyncio.Queue[Event], Event]]) -> None:
+    for queue, event in batch:
+        queue.put_nowait(event)
+
+
+def hand_off() -> None:
+    """Send the events collected so far (a decode step's, or one prompt's first tokens: so a prompt prefilled
+    early in a step does not wait for the step's other prefills)."""
+    pending: list[tuple[Channel, Event]] | None = getattr(_collecting, "pending", None)
+    if pending:
+        _collecting.pending = []
+        _send(pending)
+
+
+@contextlib.contextmanager
+def collected() -> Iterator[None]:
+    """Collect this thread's events until `hand_off()` or the end of the block."""
+    _collecting.pending = []
+    try:
+        yield
+    finally:
+        hand_off()
+        _collecting.pending = None
 
 
 @dataclass(eq=False)
@@ -56,6 +104,20 @@ class SequenceState:
         return self.request.prompt_ids + self.tokens
 
 
+class Status(enum.Enum):
+    """Where a request is in its life; the last three are final (`RequestState.done`)."""
+
+    WAITING = "waiting"  # queued in the scheduler
+    PREFILLING = "prefilling"  # admitted: its prompt is being computed (a long one: a chunk per step)
+    RUNNING = "running"  # its sequences decode in the batch
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"  # the client went away
+
+
+FINAL = frozenset({Status.FINISHED, Status.FAILED, Status.CANCELLED})
+
+
 @dataclass(eq=False)
 class RequestState:
     id: str
@@ -69,8 +131,17 @@ class RequestState:
     continuations: list[list[int]] = field(default_factory=list)  # scoring only
     admitted_at: float | None = None
     prefilled: int = 0  # prompt tokens whose K/V are computed (a long prompt: chunk by chunk)
-    cancelled: bool = False
-    done: bool = False
+    cancelled: bool = False  # set by the asyncio side when the client leaves; applied at the next step
+    status: Status = Status.WAITING
+
+    @property
+    def done(self) -> bool:
+        return self.status in FINAL
+
+    @property
+    def admitted(self) -> bool:
+        """It holds KV budget for each of its sequences that has not finished."""
+        return self.status in (Status.PREFILLING, Status.RUNNING)
 
     # Schedulable
     @property

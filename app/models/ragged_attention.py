@@ -100,17 +100,19 @@ class Kernel:
         self.lib = ctypes.CDLL(str(path))
         self.fn = self.lib.ragged_decode
         p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-        self.fn.argtypes = [p, f, p, p, i, p, i, p, i, p, p, p, p, p, i]
+        self.fn.argtypes = [p, f, p, p, i, p, p, p, p, i, p, i, p, p, p, p, p, i]
         self.fn.restype = None
         self.kv_heads, self.group, self.head_dim = kv_heads, group, head_dim
 
-    def __call__(self, q: torch.Tensor, scale: float, keys: torch.Tensor, values: torch.Tensor,
-                 plan: Plan) -> torch.Tensor:  # fmt: skip
-        """q (B, Hq, D) contiguous fp32; keys (H, NB, D, 16), values (H, NB, 16, D) -> (B, Hq, D)."""
+    def __call__(self, q: torch.Tensor, scale: float, keys: torch.Tensor, values: torch.Tensor, k_new: torch.Tensor,
+                 v_new: torch.Tensor, plan: Plan) -> torch.Tensor:  # fmt: skip
+        """q (B, Hq, D) contiguous fp32; keys (H, NB, D, 16), values (H, NB, 16, D); each row's new token k_new,
+        v_new (B, H, D) contiguous, stored first at its position -> (B, Hq, D)."""
         out = torch.empty_like(q)
         pm, pl, pacc = plan.scratch(q.shape[1], q.shape[2])
         with torch.profiler.record_function(PROFILE_NAME):  # what app/bench/step_profile counts as attention
-                self.fn(q.data_ptr(), scale, keys.data_ptr(), values.data_ptr(), keys.shape[1], plan.starts.data_ptr(),
+                self.fn(q.data_ptr(), scale, keys.data_ptr(), values.data_ptr(), keys.shape[1], k_new.data_ptr(),
+                    v_new.data_ptr(), plan.held.data_ptr(), plan.starts.data_ptr(),
                     plan.rows, plan.jobs.data_ptr(), plan.njobs, plan.first.data_ptr(), pm.data_ptr(), pl.data_ptr(),
                     pacc.data_ptr(), out.data_ptr(), torch.get_num_threads())  # fmt: skip
         return out
@@ -121,6 +123,7 @@ class Plan:
     their lengths (tokens, the new one included)."""
 
     def __init__(self, starts: list[int], lengths: list[int]) -> None:
+        """`lengths`: each row's tokens with the new one (which goes at position length - 1)."""
         jobs: list[tuple[int, int, int]] = []
         first = [0]
         for row, n in enumerate(lengths):
@@ -129,6 +132,7 @@ class Plan:
         self.rows = len(lengths)
         self.njobs = len(jobs)
         self.starts = torch.tensor(starts, dtype=torch.int32)  # (B,)
+        self.held = torch.tensor([n - 1 for n in lengths], dtype=torch.int32)  # (B,): where the new token goes
         self.jobs = torch.tensor(jobs, dtype=torch.int32)  # (J, 3): row, first token, end token
         self.first = torch.tensor(first, dtype=torch.int32)  # (B + 1,)
         self._scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None

@@ -14,6 +14,7 @@ import torch
 
 from app.engine.engine import Engine
 from app.engine.errors import EngineStopped, InvalidRequest, Overloaded, RequestTimeout, StepFailed
+from app.engine.state import Status
 from app.engine.types import GenerationRequest, SamplingParams, SequenceFinished, TokenDelta
 from app.models.loader import LoadedModel
 from tests.engine.helpers import eventually, make_engine, reference_greedy, run_request
@@ -278,3 +279,60 @@ async def test_a_huge_prompt_is_tokenized_off_the_event_loop(engine: Engine, tin
     await asyncio.sleep(0.02)  # the heartbeat's next beat records the gap the submit left
     beating.cancel()
     assert max(gaps) < tokenize_s / 4, (max(gaps), tokenize_s)
+
+
+async def test_a_decode_step_hands_its_events_to_the_event_loop_at_once(tiny: LoadedModel) -> None:
+    """Every token used to be its own call_soon_threadsafe (a wake-up of the loop through its self-pipe); now a
+    step's events cross together: one call per step, plus one per prefilled prompt."""
+    loop = asyncio.get_running_loop()
+    calls = 0
+    original = loop.call_soon_threadsafe
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return original(*args, **kwargs)
+
+    engine = make_engine(tiny)
+    try:
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        requests = [GenerationRequest(prompt=f"Row {i} says", max_new_tokens=24, ignore_eos=True) for i in range(8)]
+        outs = await asyncio.gather(*[run_request(engine, r) for r in requests])
+    finally:
+        loop.call_soon_threadsafe = original  # type: ignore[method-assign]
+        engine.stop()
+    tokens = sum(len(o.tokens) for o in outs)
+    assert tokens == 8 * 24 and all(o.error is None for o in outs)
+    steps = engine.stats().steps
+    # a step each, a prompt's first tokens each, the input stage's tokenization futures; before: >= tokens
+    assert calls <= steps + 8 + 8 + 2 < tokens / 3
+
+
+async def test_a_request_goes_through_one_lifecycle(tiny: LoadedModel) -> None:
+    """WAITING -> PREFILLING (a long prompt, chunk by chunk) -> RUNNING -> FINISHED, and CANCELLED for a client that
+    leaves; each end releases the KV budget and segment it held (the scheduler and the cache back to empty)."""
+    engine = make_engine(tiny, prefill_chunk_tokens=16)
+    seen: list[Status] = []
+    try:
+        task = asyncio.create_task(run_request(engine, GenerationRequest(
+            prompt=[(i * 37) % 900 + 50 for i in range(300)], max_new_tokens=30, ignore_eos=True)))  # fmt: skip
+        assert await eventually(lambda: bool(engine.running))
+        state = next(iter(engine.running.values()))
+        while not state.done:
+            if not seen or seen[-1] is not state.status:
+                seen.append(state.status)
+            await asyncio.sleep(0.001)
+        seen.append(state.status)
+        await task
+        stream = await engine.submit(GenerationRequest(prompt="Hello", max_new_tokens=900, ignore_eos=True))
+        async for event in stream:
+            if isinstance(event, TokenDelta):
+                break
+        other = engine.batch.seqs[0].request
+        await stream.aclose()
+        assert await eventually(lambda: other.done)
+        assert other.status is Status.CANCELLED
+    finally:
+        engine.stop()
+    assert seen == [Status.PREFILLING, Status.RUNNING, Status.FINISHED]
+    assert (engine.scheduler.running_rows, engine.scheduler.running_tokens, engine.batch.cache.space.held) == (0, 0, 0)

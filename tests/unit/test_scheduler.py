@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import pytest
 
 from app.engine.errors import Overloaded
-from app.engine.scheduler import Scheduler
+from app.engine.scheduler import ChunkPacer, Scheduler
 
 
 @dataclass(eq=False)
@@ -128,3 +128,16 @@ def test_long_prompts_wait_in_place_while_one_is_prefilled_in_chunks() -> None:
     assert s.schedule(0, defer_longer_than=512).admitted == [short, short2]
     assert list(s.waiting) == [long_b, long_c]
     assert s.schedule(0).admitted == [long_b]  # long_a is done prefilling: the oldest long prompt is next
+
+
+def test_the_chunk_pacer_sizes_a_chunk_to_the_decode_beside_it() -> None:
+    pacer = ChunkPacer(512, min_tokens=16)
+    assert pacer.size() == 512  # nothing decoding: the largest chunk
+    pacer.observe(512, seconds=1.0, decode_seconds=0.1)  # 512 tokens took 10x the decode step
+    assert pacer.size() == 48  # ~0.1 s of chunk at that rate, whole blocks
+    pacer.observe(48, seconds=0.5, decode_seconds=0.1)  # the prefix grew: slower per token
+    assert pacer.size() == 16  # never below the minimum: the prompt always advances
+    pacer.observe(16, seconds=0.01, decode_seconds=0.1)
+    assert pacer.size() == 160
+    pacer.observe(160, seconds=0.2, decode_seconds=0.0)  # the rows left
+    assert pacer.size() == 512

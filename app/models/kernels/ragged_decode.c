@@ -61,13 +61,25 @@ static void job(const float* restrict q, float scale, const float* restrict K, c
   }
 }
 
-/* q (rows, H*G, D); starts, lengths (rows,); jobs (njobs, 3): row, t0, t1, a row's jobs consecutive and in order,
-   first (rows + 1,): row r's jobs are [first[r], first[r + 1]); pm, pl (njobs, H*G), pacc (njobs, H*G, D) scratch;
-   out (rows, H*G, D). */
-void ragged_decode(const float* restrict q, float scale, const float* restrict K, const float* restrict V, int nbt,
+/* q (rows, H*G, D); k_new, v_new (rows, H, D): each row's new token, written at position `held[r]` of its segment
+   first (rows, the token it attends with); starts, held (rows,); jobs (njobs, 3): row, t0, t1, a row's jobs
+   consecutive and in order, first (rows + 1,): row r's jobs are [first[r], first[r + 1]); pm, pl (njobs, H*G),
+   pacc (njobs, H*G, D) scratch; out (rows, H*G, D). */
+void ragged_decode(const float* restrict q, float scale, float* restrict K, float* restrict V, int nbt,
+                   const float* restrict k_new, const float* restrict v_new, const int32_t* restrict held,
                    const int32_t* restrict starts, int rows, const int32_t* restrict jobs, int njobs,
                    const int32_t* restrict first, float* restrict pm, float* restrict pl, float* restrict pacc,
                    float* restrict out, int threads) {
+  for (int r = 0; r < rows; r++) {
+    const size_t blk = (size_t)starts[r] + held[r] / BS, slot = held[r] % BS;
+    for (int h = 0; h < H; h++) {
+      const float* kn = k_new + ((size_t)r * H + h) * D;
+      const float* vn = v_new + ((size_t)r * H + h) * D;
+      float* kb = K + ((size_t)h * nbt + blk) * D * BS;
+      float* vb = V + (((size_t)h * nbt + blk) * BS + slot) * D;
+      for (int i = 0; i < D; i++) { kb[i * BS + slot] = kn[i]; vb[i] = vn[i]; }
+    }
+  }
   #pragma omp parallel num_threads(threads)
   {
     #pragma omp for schedule(dynamic, 1)

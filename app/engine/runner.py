@@ -1,0 +1,164 @@
+"""The run phase of a step: the forward passes, and the sampling of what they produce.
+
+`decode` runs one token for every row in the batch; `prefill_chunk` the next chunk of the oldest long
+prompt (sized by ChunkPacer to the decode beside it); `prefill` each newly admitted prompt, shortest first,
+straight into its KV segment (after the longest prefix the prefix cache holds), or scores it. What they
+produce goes to the output stage (app/engine/output.py); a failed forward fails the requests it was for and
+nothing else. Engine thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+import torch
+
+from app.engine.batch import Batch
+from app.engine.errors import StepFailed
+from app.engine.limits import EngineLimits, EngineStats
+from app.engine.output import Output
+from app.engine.prefix_cache import PrefixCache
+from app.engine.sampling import SampleRow, sample
+from app.engine.scheduler import ChunkPacer
+from app.engine.state import RequestState, SequenceState, Status, hand_off
+from app.engine.types import Scores
+
+log = logging.getLogger(__name__)
+
+
+class Runner:
+    def __init__(self, batch: Batch, prefix_cache: PrefixCache, output: Output, stats: EngineStats,
+                 limits: EngineLimits, running: dict[str, RequestState]) -> None:  # fmt: skip
+        self.batch = batch
+        self.prefix_cache = prefix_cache
+        self.output = output
+        self.stats = stats
+        self.limits = limits
+        self.running = running
+        # admitted prompts longer than a chunk, prefilled one chunk per step, first in first out
+        self.prefilling: deque[RequestState] = deque()
+        self.pacer = ChunkPacer(limits.prefill_chunk_tokens)
+        self._decode_step_seconds = 0.0  # this step's decode (0: no rows), what the next chunk is sized against
+
+    def decode(self) -> int:
+        self._decode_step_seconds = 0.0
+        if not self.batch.seqs:
+            return 0
+        seqs = list(self.batch.seqs)
+        self.stats.batch_sizes[len(seqs)] += 1
+        started = time.perf_counter()
+        try:
+            logits = self.batch.decode()  # (B, V)
+            scored = self._logprobs(seqs, logits)
+            tokens = sample(logits, [SampleRow(s.params, s.generator, s.history) for s in seqs])
+            self._decode_step_seconds = time.perf_counter() - started
+            self.stats.decode_seconds += self._decode_step_seconds
+        except Exception as exc:
+            log.exception("decode step failed for %d rows", len(seqs))
+            for seq in self.batch.clear():
+                self.output.fail(seq.request, StepFailed(f"the model step failed: {type(exc).__name__}"))
+            return 0
+        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            self.output.contained(seq.request, self.output.accept, seq, token, logprobs=scored.get(i))
+        hand_off()
+        return len(seqs)
+
+    @staticmethod
+    def _logprobs(seqs: list[SequenceState], logits: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The raw logits rows (V,), copied out of the step's, of the rows (positions in `seqs`) that asked for
+        log-probabilities; `token_logprobs` normalizes them, once."""
+        wanted = [i for i, s in enumerate(seqs) if s.wants_logprobs is not None]
+        if not wanted:
+            return {}
+        rows = logits[wanted].float()  # (W, V)
+        return dict(zip(wanted, rows, strict=True))
+
+    def prefill(self, admitted: list[RequestState], now: float) -> int:
+        produced = 0
+        # Admission is FIFO; within a step, shortest prompt first: each request's first token is sent
+        # as soon as its own prefill ends, so this ordering minimises the step's mean time to first token.
+        for state in sorted(admitted, key=lambda s: s.prefill_tokens):
+            state.status = Status.PREFILLING
+            if state.scoring:
+                produced += self._score(state, now)
+                continue
+            wants_prompt = getattr(state.request, "prompt_logprobs", None) is not None
+            state.admitted_at = now
+            if state.prompt_len > self.limits.prefill_chunk_tokens and not wants_prompt:
+                # prefilled a chunk per step from the next step on, while the batch keeps decoding
+                self.running[state.id] = state
+                self.prefilling.append(state)
+                continue
+            started = time.perf_counter()
+            try:
+                # prompt log-probabilities need every prompt position computed: no reuse then
+                hit = None if wants_prompt else self.prefix_cache.match(state.prompt_ids)
+                logits, kv, scored = self.batch.prefill(state, hit)  # (V,)
+                self.prefix_cache.store(state.prompt_ids, kv)
+                tokens, first = self._first_tokens(state, logits)
+                self.stats.prefill_seconds += time.perf_counter() - started
+            except Exception as exc:
+                log.exception("prefill failed for request %s", state.id)
+                self.output.fail(state, StepFailed(f"the model step failed: {type(exc).__name__}"))
+                continue
+            self.running[state.id] = state
+            produced += self.output.contained(state, self.output.begin, state, tokens, first, scored) or 0
+            hand_off()  # its first tokens go now, not after the step's other prefills
+        self.batch.settle()
+        return produced
+
+    def prefill_chunk(self) -> int:
+        """The next chunk of the oldest long prompt being prefilled; when it was the last, the prompt joins."""
+        while self.prefilling and self.prefilling[0].done:  # cancelled or timed out meanwhile
+            self.prefilling.popleft()
+        if not self.prefilling:
+            return 0
+        state = self.prefilling[0]
+        started = time.perf_counter()
+        try:
+            hit = self.prefix_cache.match(state.prompt_ids) if state.prefilled == 0 else None
+            start = hit.length if hit is not None else state.prefilled
+            stop = min(state.prompt_len, start + self.pacer.size())
+            logits = self.batch.prefill_chunk(state, stop, hit)  # (V,)
+            self.pacer.observe(stop - start, time.perf_counter() - started, self._decode_step_seconds)
+            if stop < state.prompt_len:
+                self.stats.prefill_seconds += time.perf_counter() - started
+                return 0
+            self.prefilling.popleft()
+            self.prefix_cache.store(state.prompt_ids, self.batch.prompt_kv(state))
+            tokens, first = self._first_tokens(state, logits)
+            self.stats.prefill_seconds += time.perf_counter() - started
+        except Exception as exc:
+            log.exception("prefill failed for request %s", state.id)
+            if self.prefilling and self.prefilling[0] is state:
+                self.prefilling.popleft()
+            self.output.fail(state, StepFailed(f"the model step failed: {type(exc).__name__}"))  # frees its reservation
+            return 0
+        return self.output.contained(state, self.output.begin, state, tokens, first, None) or 0
+
+    def _first_tokens(self, state: RequestState, logits: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
+        """Each sequence's first token, drawn from the prompt's last logits (V,), and those logits (V,) when the
+        request asked for log-probabilities."""
+        rows = [SampleRow(s.params, s.generator, s.history) for s in state.sequences]
+        tokens = sample(logits.unsqueeze(0).expand(len(rows), -1), rows) if rows else []
+        first = self._logprobs(state.sequences[:1], logits.unsqueeze(0)).get(0)  # (V,), same for all rows
+        return tokens, first
+
+    def _score(self, state: RequestState, now: float) -> int:
+        started = time.perf_counter()
+        try:
+            reused, prefix = self.prefix_cache.lookup(state.prompt_ids)
+            logprobs, kv = self.batch.score(state.prompt_ids, state.continuations, reused, prefix)
+            self.prefix_cache.store(state.prompt_ids, kv)
+        except Exception as exc:
+            log.exception("scoring failed for request %s", state.id)
+            self.output.fail(state, StepFailed(f"the model step failed: {type(exc).__name__}"))
+            return 0
+        self.stats.prefill_seconds += time.perf_counter() - started
+        self.stats.prompt_tokens += state.prefill_tokens
+        state.admitted_at = now
+        state.channel.put(Scores(tuple(logprobs), tuple(len(c) for c in state.continuations)))
+        self.output.finish(state)
+        return 0
