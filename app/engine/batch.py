@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from app.engine.kv_cache import KV, PrefillCache, RaggedCache, Segment
+from app.engine.kv_cache import KV, RaggedCache, Segment
+from app.engine.kv_views import DecodeView, PrefillCache
 from app.engine.logprobs import prompt_logprobs
 from app.engine.prefix_cache import Hit, PrefillKV
 from app.engine.state import RequestState, SequenceState
@@ -147,7 +148,7 @@ class Batch:
 
     def decode(self) -> torch.Tensor:
         """One step for every row: feed each row's last token; return logits (B, V)."""
-        view = self.cache.decode_view([s.segment for s in self.seqs], [s.kv_len for s in self.seqs])  # type: ignore[misc]
+        view = DecodeView(self.cache, [s.segment for s in self.seqs], [s.kv_len for s in self.seqs])  # type: ignore[misc]
         last = torch.tensor([s.tokens[-1] for s in self.seqs], device=self.device)  # (B,)
         kv_len = torch.tensor([s.kv_len for s in self.seqs], device=self.device)  # (B,): the new token's position
         if self.step is not None:

@@ -165,6 +165,7 @@ def _bench() -> None:  # pragma: no cover - a measurement, run by hand
     from torch import nn
 
     from app.engine.kv_cache import RaggedCache
+    from app.engine.kv_views import DecodeView
 
     torch.set_num_threads(2)
     layers, kv_heads, group, dim = 30, 3, 3, 64  # SmolLM2-135M
@@ -189,7 +190,7 @@ def _bench() -> None:  # pragma: no cover - a measurement, run by hand
             k = torch.randn(len(lengths), kv_heads, 1, dim)
 
             def run() -> None:
-                view = cache.decode_view(segments, lengths)  # noqa: B023
+                view = DecodeView(cache, segments, lengths)  # noqa: B023
                 for layer in range(layers):
                     view.attend(layer, nn.Module(), q, k, k, dim**-0.5)  # noqa: B023
 

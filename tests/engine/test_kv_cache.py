@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from app.engine.kv_cache import BLOCK, RaggedCache, SegmentSpace
+from app.engine.kv_views import DecodeView
 
 
 def like(heads: int = 2, dim: int = 32, layers: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -94,7 +95,7 @@ def test_decode_attention_equals_plain_attention_per_row(kernel: bool, heads: in
         cache.write(0, seg, 0, k, v)
     q = torch.randn(len(lengths), heads * group, 1, dim)
     new_k, new_v = torch.randn(len(lengths), heads, 1, dim), torch.randn(len(lengths), heads, 1, dim)
-    out = cache.decode_view(segs, lengths).attend(0, nn.Module(), q, new_k, new_v, dim**-0.5)  # (B, 1, Hq, D)
+    out = DecodeView(cache, segs, lengths).attend(0, nn.Module(), q, new_k, new_v, dim**-0.5)  # (B, 1, Hq, D)
     for row, (k, v) in enumerate(kv):
         keys = torch.cat([k[0], new_k[row]], dim=1)  # (H, n + 1, D)
         values = torch.cat([v[0], new_v[row]], dim=1)

@@ -1,0 +1,183 @@
+"""What a forward pass sees of the ragged KV cache (app/engine/kv_cache.py).
+
+- `DecodeView`: one decode step over the batch's rows. Per layer, `attend` stores each row's new token in its
+  segment and returns the attention over that row's own tokens: the C kernel (app/models/ragged_attention.py)
+  where it runs, else row by row over views of each segment. `window` gathers right-aligned padded windows
+  for a model's own forward (`as_cache`, with `window_index`'s mask).
+- `PrefillCache`: a transformers Cache a prompt's forward writes through, into its segment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from app.engine.kv_cache import BLOCK, KV, RaggedCache, Segment
+from app.models import ragged_attention
+from app.models.attention import decode_attention
+
+
+class DecodeView:
+    """One decode step over the rows: write each row's new token, attend over its tokens."""
+
+    def __init__(self, cache: RaggedCache, segments: list[Segment], lengths: list[int]) -> None:
+        self.cache = cache
+        device = cache.keys[0].device
+        starts = torch.tensor([s.start for s in segments], device=device)  # (B,)
+        held = torch.tensor(lengths, device=device)  # (B,)
+        self.blk, self.slot = starts + held // BLOCK, held % BLOCK  # (B,): where each new token goes
+        self.lengths = [n + 1 for n in lengths]
+        self.starts = [s.start for s in segments]
+        self.plan = ragged_attention.Plan(self.starts, self.lengths) if cache.kernel else None
+        self._window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (B, H, 1, D): each row's new token."""
+        if self.cache.transposed:
+            self.cache.keys[layer][:, self.blk, :, self.slot] = k[:, :, 0]  # (B, H, D)
+        else:
+            self.cache.keys[layer][:, self.blk, self.slot, :] = k[:, :, 0].transpose(0, 1)  # (H, B, D)
+        self.cache.values[layer][:, self.blk, self.slot, :] = v[:, :, 0].transpose(0, 1)  # (H, B, D)
+
+    def window_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block and slot (B, W) of every column of right-aligned windows W = the longest row wide (padding:
+        block 0), and the additive mask (B, 1, 1, W) over them."""
+        if self._window is None:
+            device = self.blk.device
+            width = max(self.lengths)
+            lengths = torch.tensor(self.lengths, device=device)  # (B,)
+            pos = torch.arange(width, device=device).unsqueeze(0) - (width - lengths).unsqueeze(1)  # (B, W)
+            real = pos >= 0
+            pos = pos.clamp(min=0)
+            starts = self.blk - (lengths - 1) // BLOCK  # (B,)
+            blk = torch.where(real, starts.unsqueeze(1) + pos // BLOCK, 0)
+            dtype = self.cache.keys[0].dtype
+            mask = torch.where(real, torch.zeros((), dtype=dtype, device=device), torch.finfo(dtype).min)
+            self._window = blk, pos % BLOCK, mask[:, None, None, :]
+        return self._window
+
+    def window(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's tokens gathered into right-aligned padded windows, (B, H, W, D)."""
+        blk, slot, _ = self.window_index()
+        if self.cache.transposed:
+            keys = self.cache.keys[layer][:, blk, :, slot].permute(0, 2, 1, 3)  # (B, W, H, D) -> (B, H, W, D)
+        else:
+            keys = self.cache.keys[layer][:, blk, slot, :].transpose(0, 1)  # (H, B, W, D) -> (B, H, W, D)
+        values = self.cache.values[layer][:, blk, slot, :].transpose(0, 1)  # (H, B, W, D) -> (B, H, W, D)
+        return keys, values
+
+    def attend(self, layer: int, module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float) -> torch.Tensor:  # fmt: skip
+        """q (B, Hq, 1, D), the new k, v (B, Hkv, 1, D) -> attention output (B, 1, Hq, Dv), as sdpa returns."""
+        kernel = self.cache.kernel
+        if kernel is not None and self.plan is not None:  # the kernel stores the new token itself
+            rows, heads, _, dim = q.shape
+            out = kernel(q.reshape(rows, heads, dim).contiguous(), scale, self.cache.keys[layer],
+                         self.cache.values[layer], k[:, :, 0].contiguous(), v[:, :, 0].contiguous(),
+                         self.plan)  # (B, Hq, D)  # fmt: skip
+            return out.view(rows, 1, heads, dim)
+        self.append(layer, k, v)
+        # the torch path: row by row over views of each segment (a padded window costs rows x the longest row)
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        heads, dim = keys.shape[0], values.shape[3]
+        outs = []
+        for row, (start, n) in enumerate(zip(self.starts, self.lengths, strict=True)):
+            nb = -(-n // BLOCK)
+            k = keys[:, start : start + nb].reshape(heads, nb * BLOCK, -1)[None, :, :n]  # (1, H, n, D)
+            v = values[:, start : start + nb].reshape(heads, nb * BLOCK, dim)[None, :, :n]
+            outs.append(decode_attention(module, q[row : row + 1], k, v, None, scaling=scale)[0])
+        return torch.cat(outs)  # (B, 1, Hq, Dv)
+
+    def as_cache(self) -> DecodeCache:
+        return DecodeCache(self)
+
+
+class _DecodeLayer(CacheLayerMixin):
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, view: DecodeView, index: int) -> None:
+        super().__init__()
+        self.view, self.index = view, index
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise RuntimeError("decode layers write into the ragged cache")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        self.view.append(self.index, key_states, value_states)
+        return self.view.window(self.index)  # (B, H, W, D)
+
+    def get_seq_length(self) -> int:
+        return max(self.view.lengths) - 1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class DecodeCache(Cache):
+    """A decode step through the model's own forward (the GPU, models without a written-out step): each layer
+    appends its rows' new token and reads the gathered windows; the caller passes `window_index()`'s mask."""
+
+    def __init__(self, view: DecodeView) -> None:
+        super().__init__(layers=[_DecodeLayer(view, i) for i in range(view.cache.num_layers)])
+
+
+class _PrefillLayer(CacheLayerMixin):
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, cache: RaggedCache, index: int, seg: Segment, filled: int) -> None:
+        super().__init__()
+        self.cache, self.index, self.seg, self.filled = cache, index, seg, filled
+        self.is_initialized = True
+        self.keys: torch.Tensor | None = None  # (1, H, filled, D) after a forward: the prompt so far
+        self.values: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise RuntimeError("prefill layers write into the ragged cache")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        n = self.filled
+        self.cache.write(self.index, self.seg, n, key_states, value_states)
+        if n:  # a chunk after earlier ones, or after a reused prefix: attend over all of it
+            key_states, value_states = self.cache.read(self.index, self.seg, n, (key_states, value_states))
+        self.filled = key_states.shape[2]
+        self.keys, self.values = key_states, value_states
+        return key_states, value_states  # (1, H, filled, D)
+
+    def get_seq_length(self) -> int:
+        return self.filled
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.filled + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class PrefillCache(Cache):
+    """What a prompt's forward writes through: its K/V land in the row's segment, after the `filled` tokens the
+    segment already holds. After the forward, `kv()` is the prompt so far, contiguous (for the prefix cache)."""
+
+    def __init__(self, cache: RaggedCache, seg: Segment, filled: int) -> None:
+        self.prefill_layers = [_PrefillLayer(cache, i, seg, filled) for i in range(cache.num_layers)]
+        super().__init__(layers=list(self.prefill_layers))
+
+    def kv(self) -> KV:
+        out = []
+        for layer in self.prefill_layers:
+            assert layer.keys is not None and layer.values is not None
+            out.append((layer.keys, layer.values))
+        return out
+
