@@ -107,44 +107,39 @@ class Batch:
         """The K/V of a prompt computed into its (open) segment, (1, H, P, D) per layer: copies."""
         return self.cache.read_all(self.open[id(request)][1], request.prompt_len)
 
-    def score(
-        self, prompt: list[int], continuations: list[list[int]], prefix_len: int = 0, prefix: PrefillKV | None = None
-    ) -> tuple[list[float], PrefillKV]:
-        """Sum of log p(continuation tokens | prompt) for each continuation, in one right-padded forward;
-        also the K/V of the prompt alone.
+    def score(self, request: RequestState, prefix: Hit | None = None) -> tuple[list[float], PrefillKV]:
+        """Sum of log p(continuation tokens | prompt) for each of `request.continuations`; also the prompt's K/V.
 
-        Only the positions that predict continuation tokens go through the output layer. With `prefix`
-        (K/V of the first `prefix_len` prompt tokens, shared by every row) only the rest is computed.
-        """
-        rest = prompt[prefix_len:]
-        seqs = [rest + c for c in continuations]
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros((len(seqs), width), dtype=torch.long)  # (n, L), right-padded
-        mask = torch.zeros((len(seqs), prefix_len + width), dtype=torch.long)  # (n, prefix + L)
-        mask[:, :prefix_len] = 1
-        for j, s in enumerate(seqs):
-            ids[j, : len(s)] = torch.tensor(s)
-            mask[j, prefix_len : prefix_len + len(s)] = 1
-        cache = DynamicCache(config=self.model.config)
-        for i, (k, v) in enumerate(prefix or []):  # read, never written: the forward appends by concatenation
-            cache.update(k.expand(len(seqs), -1, -1, -1), v.expand(len(seqs), -1, -1, -1), i)  # (n, H, p, D)
-        with prompt_pass():
-            hidden = self.model.base_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                           cache=cache, use_cache=True).last_hidden_state  # (n, L, H)  # fmt: skip
-        # row 0 starts with the whole prompt: its first len(prompt) columns are the prompt's own K/V
-        prompt_kv: PrefillKV = [
-            (layer.keys[:1, :, : len(prompt)].clone(), layer.values[:1, :, : len(prompt)].clone())  # type: ignore[index,union-attr]
-            for layer in cache.layers
-        ]
-        rows = torch.tensor([j for j, c in enumerate(continuations) for _ in c], device=self.device)  # (T,)
-        # the token at position p is predicted by the hidden state at p - 1
-        cols = torch.tensor([len(rest) - 1 + i for c in continuations for i in range(len(c))], device=self.device)
-        targets = torch.tensor([t for c in continuations for t in c], device=self.device)  # (T,)
-        with prompt_pass():
-            logits = self.model.get_output_embeddings()(hidden[rows, cols]).float()  # (T, V)
-        token_logprobs = logits.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)  # (T,)
-        sums = torch.zeros(len(continuations), device=self.device).index_add_(0, rows, token_logprobs)
-        return [float(x) for x in sums.tolist()], prompt_kv
+        Scoring is a prefill like any other: the prompt (after `prefix`) is computed into a segment of its own,
+        its last hidden state predicts every continuation's first token, and each continuation is then a chunk
+        after the prompt (written over the previous one's). The segment is given back at the end."""
+        seg = self.cache.hold(request.reserved_tokens)
+        output = self.model.get_output_embeddings()
+        length = request.prompt_len
+        try:
+            with prompt_pass():
+                done = 0
+                if prefix is not None:
+                    for layer, (k, v) in enumerate(prefix.gather()):
+                        self.cache.write(layer, seg, 0, k, v)
+                    done = prefix.length
+                cache = PrefillCache(self.cache, seg, done)
+                ids = torch.tensor([request.prompt_ids[done:]], device=self.device)  # (1, P - n)
+                hidden = self.model.base_model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state[0]
+                first = output(hidden[-1:]).float().log_softmax(-1)[0]  # (V,): the first token of each continuation
+                sums = []
+                for continuation in request.continuations:
+                    total = first[continuation[0]]
+                    if len(continuation) > 1:
+                        rest = torch.tensor([continuation[:-1]], device=self.device)  # (1, c - 1)
+                        h = self.model.base_model(input_ids=rest, cache=PrefillCache(self.cache, seg, length),
+                                                  use_cache=True).last_hidden_state[0]  # (c - 1, E)  # fmt: skip
+                        targets = torch.tensor(continuation[1:], device=self.device).unsqueeze(1)  # (c - 1, 1)
+                        total = total + output(h).float().log_softmax(-1).gather(1, targets).sum()
+                    sums.append(float(total))
+            return sums, cache.kv()
+        finally:
+            self.cache.drop(seg)
 
     def decode(self) -> torch.Tensor:
         """One step for every row: feed each row's last token; return logits (B, V)."""

@@ -81,7 +81,8 @@ class Engine:
         self.output = Output(self.batch, self.scheduler, self._stats, self.observer, frozenset(eos_token_ids),
                              self.running)  # fmt: skip
         # the step's forward passes: decode, a chunk of a long prompt, the newly admitted prompts
-        self.runner = Runner(self.batch, self.prefix_cache, self.output, self._stats, limits, self.running)
+        self.runner = Runner(self.batch, self.scheduler, self.prefix_cache, self.output, self._stats, limits,
+                             self.running)  # fmt: skip
         self.prefilling = self.runner.prefilling  # admitted prompts longer than a chunk, first in first out
         self._tokens_per_s = 0.0  # smoothed decode throughput, for Retry-After
         self.fatal: BaseException | None = None

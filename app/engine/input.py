@@ -53,18 +53,21 @@ class Input:
     def prepare(self, request: GenerationRequest | ScoreRequest, loop: asyncio.AbstractEventLoop) -> RequestState:
         prompt_ids = self._prompt_ids(request)
         if isinstance(request, ScoreRequest):
-            return self._new_state(request, prompt_ids, 0, self._continuations(request, prompt_ids), loop)
-        max_new = self._max_new_tokens(request, len(prompt_ids))
-        self._check_sampling(request)
-        state = self._new_state(request, prompt_ids, max_new, [], loop)
-        held = -(-state.reserved_tokens // BLOCK) * BLOCK  # a row holds whole blocks of the KV cache
-        if state.rows * held > self.limits.max_batch_tokens:
-            blocks = "" if held == state.reserved_tokens else f" ({state.rows * held} in whole KV blocks of {BLOCK})"
+            max_new = 0
+            state = self._new_state(request, prompt_ids, 0, self._continuations(request, prompt_ids), loop)
+        else:
+            max_new = self._max_new_tokens(request, len(prompt_ids))
+            self._check_sampling(request)
+            state = self._new_state(request, prompt_ids, max_new, [], loop)
+        held = -(-state.reserved_tokens // BLOCK) * BLOCK  # a segment holds whole blocks of the KV cache
+        if state.kv_rows * held > self.limits.max_batch_tokens:
+            blocks = "" if held == state.reserved_tokens else f" ({state.kv_rows * held} in whole KV blocks of {BLOCK})"
+            what = "prompt + its longest continuation" if state.scoring else (
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}), times {state.rows} sequences,")
             raise InvalidRequest(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}), times "
-                f"{state.rows} sequences, is {state.rows * state.reserved_tokens} tokens{blocks}; this server's "
+                f"{what} is {state.kv_rows * state.reserved_tokens} tokens{blocks}; this server's "
                 f"max_batch_tokens is {self.limits.max_batch_tokens}",
-                field="max_new_tokens",
+                field="prompt" if state.scoring else "max_new_tokens",
             )
         state.sequences = [self._new_sequence(state, i) for i in range(state.rows)]
         return state

@@ -47,13 +47,6 @@ class Hit:
         """A copy, (1, H, n, D) per layer."""
         return [(self._rows(k), self._rows(v)) for k, v in self.pool]
 
-    def copy_into(self, dest: PrefillKV) -> None:
-        """Write the prefix into the first `length` columns of `dest`, (1, H, >= n, D) per layer: one
-        layer's worth of temporary memory at a time, not the whole prefix's."""
-        for (k, v), (dest_k, dest_v) in zip(self.pool, dest, strict=True):
-            dest_k[:, :, : self.length] = self._rows(k)
-            dest_v[:, :, : self.length] = self._rows(v)
-
     def _rows(self, pool: torch.Tensor) -> torch.Tensor:
         return pool.index_select(0, self.slots).permute(1, 0, 2).unsqueeze(0)  # (n, H, D) -> (1, H, n, D)
 

@@ -21,7 +21,7 @@ from app.engine.limits import EngineLimits, EngineStats
 from app.engine.output import Output
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import SampleRow, sample
-from app.engine.scheduler import ChunkPacer
+from app.engine.scheduler import ChunkPacer, Scheduler
 from app.engine.state import RequestState, SequenceState, Status, hand_off
 from app.engine.types import Scores
 
@@ -29,9 +29,10 @@ log = logging.getLogger(__name__)
 
 
 class Runner:
-    def __init__(self, batch: Batch, prefix_cache: PrefixCache, output: Output, stats: EngineStats,
-                 limits: EngineLimits, running: dict[str, RequestState]) -> None:  # fmt: skip
+    def __init__(self, batch: Batch, scheduler: Scheduler, prefix_cache: PrefixCache, output: Output,
+                 stats: EngineStats, limits: EngineLimits, running: dict[str, RequestState]) -> None:  # fmt: skip
         self.batch = batch
+        self.scheduler = scheduler
         self.prefix_cache = prefix_cache
         self.output = output
         self.stats = stats
@@ -149,13 +150,14 @@ class Runner:
     def _score(self, state: RequestState, now: float) -> int:
         started = time.perf_counter()
         try:
-            reused, prefix = self.prefix_cache.lookup(state.prompt_ids)
-            logprobs, kv = self.batch.score(state.prompt_ids, state.continuations, reused, prefix)
+            logprobs, kv = self.batch.score(state, self.prefix_cache.match(state.prompt_ids))
             self.prefix_cache.store(state.prompt_ids, kv)
         except Exception as exc:
             log.exception("scoring failed for request %s", state.id)
             self.output.fail(state, StepFailed(f"the model step failed: {type(exc).__name__}"))
             return 0
+        finally:
+            self.scheduler.release(state)  # its segment, held while it was computed
         self.stats.prefill_seconds += time.perf_counter() - started
         self.stats.prompt_tokens += state.prefill_tokens
         state.admitted_at = now

@@ -29,7 +29,9 @@ class Schedulable(Protocol):
     @property
     def rows(self) -> int: ...  # sequences this request decodes
     @property
-    def reserved_tokens(self) -> int: ...  # per sequence: prompt + max new tokens
+    def kv_rows(self) -> int: ...  # KV segments it holds: its sequences (a scoring request: 1)
+    @property
+    def reserved_tokens(self) -> int: ...  # per segment: prompt + max new tokens
     @property
     def deadline(self) -> float: ...
     @property
@@ -66,7 +68,7 @@ class Scheduler:
                 )
             if self.max_waiting_tokens is not None and self.waiting:
                 # (an empty queue always takes one: a request alone over the bound would never run)
-                queued = self._queued_tokens() + request.rows * request.reserved_tokens
+                queued = self._queued_tokens() + request.kv_rows * request.reserved_tokens
                 if queued > self.max_waiting_tokens:
                     raise Overloaded(
                         f"the server is at capacity ({len(self.waiting)} requests, {queued} tokens of work "
@@ -97,7 +99,7 @@ class Scheduler:
                     deferred.append(self.waiting.popleft())
                     continue
                 rows = self.running_rows + head.rows
-                tokens = self.running_tokens + head.rows * self.charge(head)
+                tokens = self.running_tokens + head.kv_rows * self.charge(head)
                 if rows > self.max_rows or tokens > self.max_batch_tokens:
                     break
                 if plan.admitted and prefill + head.prefill_tokens > budget:
@@ -116,12 +118,14 @@ class Scheduler:
         return plan
 
     def release(self, request: Schedulable, rows: int = 1) -> None:
-        """`rows` sequences of a running request left the batch."""
-        self.running_rows -= rows
+        """`rows` of a running request's KV segments are given back: sequences that left the batch, or a scoring
+        request's (which holds no batch row) once it is computed."""
+        if request.rows:
+            self.running_rows -= rows
         self.running_tokens -= rows * self.charge(request)
 
     def charge(self, request: Schedulable) -> int:
-        """KV tokens one row of `request` holds: prompt + max new tokens, in whole blocks."""
+        """KV tokens one segment of `request` holds: prompt + max new tokens, in whole blocks."""
         return -(-request.reserved_tokens // self.kv_block) * self.kv_block
 
     @property
@@ -133,7 +137,7 @@ class Scheduler:
             return self._queued_tokens()
 
     def _queued_tokens(self) -> int:
-        return sum(r.rows * r.reserved_tokens for r in self.waiting)
+        return sum(r.kv_rows * r.reserved_tokens for r in self.waiting)
 
 
 class ChunkPacer:

@@ -165,7 +165,15 @@ class RequestState:
         return self.request.num_return_sequences
 
     @property
+    def kv_rows(self) -> int:
+        """KV segments it holds: one per sequence; a scoring request, one while it is computed."""
+        return 1 if self.scoring else self.rows
+
+    @property
     def reserved_tokens(self) -> int:
+        """KV tokens per segment: prompt + max new tokens (scoring: + the longest continuation)."""
+        if self.scoring:
+            return self.prompt_len + max((len(c) for c in self.continuations), default=0)
         return self.prompt_len + self.max_new_tokens
 
     def live_sequences(self) -> list[SequenceState]:

@@ -15,7 +15,14 @@ import torch
 from app.engine.engine import Engine
 from app.engine.errors import EngineStopped, InvalidRequest, Overloaded, RequestTimeout, StepFailed
 from app.engine.state import Status
-from app.engine.types import GenerationRequest, SamplingParams, SequenceFinished, TokenDelta
+from app.engine.types import (
+    GenerationRequest,
+    RequestFinished,
+    SamplingParams,
+    ScoreRequest,
+    SequenceFinished,
+    TokenDelta,
+)
 from app.models.loader import LoadedModel
 from tests.engine.helpers import eventually, make_engine, reference_greedy, run_request
 
@@ -336,3 +343,19 @@ async def test_a_request_goes_through_one_lifecycle(tiny: LoadedModel) -> None:
         engine.stop()
     assert seen == [Status.PREFILLING, Status.RUNNING, Status.FINISHED]
     assert (engine.scheduler.running_rows, engine.scheduler.running_tokens, engine.batch.cache.space.held) == (0, 0, 0)
+
+
+async def test_scoring_is_a_prefill_into_the_kv_cache_and_is_charged_for_it(tiny: LoadedModel) -> None:
+    """Scoring computes its prompt into a KV segment like any prompt: it is charged to the KV budget while it
+    runs (refused when it could never fit, as generation is) and gives everything back after."""
+    engine = make_engine(tiny, max_batch_tokens=64)
+    ids = tiny.tokenizer("Review: a fine film.\nSentiment:").input_ids
+    try:
+        events = [e async for e in await engine.submit(ScoreRequest(prompt=ids, continuations=((4633,), (3967, 13))))]
+        assert isinstance(events[-1], RequestFinished)
+        with pytest.raises(InvalidRequest) as info:
+            await engine.submit(ScoreRequest(prompt=list(range(100, 160)), continuations=((1, 2, 3, 4, 5),)))
+        assert info.value.field == "prompt" and "max_batch_tokens is 64" in info.value.message
+    finally:
+        engine.stop()
+    assert (engine.scheduler.running_tokens, engine.batch.cache.space.held) == (0, 0)

@@ -19,6 +19,10 @@ class Fake:
         return self.prompt_len
 
     @property
+    def kv_rows(self) -> int:
+        return self.rows
+
+    @property
     def reserved_tokens(self) -> int:
         return self.prompt_len + self.max_new
 
