@@ -38,6 +38,11 @@ RUN mkdir -p /models && if [ "$BAKE_DEFAULT_MODEL" = "true" ]; then \
 
 # ---- runtime: the environment, the model, a non-root user ------------------------------------
 FROM ${BASE_IMAGE} AS runtime
+# A C compiler: the decode attention kernel is built on first start for the CPU the container runs on
+# (app/models/ragged_attention.py, cc -march=native; without one the torch path runs, ~5x slower attention).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc=4:* libc6-dev=2.* \
+    && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 textgen \
     && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/textgen textgen
 COPY --from=build /opt/venv /opt/venv

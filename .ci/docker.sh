@@ -109,6 +109,10 @@ answer=$(curl -sf "$URL/generate" -H 'content-type: application/json' \
     -d '{"prompt": "The quick brown fox", "max_length": 40, "temperature": 0.7, "do_sample": true, "seed": 1}')
 echo "/generate: $answer"
 echo "$answer" | "$VENV/bin/python" -c 'import json, sys; b = json.load(sys.stdin); assert b["generations"][0]["text"].strip() and b["model"] == "smollm2-135m-instruct", b'
+# the image carries a C compiler: the decode attention kernel is built for this CPU, not the torch path
+attention=$(curl -sf "$URL/info" | "$VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["engine"]["decode_attention"])')
+echo "/info decode_attention: $attention"
+test "$attention" = ragged-c-kernel
 answer=$(curl -sf "$URL/sentiment" -H 'content-type: application/json' -d '{"texts": ["A wonderful, moving film.", "Dull and far too long."]}')
 echo "/sentiment: $answer"
 echo "$answer" | "$VENV/bin/python" -c 'import json, sys; b = json.load(sys.stdin); assert [r["label"] for r in b["results"]] == ["positive", "negative"], b'

@@ -263,6 +263,7 @@ class Engine:
             waiting=self.scheduler.queued,
             kv_cache_bytes=self.batch.cache.nbytes(),
             kv_cache_capacity_bytes=self.batch.cache.capacity_bytes(),
+            decode_attention="ragged-c-kernel" if self.batch.cache.kernel is not None else "torch",
             prefix_cache_bytes=self.prefix_cache.nbytes,
             prefix_cache_entries=len(self.prefix_cache),
             prefix_hit_tokens=self.prefix_cache.hit_tokens,

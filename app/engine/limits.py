@@ -43,3 +43,4 @@ class EngineStats:
     prefill_seconds: float = 0.0  # in the model's prefill forward + sampling
     busy_seconds: float = 0.0  # in steps, postprocessing included
     batch_sizes: Counter[int] = field(default_factory=Counter)  # decode steps seen per batch size
+    decode_attention: str = ""  # "ragged-c-kernel" (built for this CPU) or "torch" (no compiler, other dtypes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 
@@ -132,6 +133,17 @@ def test_health_ready_info_docs(tiny_server: LiveServer) -> None:
     assert info["limits"]["max_batch_size"] == 32 and info["parameters"] == 3382080
     assert httpx.get(f"{tiny_server.url}/docs").status_code == 200
     assert "/generate" in httpx.get(f"{tiny_server.url}/openapi.json").json()["paths"]
+
+
+def test_info_shows_the_engine_s_own_limits_and_state(tiny_server: LiveServer) -> None:
+    """/info serves the engine's EngineLimits and EngineStats as they are: every limit (the prefix cache's too)
+    and which decode attention runs (the C kernel wherever a compiler built it)."""
+    info = httpx.get(f"{tiny_server.url}/info").json()
+    assert info["limits"]["max_prompt_tokens"] == 1024 and info["limits"]["prefix_cache_bytes"] == 256 * 2**20
+    engine = info["engine"]
+    kernel = shutil.which("cc") is not None or shutil.which("gcc") is not None
+    assert engine["decode_attention"] == ("ragged-c-kernel" if kernel else "torch")
+    assert engine["kv_cache_capacity_bytes"] > 0 and isinstance(engine["batch_sizes"], dict)
 
 
 def test_client_disconnect_mid_stream_frees_its_row(tiny: LoadedModel) -> None:
