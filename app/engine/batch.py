@@ -74,8 +74,7 @@ class Batch:
             logits, kv = self._compute(request, request.prompt_len, prefix)
             return logits, kv, None
         assert prefix is None and request.prefilled == 0, "prompt log-probabilities need every position computed"
-        cache = PrefillCache(self.cache, self._segment(request), 0)
-        ids = torch.tensor([request.prompt_ids], device=self.device)  # (1, P)
+        cache, ids = self._forward_into(self._segment(request), request.prompt_ids, 0, None, request.prompt_len)
         with prompt_pass():
             hidden = self.model.base_model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state[0]  # (P, E)
             output = self.model.get_output_embeddings()
@@ -90,18 +89,22 @@ class Batch:
         return self._compute(request, stop, prefix)[0]
 
     def _compute(self, request: RequestState, stop: int, prefix: Hit | None) -> tuple[torch.Tensor, KV]:
-        seg = self._segment(request)
-        if prefix is not None:
-            for layer, (k, v) in enumerate(prefix.gather()):
-                self.cache.write(layer, seg, 0, k, v)
-            request.prefilled = prefix.length
-        cache = PrefillCache(self.cache, seg, request.prefilled)
-        ids = torch.tensor([request.prompt_ids[request.prefilled : stop]], device=self.device)  # (1, c)
+        cache, ids = self._forward_into(self._segment(request), request.prompt_ids, request.prefilled, prefix, stop)
         with prompt_pass():
             out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         request.prefilled = stop
         logits: torch.Tensor = out.logits[0, -1, :]  # (V,)
         return logits, cache.kv()
+
+    def _forward_into(self, seg: Segment, prompt: list[int], filled: int, prefix: Hit | None,
+                      stop: int) -> tuple[PrefillCache, torch.Tensor]:  # fmt: skip
+        """What a prompt's forward into `seg` takes: the cache to pass (a `prefix`'s K/V written first, then
+        counted as filled) and the ids (1, c) of prompt tokens [filled, stop) to compute."""
+        if prefix is not None:
+            for layer, (k, v) in enumerate(prefix.gather()):
+                self.cache.write(layer, seg, 0, k, v)
+            filled = prefix.length
+        return PrefillCache(self.cache, seg, filled), torch.tensor([prompt[filled:stop]], device=self.device)
 
     def prompt_kv(self, request: RequestState) -> PrefillKV:
         """The K/V of a prompt computed into its (open) segment, (1, H, P, D) per layer: copies."""
@@ -117,14 +120,8 @@ class Batch:
         output = self.model.get_output_embeddings()
         length = request.prompt_len
         try:
+            cache, ids = self._forward_into(seg, request.prompt_ids, 0, prefix, length)
             with prompt_pass():
-                done = 0
-                if prefix is not None:
-                    for layer, (k, v) in enumerate(prefix.gather()):
-                        self.cache.write(layer, seg, 0, k, v)
-                    done = prefix.length
-                cache = PrefillCache(self.cache, seg, done)
-                ids = torch.tensor([request.prompt_ids[done:]], device=self.device)  # (1, P - n)
                 hidden = self.model.base_model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state[0]
                 first = output(hidden[-1:]).float().log_softmax(-1)[0]  # (V,): the first token of each continuation
                 sums = []

@@ -19,7 +19,7 @@ import torch
 
 from app.engine.detokenize import IncrementalText
 from app.engine.errors import EngineStopped, InvalidRequest
-from app.engine.kv_cache import BLOCK
+from app.engine.kv_cache import BLOCK, blocks_for
 from app.engine.limits import MAX_TOP_LOGPROBS, EngineLimits
 from app.engine.state import Channel, RequestState, SequenceState
 from app.engine.stopping import StreamText
@@ -59,7 +59,7 @@ class Input:
             max_new = self._max_new_tokens(request, len(prompt_ids))
             self._check_sampling(request)
             state = self._new_state(request, prompt_ids, max_new, [], loop)
-        held = -(-state.reserved_tokens // BLOCK) * BLOCK  # a segment holds whole blocks of the KV cache
+        held = blocks_for(state.reserved_tokens) * BLOCK  # a segment holds whole blocks of the KV cache
         if state.kv_rows * held > self.limits.max_batch_tokens:
             blocks = "" if held == state.reserved_tokens else f" ({state.kv_rows * held} in whole KV blocks of {BLOCK})"
             what = "prompt + its longest continuation" if state.scoring else (

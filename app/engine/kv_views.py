@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from app.engine.kv_cache import BLOCK, KV, RaggedCache, Segment
+from app.engine.kv_cache import BLOCK, KV, RaggedCache, Segment, blocks_for
 from app.models import ragged_attention
 from app.models.attention import decode_attention
 
@@ -25,34 +25,42 @@ class DecodeView:
 
     def __init__(self, cache: RaggedCache, segments: list[Segment], lengths: list[int]) -> None:
         self.cache = cache
-        device = cache.keys[0].device
-        starts = torch.tensor([s.start for s in segments], device=device)  # (B,)
-        held = torch.tensor(lengths, device=device)  # (B,)
-        self.blk, self.slot = starts + held // BLOCK, held % BLOCK  # (B,): where each new token goes
-        self.lengths = [n + 1 for n in lengths]
         self.starts = [s.start for s in segments]
+        self.lengths = [n + 1 for n in lengths]  # with the new token
+        # the kernel's split of the rows into jobs; it stores the new tokens itself
         self.plan = ragged_attention.Plan(self.starts, self.lengths) if cache.kernel else None
+        self._slots: tuple[torch.Tensor, torch.Tensor] | None = None
         self._window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _new_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block and slot (B,) each row's new token goes to (the torch paths; the kernel has its own)."""
+        if self._slots is None:
+            device = self.cache.keys[0].device
+            starts = torch.tensor(self.starts, device=device)  # (B,)
+            held = torch.tensor(self.lengths, device=device) - 1  # (B,)
+            self._slots = starts + held // BLOCK, held % BLOCK
+        return self._slots
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v (B, H, 1, D): each row's new token."""
+        blk, slot = self._new_slots()
         if self.cache.transposed:
-            self.cache.keys[layer][:, self.blk, :, self.slot] = k[:, :, 0]  # (B, H, D)
+            self.cache.keys[layer][:, blk, :, slot] = k[:, :, 0]  # (B, H, D)
         else:
-            self.cache.keys[layer][:, self.blk, self.slot, :] = k[:, :, 0].transpose(0, 1)  # (H, B, D)
-        self.cache.values[layer][:, self.blk, self.slot, :] = v[:, :, 0].transpose(0, 1)  # (H, B, D)
+            self.cache.keys[layer][:, blk, slot, :] = k[:, :, 0].transpose(0, 1)  # (H, B, D)
+        self.cache.values[layer][:, blk, slot, :] = v[:, :, 0].transpose(0, 1)  # (H, B, D)
 
     def window_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Block and slot (B, W) of every column of right-aligned windows W = the longest row wide (padding:
         block 0), and the additive mask (B, 1, 1, W) over them."""
         if self._window is None:
-            device = self.blk.device
+            device = self.cache.keys[0].device
             width = max(self.lengths)
             lengths = torch.tensor(self.lengths, device=device)  # (B,)
             pos = torch.arange(width, device=device).unsqueeze(0) - (width - lengths).unsqueeze(1)  # (B, W)
             real = pos >= 0
             pos = pos.clamp(min=0)
-            starts = self.blk - (lengths - 1) // BLOCK  # (B,)
+            starts = torch.tensor(self.starts, device=device)  # (B,)
             blk = torch.where(real, starts.unsqueeze(1) + pos // BLOCK, 0)
             dtype = self.cache.keys[0].dtype
             mask = torch.where(real, torch.zeros((), dtype=dtype, device=device), torch.finfo(dtype).min)
@@ -85,10 +93,10 @@ class DecodeView:
         heads, dim = keys.shape[0], values.shape[3]
         outs = []
         for row, (start, n) in enumerate(zip(self.starts, self.lengths, strict=True)):
-            nb = -(-n // BLOCK)
-            k = keys[:, start : start + nb].reshape(heads, nb * BLOCK, -1)[None, :, :n]  # (1, H, n, D)
-            v = values[:, start : start + nb].reshape(heads, nb * BLOCK, dim)[None, :, :n]
-            outs.append(decode_attention(module, q[row : row + 1], k, v, None, scaling=scale)[0])
+            nb = blocks_for(n)
+            row_k = keys[:, start : start + nb].reshape(heads, nb * BLOCK, -1)[None, :, :n]  # (1, H, n, D)
+            row_v = values[:, start : start + nb].reshape(heads, nb * BLOCK, dim)[None, :, :n]
+            outs.append(decode_attention(module, q[row : row + 1], row_k, row_v, None, scaling=scale)[0])
         return torch.cat(outs)  # (B, 1, Hq, Dv)
 
     def as_cache(self) -> DecodeCache:
