@@ -122,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     soak.set_defaults(func=run_soak)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # serve's --log-level is textgen's too (its access log is INFO lines), not only uvicorn's
+    level = str(getattr(args, "log_level", None) or "info").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the bench's table
     return int(args.func(args))
 

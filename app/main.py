@@ -22,7 +22,7 @@ from app.api.guards import ApiKeys, BodyLimit, Draining
 from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.limits import EngineLimits
-from app.engine.types import GenerationRequest, RequestFailed
+from app.engine.types import GenerationRequest, RequestFailed, SamplingParams, ScoreRequest
 from app.metrics import Metrics
 from app.models.loader import LoadedModel, load_model
 from app.models.store import StoreError
@@ -37,12 +37,24 @@ def engine_limits(settings: Settings) -> EngineLimits:
     return EngineLimits(**values, prefix_cache_bytes=settings.prefix_cache_mb * 2**20)
 
 
+WARM_UP_TEXT = "The quick brown fox jumps over the lazy dog, and then it runs back into the deep green forest."
+
+
 async def warm_up(engine: Engine) -> None:
-    """One short request through the whole engine, so the first client does not pay for first-call setup."""
-    stream = await engine.submit(GenerationRequest(prompt="Hello", max_new_tokens=4, ignore_eos=True))
-    async for event in stream:
-        if isinstance(event, RequestFailed):
-            raise event.error
+    """Every kind of device work a request can do, once, so a path that is broken on this device (CUDA, a
+    kernel, a dtype) fails at start-up instead of on the first client: a prompt long enough for the prefix
+    cache, greedy with log-probabilities (it is stored); the same head again, sampled with every control (a
+    prefix-cache hit); and a scoring request (a hit too)."""
+    sampled = SamplingParams(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.1, seed=0)
+    for request in (
+        GenerationRequest(prompt=WARM_UP_TEXT, max_new_tokens=4, ignore_eos=True, logprobs=2),
+        GenerationRequest(prompt=WARM_UP_TEXT + " Then", max_new_tokens=4, ignore_eos=True, sampling=sampled),
+        ScoreRequest(prompt=WARM_UP_TEXT, continuations=(" Yes", " No")),
+    ):
+        stream = await engine.submit(request)
+        async for event in stream:
+            if isinstance(event, RequestFailed):
+                raise event.error
 
 
 def create_app(settings: Settings | None = None, loaded: LoadedModel | None = None) -> FastAPI:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, generate_latest
 
+from app.engine.memory import device_memory
+
 if TYPE_CHECKING:
     from app.engine.engine import Engine
     from app.models.loader import ModelInfo
@@ -46,6 +48,11 @@ class Metrics:
         self.kv_bytes = Gauge("textgen_kv_cache_bytes", "Bytes of the KV cache the running batch spans", registry=r)
         self.kv_capacity = Gauge("textgen_kv_cache_capacity_bytes",
                                  "Bytes allocated for the KV cache (max_batch_tokens)", registry=r)  # fmt: skip
+        self.device_reserved = Gauge("textgen_device_memory_reserved_bytes",
+                                     "Bytes the CUDA caching allocator holds (0 on CPU)", registry=r)  # fmt: skip
+        self.device_peak = Gauge("textgen_device_memory_peak_allocated_bytes",
+                                 "Most bytes live tensors took on the CUDA device at once (0 on CPU)",
+                                 registry=r)  # fmt: skip
 
         self.model = Info("textgen_model", "The served model and what runs its products", registry=r)
 
@@ -59,6 +66,8 @@ class Metrics:
         self.running.set_function(lambda: len(engine.batch.seqs))
         self.kv_bytes.set_function(lambda: engine.batch.cache.nbytes())
         self.kv_capacity.set_function(lambda: engine.batch.cache.capacity_bytes())
+        self.device_reserved.set_function(lambda: device_memory(engine.batch.device).reserved_bytes)
+        self.device_peak.set_function(lambda: device_memory(engine.batch.device).peak_allocated_bytes)
 
     def http(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

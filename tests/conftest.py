@@ -23,17 +23,25 @@ from app.models.store import OFFLINE_DEFAULT, TINY_GPT2, ModelStore
 STORE = Path(os.environ.get("TEXTGEN_TEST_STORE", Path(__file__).resolve().parent.parent / "model_store"))
 
 
-def _loaded(name: str) -> LoadedModel:
+# The device check (scripts/device-check.sh) runs the same tests on another device, dtype and model: the `tiny`
+# fixture loads TEXTGEN_TEST_TINY (default tiny-gpt2) on TEXTGEN_TEST_DEVICE in TEXTGEN_TEST_DTYPE.
+DEVICE = os.environ.get("TEXTGEN_TEST_DEVICE", "cpu")
+DTYPE = os.environ.get("TEXTGEN_TEST_DTYPE", "float32")
+TINY = os.environ.get("TEXTGEN_TEST_TINY", TINY_GPT2)
+
+
+def _loaded(name: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
     store = ModelStore(STORE)
     if not store.has(name):
         store.pull(name)
     # fp32: the reference path, token-exact against transformers (the faster modes: tests/models/test_numerics.py)
-    return load_model(Settings(model=name, model_store=STORE, threads=2, dtype="float32"))
+    settings = Settings(model=name, model_store=STORE, threads=2, dtype=dtype, device=device)  # type: ignore[arg-type]
+    return load_model(settings)
 
 
 @pytest.fixture(scope="session")
 def tiny() -> LoadedModel:
-    return _loaded(TINY_GPT2)
+    return _loaded(TINY, DEVICE, DTYPE)
 
 
 @pytest.fixture(scope="session")
@@ -96,3 +104,15 @@ def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) ->
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With TEXTGEN_TEST_REPORT set (the device check): the near ties the greedy comparisons met, as JSON."""
+    report = os.environ.get("TEXTGEN_TEST_REPORT")
+    if report:
+        import json
+
+        from tests.engine.helpers import DIVERGENCES
+
+        Path(report).write_text(json.dumps({"device": DEVICE, "dtype": DTYPE, "model": TINY,
+                                            "near_ties": DIVERGENCES}, indent=1))  # fmt: skip

@@ -25,6 +25,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from app.config import Settings
+from app.engine.memory import device_memory
 from app.models.loader import LoadedModel, load_model
 
 
@@ -68,13 +69,19 @@ def _answer(lm: LoadedModel, ids: list[int], max_new: int, prompt_tokens: int) -
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(ids)}}  # fmt: skip
 
 
+def _ready(lm: LoadedModel) -> dict[str, Any]:
+    """/ready, with what the device holds (the benchmark's GPU memory column; zeros on CPU)."""
+    memory = device_memory(next(lm.model.parameters()).device)
+    return {"status": "ready", "device_memory_peak_bytes": memory.peak_allocated_bytes}
+
+
 def sequential_app(lm: LoadedModel) -> FastAPI:
     app = FastAPI()
     lock = asyncio.Lock()
 
     @app.get("/ready")
-    async def ready() -> dict[str, str]:
-        return {"status": "ready"}
+    async def ready() -> dict[str, Any]:
+        return _ready(lm)
 
     @app.post("/generate")
     async def generate(body: Body) -> dict[str, Any]:
@@ -114,8 +121,8 @@ def static_app(lm: LoadedModel, max_batch: int) -> FastAPI:
     app.router.lifespan_context = lifespan
 
     @app.get("/ready")
-    async def ready() -> dict[str, str]:
-        return {"status": "ready"}
+    async def ready() -> dict[str, Any]:
+        return _ready(lm)
 
     @app.post("/generate")
     async def generate(body: Body) -> dict[str, Any]:

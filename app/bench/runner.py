@@ -121,10 +121,11 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def summarize(name: str, results: list[Result], wall: float, rss_mb: float | None) -> dict[str, object]:
+def summarize(name: str, results: list[Result], wall: float, rss_mb: float | None,
+              gpu_mb: float | None = None) -> dict[str, object]:  # fmt: skip
     ok = [r for r in results if r.ok]
     tokens = sum(r.completion_tokens for r in ok)
-    return {
+    row: dict[str, object] = {
         "system": name,
         "ok": f"{len(ok)}/{len(results)}",
         "gen tokens": tokens,
@@ -137,14 +138,17 @@ def summarize(name: str, results: list[Result], wall: float, rss_mb: float | Non
         "lat p95": round(_pct([r.latency for r in ok], 0.95), 2),
         "peak RSS MB": None if rss_mb is None else round(rss_mb),
     }
+    if gpu_mb:  # a CUDA server: what its caching allocator's tensors took at most
+        row["peak GPU MB"] = round(gpu_mb)
+    return row
 
 
 def print_table(rows: list[dict[str, object]]) -> None:
-    cols = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    widths = {c: max(len(c), *(len(str(r.get(c))) for r in rows)) for c in cols}
     print("  ".join(c.rjust(widths[c]) for c in cols))
     for r in rows:
-        print("  ".join(str(r[c]).rjust(widths[c]) for c in cols))
+        print("  ".join(str(r.get(c)).rjust(widths[c]) for c in cols))
 
 
 def print_engine_time(url: str, wall: float) -> None:
@@ -166,6 +170,19 @@ def peak_rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
+
+
+def peak_gpu_mb(url: str) -> float | None:
+    """The peak of a CUDA server's allocated device memory: the engine's /info, a baseline's /ready."""
+    try:
+        info = httpx.get(f"{url}/info", timeout=10)
+        if info.status_code == 200:
+            peak = info.json()["engine"]["device_memory_peak_bytes"]
+        else:
+            peak = httpx.get(f"{url}/ready", timeout=10).json().get("device_memory_peak_bytes", 0)
+    except (httpx.HTTPError, KeyError, ValueError):
+        return None
+    return peak / 2**20 if peak else None
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
@@ -241,6 +258,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, nargs=2, default=(20, 200), metavar=("MIN", "MAX"))
     parser.add_argument("--new-tokens", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sequential-requests", type=int, default=0, metavar="N",
+                        help="with --compare: the sequential baseline runs only the first N requests (it serves one "
+                        "at a time, so its rate does not depend on how many; a big load would take hours)")  # fmt: skip
+    parser.add_argument("--json", metavar="PATH", help="also write the workload and the rows as JSON")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -265,13 +286,15 @@ def run_bench(args: argparse.Namespace) -> int:
                 engine = system.startswith("engine")
                 if engine:
                     print(f"{system}: numerics {httpx.get(f'{url}/info', timeout=10).json().get('numerics')}")
-                results, wall = asyncio.run(drive(url, jobs, args.concurrency, stream=engine))
-                rows.append(summarize(system, results, wall, peak_rss_mb(proc.pid)))
+                load = jobs[: args.sequential_requests] if system == "sequential" and args.sequential_requests else jobs
+                results, wall = asyncio.run(drive(url, load, args.concurrency, stream=engine))
+                rows.append(summarize(system, results, wall, peak_rss_mb(proc.pid), peak_gpu_mb(url)))
                 if engine:
                     print_engine_time(url, wall)
                 if args.modes and engine:
                     one, one_wall = asyncio.run(drive(url, one_stream_jobs(args.seed), 1, stream=True))
-                    rows.append(summarize(f"{system} 1-stream", one, one_wall, peak_rss_mb(proc.pid)))
+                    rows.append(summarize(f"{system} 1-stream", one, one_wall, peak_rss_mb(proc.pid),
+                                          peak_gpu_mb(url)))  # fmt: skip
             print_table(rows)  # as it goes: the sequential run is long
     print()
     print_table(rows)
@@ -280,7 +303,14 @@ def run_bench(args: argparse.Namespace) -> int:
         ref = "engine fp32 1-stream" if name.endswith(" 1-stream") else "engine fp32"
         if name.startswith("engine ") and name != ref and by.get(ref):
             print(f"{name} / {ref}: {by[name] / by[ref]:.2f}x tokens/s")
+    ratios = {}
     for other in ("static", "sequential"):
         if "engine" in by and other in by and by[other]:
-            print(f"engine / {other}: {by['engine'] / by[other]:.2f}x tokens/s")
+            ratios[f"engine / {other}"] = round(by["engine"] / by[other], 2)
+            print(f"engine / {other}: {ratios[f'engine / {other}']:.2f}x tokens/s")
+    if args.json:
+        workload_info = {"requests": len(jobs), "concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens,
+                         "new_tokens": args.new_tokens, "sequential_requests": args.sequential_requests or None,
+                         "model": args.model, "cpus": os.cpu_count()}  # fmt: skip
+        Path(args.json).write_text(json.dumps({"workload": workload_info, "rows": rows, "ratios": ratios}, indent=1))
     return 0

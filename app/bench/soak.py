@@ -252,7 +252,12 @@ def run_soak(args: argparse.Namespace) -> int:
     target = Target(args.url, info["context_length"], info["has_chat_template"],
                     args.max_body or 2 * 2**20, info["limits"]["max_queued_requests"], headers)  # fmt: skip
     tally = Tally()
-    rss = {"start": scrape(args.url, headers).get("process_resident_memory_bytes", 0.0)}
+    # what grows if memory leaks: the process's RSS on CPU; on CUDA the tensors live in the device's caching
+    # allocator, whose reserved bytes /metrics reports
+    cuda = str(info.get("device", "")).startswith("cuda")
+    metric = "textgen_device_memory_reserved_bytes" if cuda else "process_resident_memory_bytes"
+    label = "GPU reserved" if cuda else "RSS"
+    rss = {"start": scrape(args.url, headers).get(metric, 0.0)}
 
     samples: list[tuple[float, float]] = []  # (seconds into the soak, RSS) under load, every RSS_EVERY_S
 
@@ -260,7 +265,7 @@ def run_soak(args: argparse.Namespace) -> int:
         while not stop.is_set():
             with contextlib.suppress(httpx.HTTPError):
                 metrics = await asyncio.to_thread(scrape, args.url, headers)
-                samples.append((time.monotonic() - started, metrics.get("process_resident_memory_bytes", 0.0)))
+                samples.append((time.monotonic() - started, metrics.get(metric, 0.0)))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), RSS_EVERY_S)
 
@@ -286,7 +291,7 @@ def run_soak(args: argparse.Namespace) -> int:
     rss["after warm-up"] = window_median(samples, warm_at - RSS_WINDOW_S, warm_at)
     rss["end of load"] = window_median(samples, args.duration - RSS_WINDOW_S, args.duration)
     rss["peak"] = max([v for _, v in samples] + list(rss.values()))
-    rss["idle after"] = metrics.get("process_resident_memory_bytes", 0.0)
+    rss["idle after"] = metrics.get(metric, 0.0)
     ready = httpx.get(f"{args.url}/ready", headers=headers, timeout=30)
     state = httpx.get(f"{args.url}/info", headers=headers, timeout=30).json()["engine"]
     total = sum(tally.outcomes.values())
@@ -301,7 +306,7 @@ def run_soak(args: argparse.Namespace) -> int:
     print("by action: " + ", ".join(f"{a} {n}" for a, n in sorted(tally.by_action.items())))
     base = rss["after warm-up"] or 1.0
     growth = 100 * (rss["end of load"] - base) / base
-    print(f"RSS MiB (after warm-up, end of load: medians over {RSS_WINDOW_S:g} s): "
+    print(f"{label} MiB (after warm-up, end of load: medians over {RSS_WINDOW_S:g} s): "
           + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in rss.items())
           + f"; growth from after warm-up to the end of load {growth:+.1f}%")  # fmt: skip
     buckets = {k: v for k, v in metrics.items() if k.startswith("textgen_batch_size_bucket")}
@@ -318,7 +323,7 @@ def run_soak(args: argparse.Namespace) -> int:
     checks = {
         "0 accepted-but-lost": not tally.lost,
         "0 unexpected 5xx": not tally.unexpected,
-        f"RSS growth after warm-up < {args.max_rss_growth:g}%": growth < args.max_rss_growth,
+        f"{label} growth after warm-up < {args.max_rss_growth:g}%": growth < args.max_rss_growth,
         "ready at the end": ready.status_code == 200,
     }
     print("verdict: " + ", ".join(f"{name} {'PASS' if ok else 'FAIL'}" for name, ok in checks.items()))

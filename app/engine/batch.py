@@ -9,6 +9,7 @@ rows, and `leave` gives the segment back.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -24,6 +25,12 @@ from app.models import decode_step
 from app.models.numerics import prompt_pass
 
 
+def cache_keyword(model: Any) -> str:
+    """The name this transformers' forward takes its KV cache under: `past_key_values` up to 5.17 at least,
+    `cache` later (the old name still works there, with a warning, until 5.40). pyproject allows both."""
+    return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+
+
 class Batch:
     def __init__(self, model: Any, max_rows: int, max_tokens: int | None = None, kernel: bool | None = None) -> None:
         self.model = model
@@ -35,13 +42,20 @@ class Batch:
         self.open: dict[int, tuple[RequestState, Segment]] = {}  # id(request) -> its prompt's segment, not joined
         # the model's decode written out without transformers' plumbing (same results), where there is one
         self.step = decode_step.for_model(model)
+        self.cache_kw = cache_keyword(model)
 
     def kv_example(self) -> PrefillKV:
         """The K/V of a one-token forward: per layer (1, H, 1, D), what caches shape their buffers on."""
         cache = DynamicCache(config=self.model.config)
-        self.model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device), cache=cache,
+        self.model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device), **{self.cache_kw: cache},
                    use_cache=True, logits_to_keep=1)  # fmt: skip
         return [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
+
+    def _hidden(self, ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        """One row's last hidden states (P, E) for `ids` (1, P), its K/V written through `cache`."""
+        out = self.model.base_model(input_ids=ids, use_cache=True, **{self.cache_kw: cache})
+        hidden: torch.Tensor = out.last_hidden_state[0]
+        return hidden
 
     def allocate(self, example: PrefillKV | None = None) -> None:
         """Allocate the KV arena now (zero-filled, resident) and build the decode kernel, not at the first
@@ -76,7 +90,7 @@ class Batch:
         assert prefix is None and request.prefilled == 0, "prompt log-probabilities need every position computed"
         cache, ids = self._forward_into(self._segment(request), request.prompt_ids, 0, None, request.prompt_len)
         with prompt_pass():
-            hidden = self.model.base_model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state[0]  # (P, E)
+            hidden = self._hidden(ids, cache)  # (P, E)
             output = self.model.get_output_embeddings()
             logits = output(hidden[-1:])[0]  # (V,)
             scored = prompt_logprobs(hidden, output, request.prompt_ids, top)
@@ -91,7 +105,7 @@ class Batch:
     def _compute(self, request: RequestState, stop: int, prefix: Hit | None) -> tuple[torch.Tensor, KV]:
         cache, ids = self._forward_into(self._segment(request), request.prompt_ids, request.prefilled, prefix, stop)
         with prompt_pass():
-            out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=ids, **{self.cache_kw: cache}, use_cache=True, logits_to_keep=1)
         request.prefilled = stop
         logits: torch.Tensor = out.logits[0, -1, :]  # (V,)
         return logits, cache.kv()
@@ -122,15 +136,14 @@ class Batch:
         try:
             cache, ids = self._forward_into(seg, request.prompt_ids, 0, prefix, length)
             with prompt_pass():
-                hidden = self.model.base_model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state[0]
+                hidden = self._hidden(ids, cache)  # (P, E)
                 first = output(hidden[-1:]).float().log_softmax(-1)[0]  # (V,): the first token of each continuation
                 sums = []
                 for continuation in request.continuations:
                     total = first[continuation[0]]
                     if len(continuation) > 1:
                         rest = torch.tensor([continuation[:-1]], device=self.device)  # (1, c - 1)
-                        h = self.model.base_model(input_ids=rest, cache=PrefillCache(self.cache, seg, length),
-                                                  use_cache=True).last_hidden_state[0]  # (c - 1, E)  # fmt: skip
+                        h = self._hidden(rest, PrefillCache(self.cache, seg, length))  # (c - 1, E)
                         targets = torch.tensor(continuation[1:], device=self.device).unsqueeze(1)  # (c - 1, 1)
                         total = total + output(h).float().log_softmax(-1).gather(1, targets).sum()
                     sums.append(float(total))
@@ -148,7 +161,7 @@ class Batch:
         else:
             mask = view.window_index()[2]  # (B, 1, 1, W)
             out = self.model(input_ids=last[:, None], attention_mask=mask, position_ids=kv_len[:, None],
-                             cache=view.as_cache(), use_cache=True, logits_to_keep=1)  # fmt: skip
+                             **{self.cache_kw: view.as_cache()}, use_cache=True, logits_to_keep=1)  # fmt: skip
             logits = out.logits[:, -1, :]
         for s in self.seqs:
             s.kv_len += 1

@@ -32,7 +32,7 @@ from app.engine.errors import (
 from app.engine.input import Input
 from app.engine.kv_cache import BLOCK
 from app.engine.limits import EngineLimits, EngineStats
-from app.engine.memory import TRIM_INTERVAL_S, release_free_memory
+from app.engine.memory import TRIM_INTERVAL_S, device_memory, release_free_memory
 from app.engine.observer import EngineObserver, NullObserver
 from app.engine.output import Output
 from app.engine.prefix_cache import PrefixCache
@@ -199,11 +199,12 @@ class Engine:
                 self.output.fail(state, EngineStopped("the engine stopped after an internal error"))
 
     def _run_until_stopped(self) -> None:
+        trim = self.batch.device.type == "cpu"  # the heap holds the tensors only there (app/engine/memory.py)
         busy = False
         trimmed = time.monotonic()
         while not self._stop.is_set():
             if not self.running and not self.scheduler.queued:
-                if busy:  # just went idle: hand what the burst freed back to the OS
+                if busy and trim:  # just went idle: hand what the burst freed back to the OS
                     release_free_memory()
                     busy = False
                 self._wake.wait(0.5)
@@ -211,7 +212,7 @@ class Engine:
                 continue
             busy = True
             self.step()
-            if time.monotonic() - trimmed > TRIM_INTERVAL_S:
+            if trim and time.monotonic() - trimmed > TRIM_INTERVAL_S:
                 # under steady load too: freed blocks of every size would otherwise stay resident
                 release_free_memory()
                 trimmed = time.monotonic()
@@ -256,6 +257,7 @@ class Engine:
     # ---- introspection ------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         s = self._stats
+        memory = device_memory(self.batch.device)
         return replace(
             s,
             running_requests=len(self.running),
@@ -263,6 +265,8 @@ class Engine:
             waiting=self.scheduler.queued,
             kv_cache_bytes=self.batch.cache.nbytes(),
             kv_cache_capacity_bytes=self.batch.cache.capacity_bytes(),
+            device_memory_reserved_bytes=memory.reserved_bytes,
+            device_memory_peak_bytes=memory.peak_allocated_bytes,
             decode_attention="ragged-c-kernel" if self.batch.cache.kernel is not None else "torch",
             prefix_cache_bytes=self.prefix_cache.nbytes,
             prefix_cache_entries=len(self.prefix_cache),

@@ -43,4 +43,8 @@ class EngineStats:
     prefill_seconds: float = 0.0  # in the model's prefill forward + sampling
     busy_seconds: float = 0.0  # in steps, postprocessing included
     batch_sizes: Counter[int] = field(default_factory=Counter)  # decode steps seen per batch size
+    # CUDA only (0 on CPU, where host memory is /metrics' process_resident_memory_bytes): the caching
+    # allocator's reserved bytes now, and the peak of allocated bytes since start
+    device_memory_reserved_bytes: int = 0
+    device_memory_peak_bytes: int = 0
     decode_attention: str = ""  # "ragged-c-kernel" (built for this CPU) or "torch" (no compiler, other dtypes)

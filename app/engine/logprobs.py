@@ -5,6 +5,8 @@ That is what OpenAI-style `logprobs` report, and what perplexity needs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from app.engine.types import TokenLogprob
@@ -14,20 +16,23 @@ from app.engine.types import TokenLogprob
 CHUNK = 256
 
 
-def token_logprobs(logits: torch.Tensor, targets: list[int], top: int) -> list[TokenLogprob]:
-    """logits: (N, V) predicting targets[i] at row i -> N TokenLogprobs with `top` alternatives each."""
+def token_logprobs(logits: torch.Tensor, targets: list[int], top: int | Sequence[int]) -> list[TokenLogprob]:
+    """logits: (N, V) predicting targets[i] at row i -> N TokenLogprobs with `top` alternatives each (or
+    top[i] for row i). One log_softmax and one copy to the host per CHUNK rows."""
+    tops = [top] * len(targets) if isinstance(top, int) else list(top)
     out: list[TokenLogprob] = []
     for start in range(0, len(targets), CHUNK):
         chunk = logits[start : start + CHUNK].float().log_softmax(-1)  # (n, V)
-        ids = torch.tensor(targets[start : start + CHUNK], device=chunk.device)  # (n,)
-        chosen = chunk.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()  # (n,)
-        if top > 0:
-            values, indices = chunk.topk(min(top, chunk.shape[-1]), dim=-1)  # (n, top)
-            alts = [tuple(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
-        else:
-            alts = [() for _ in chosen]
-        out.extend(TokenLogprob(t, lp, a) for t, lp, a in zip(targets[start : start + CHUNK], chosen, alts,
-                                                             strict=True))  # fmt: skip
+        wanted, want = targets[start : start + CHUNK], tops[start : start + CHUNK]
+        ids = torch.tensor(wanted, device=chunk.device)  # (n,)
+        table = chunk.gather(1, ids.unsqueeze(1))  # (n, 1)
+        k = min(max(want), chunk.shape[-1])
+        if k > 0:
+            values, indices = chunk.topk(k, dim=-1)  # (n, k); ids are exact in float32 (< 2**24)
+            table = torch.cat([table, values, indices.to(table.dtype)], dim=1)  # (n, 1 + 2k)
+        for t, n, row in zip(wanted, want, table.tolist(), strict=True):
+            alts = tuple(zip((int(i) for i in row[1 + k : 1 + k + n]), row[1 : 1 + n], strict=True))
+            out.append(TokenLogprob(t, row[0], alts))
     return out
 
 

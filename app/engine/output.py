@@ -15,12 +15,9 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import torch
-
 from app.engine.batch import Batch
 from app.engine.errors import EngineError, StepFailed
 from app.engine.limits import EngineStats
-from app.engine.logprobs import token_logprobs
 from app.engine.observer import EngineObserver
 from app.engine.scheduler import Scheduler
 from app.engine.state import RequestState, SequenceState, Status
@@ -40,7 +37,7 @@ class Output:
         self.eos_token_ids = eos_token_ids
         self.running = running  # the engine's admitted, unfinished requests
 
-    def begin(self, state: RequestState, tokens: list[int], first: torch.Tensor | None,
+    def begin(self, state: RequestState, tokens: list[int], first: list[TokenLogprob | None],
                scored: list[TokenLogprob] | None) -> int:  # fmt: skip
         """A prompt is computed into its segment: emit its first tokens; its sequences join."""
         state.status = Status.RUNNING
@@ -50,8 +47,8 @@ class Output:
         if not state.sequences:  # the prompt was all it asked about
             self.finish(state)
             return 0
-        for seq, token in zip(state.sequences, tokens, strict=True):
-            self.accept(seq, token, prefilled=True, logprobs=first)
+        for seq, token, logprob in zip(state.sequences, tokens, first, strict=True):
+            self.accept(seq, token, prefilled=True, logprob=logprob)
         return len(tokens)
 
     def contained(self, state: RequestState, work: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
@@ -65,11 +62,11 @@ class Output:
             return None
 
     def accept(self, seq: SequenceState, token: int, prefilled: bool = False,
-                logprobs: torch.Tensor | None = None) -> None:  # fmt: skip
+                logprob: TokenLogprob | None = None) -> None:  # fmt: skip
         """Append one token to a sequence: detokenize, check stops, emit, and join or leave the batch.
 
         `prefilled`: the token is the first, drawn right after the request's prefill (the sequence joins).
-        `logprobs`: the raw logits (V,) the token was drawn from, for a sequence that asked for log-probabilities.
+        `logprob`: the token's log-probability, for a sequence that asked for them.
         """
         state = seq.request
         if state.done:
@@ -81,8 +78,10 @@ class Output:
         else:
             self.observer.next_token(arrived - seq.last_token_at)
         seq.last_token_at = arrived
-        if logprobs is not None and seq.wants_logprobs is not None:
-            seq.logprobs.append(token_logprobs(logprobs.unsqueeze(0), [token], seq.wants_logprobs)[0])
+        if seq.seen is not None:
+            seq.seen[token] = True  # for the repetition penalty of the next draw
+        if logprob is not None:
+            seq.logprobs.append(logprob)
         self.stats.generated_tokens += 1
         finish = None
         if token in self.eos_token_ids and not getattr(state.request, "ignore_eos", False):

@@ -153,13 +153,16 @@ class PrefixCache:
                 self._remove(entry_id)
         while len(self._free) < need:
             self._remove(next(iter(self._entries)))
-        blocks = [self._free.pop() for _ in range(need)]
-        offsets = torch.arange(self.block_tokens)
-        slots = (torch.tensor(blocks).unsqueeze(1) * self.block_tokens + offsets).flatten()[: len(ids)]  # (P,)
         assert self._pool is not None
+        device = self._pool[0][0].device  # the pool's: its index tensors must live there too (CUDA)
+        blocks = self._free[: -need - 1 : -1]  # the stack's top `need`, in pop order
+        offsets = torch.arange(self.block_tokens, device=device)
+        slots = (torch.tensor(blocks, device=device).unsqueeze(1) * self.block_tokens
+                 + offsets).flatten()[: len(ids)]  # (P,)  # fmt: skip
         for (pool_k, pool_v), (k, v) in zip(self._pool, kv, strict=True):
             pool_k.index_copy_(0, slots, k[0].transpose(0, 1))  # (H, P, D) -> (P, H, D) rows
             pool_v.index_copy_(0, slots, v[0].transpose(0, 1))
+        del self._free[-need:]  # taken once the copy succeeded: a failed one leaks no blocks
         entry_id, self._next_id = self._next_id, self._next_id + 1
         self._entries[entry_id] = Entry(tokens, blocks, slots)
         self._by_head.setdefault(head, set()).add(entry_id)

@@ -18,12 +18,13 @@ import torch
 from app.engine.batch import Batch
 from app.engine.errors import StepFailed
 from app.engine.limits import EngineLimits, EngineStats
+from app.engine.logprobs import token_logprobs
 from app.engine.output import Output
 from app.engine.prefix_cache import PrefixCache
-from app.engine.sampling import SampleRow, sample
+from app.engine.sampling import SampleRow, sample, seen_mask
 from app.engine.scheduler import ChunkPacer, Scheduler
 from app.engine.state import RequestState, SequenceState, Status, hand_off
-from app.engine.types import Scores
+from app.engine.types import Scores, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,8 @@ class Runner:
         started = time.perf_counter()
         try:
             logits = self.batch.decode()  # (B, V)
-            scored = self._logprobs(seqs, logits)
-            tokens = sample(logits, [SampleRow(s.params, s.generator, s.history) for s in seqs])
+            tokens = sample(logits, [SampleRow(s.params, s.generator, s.seen) for s in seqs])
+            scored = self._logprobs(seqs, logits, tokens)
             self._decode_step_seconds = time.perf_counter() - started
             self.stats.decode_seconds += self._decode_step_seconds
         except Exception as exc:
@@ -62,19 +63,20 @@ class Runner:
                 self.output.fail(seq.request, StepFailed(f"the model step failed: {type(exc).__name__}"))
             return 0
         for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
-            self.output.contained(seq.request, self.output.accept, seq, token, logprobs=scored.get(i))
+            self.output.contained(seq.request, self.output.accept, seq, token, logprob=scored.get(i))
         hand_off()
         return len(seqs)
 
     @staticmethod
-    def _logprobs(seqs: list[SequenceState], logits: torch.Tensor) -> dict[int, torch.Tensor]:
-        """The raw logits rows (V,), copied out of the step's, of the rows (positions in `seqs`) that asked for
-        log-probabilities; `token_logprobs` normalizes them, once."""
+    def _logprobs(seqs: list[SequenceState], logits: torch.Tensor, tokens: list[int]) -> dict[int, TokenLogprob]:
+        """The drawn tokens' log-probabilities (under the raw logits (B, V)) of the rows (positions in `seqs`)
+        that asked for them: one pass and one copy to the host for all of them."""
         wanted = [i for i, s in enumerate(seqs) if s.wants_logprobs is not None]
         if not wanted:
             return {}
-        rows = logits[wanted].float()  # (W, V)
-        return dict(zip(wanted, rows, strict=True))
+        rows = logits[wanted] if len(wanted) < len(seqs) else logits  # (W, V)
+        found = token_logprobs(rows, [tokens[i] for i in wanted], [seqs[i].wants_logprobs or 0 for i in wanted])
+        return dict(zip(wanted, found, strict=True))
 
     def prefill(self, admitted: list[RequestState], now: float) -> int:
         produced = 0
@@ -139,13 +141,17 @@ class Runner:
             return 0
         return self.output.contained(state, self.output.begin, state, tokens, first, None) or 0
 
-    def _first_tokens(self, state: RequestState, logits: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
-        """Each sequence's first token, drawn from the prompt's last logits (V,), and those logits (V,) when the
-        request asked for log-probabilities."""
-        rows = [SampleRow(s.params, s.generator, s.history) for s in state.sequences]
-        tokens = sample(logits.unsqueeze(0).expand(len(rows), -1), rows) if rows else []
-        first = self._logprobs(state.sequences[:1], logits.unsqueeze(0)).get(0)  # (V,), same for all rows
-        return tokens, first
+    def _first_tokens(self, state: RequestState, logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Each sequence's first token, drawn from the prompt's last logits (V,), and its log-probability when
+        the request asked for them."""
+        seqs = state.sequences
+        for seq in seqs:
+            if seq.params.repetition_penalty != 1.0:
+                seq.seen = seen_mask(state.prompt_ids, logits.shape[-1], logits.device)
+        shared = logits.unsqueeze(0).expand(len(seqs), -1)  # (n, V)
+        tokens = sample(shared, [SampleRow(s.params, s.generator, s.seen) for s in seqs]) if seqs else []
+        scored = self._logprobs(seqs, shared, tokens)
+        return tokens, [scored.get(i) for i in range(len(seqs))]
 
     def _score(self, state: RequestState, now: float) -> int:
         started = time.perf_counter()

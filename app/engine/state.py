@@ -94,14 +94,13 @@ class SequenceState:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when asked for
     logprobs_sent: int = 0  # how many of them went out with a TokenDelta
     last_token_at: float = 0.0  # monotonic time of the latest token, for inter-token latency
+    # (V,) bool on the device, prompt + generated ids (sampling.seen_mask): only with a repetition penalty
+    seen: torch.Tensor | None = None
 
     @property
     def wants_logprobs(self) -> int | None:
         return getattr(self.request.request, "logprobs", None)
 
-    @property
-    def history(self) -> list[int]:
-        return self.request.prompt_ids + self.tokens
 
 
 class Status(enum.Enum):

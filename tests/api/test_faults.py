@@ -30,6 +30,7 @@ def idle(engine: Any) -> bool:
 def test_disconnect_while_queued_frees_the_request(tiny: LoadedModel) -> None:
     with live_server(tiny, max_batch_size=1) as server:
         engine = server.engine
+        warm_up = engine.stats().generated_tokens
         done: list[httpx.Response] = []
         first = threading.Thread(target=lambda: done.append(httpx.post(f"{server.url}/generate", json=LONG,
                                                                         timeout=60)))  # fmt: skip
@@ -42,8 +43,8 @@ def test_disconnect_while_queued_frees_the_request(tiny: LoadedModel) -> None:
         first.join(60)
         assert done[0].status_code == 200 and done[0].json()["usage"]["completion_tokens"] == 600
         assert wait_until(lambda: idle(engine), timeout=5)
-        # the dropped request never ran: only the first one's tokens were generated (+ warm-up's 4)
-        assert engine.stats().generated_tokens == 600 + 4
+        # the dropped request never ran: only the first one's tokens were generated (after the warm-up's)
+        assert engine.stats().generated_tokens == warm_up + 600
 
 
 def test_disconnect_during_prefill_frees_the_row(tiny: LoadedModel) -> None:
@@ -134,3 +135,17 @@ def test_ready_is_503_once_the_engine_loop_died(tiny: LoadedModel) -> None:
         assert ready.status_code == 503 and ready.headers["retry-after"] == "5"
         assert httpx.get(f"{server.url}/health").status_code == 200
         assert httpx.post(f"{server.url}/generate", json={"prompt": "Hi"}).status_code == 503
+
+
+def test_warm_up_runs_every_device_path_and_a_broken_one_stops_the_start(tiny: LoadedModel, monkeypatch: Any) -> None:
+    with live_server(tiny) as server:  # warm-up alone: a stored prompt, a hit by a sampled one and by scoring
+        engine = server.engine
+        assert len(engine.prefix_cache) >= 1 and engine.prefix_cache.hit_tokens >= 2 * 16
+    from app.engine.prefix_cache import Hit
+
+    def broken(self: Hit) -> Any:  # as the CUDA pool with CPU index tensors failed: only on a prefix hit
+        raise RuntimeError("Expected all tensors to be on the same device")
+
+    monkeypatch.setattr(Hit, "gather", broken)
+    with pytest.raises(RuntimeError, match="uvicorn did not start"), live_server(tiny):
+        pass

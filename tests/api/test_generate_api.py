@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from app.models.loader import LoadedModel
-from tests.conftest import LiveServer, live_server, wait_until
+from tests.conftest import DEVICE, TINY, LiveServer, live_server, wait_until
 from tests.engine.helpers import reference_greedy
 
 
@@ -129,8 +129,9 @@ def test_health_ready_info_docs(tiny_server: LiveServer) -> None:
     assert httpx.get(f"{tiny_server.url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{tiny_server.url}/ready").status_code == 200
     info = httpx.get(f"{tiny_server.url}/info").json()
-    assert info["model"] == "tiny-gpt2" and info["context_length"] == 1024 and info["device"] == "cpu"
-    assert info["limits"]["max_batch_size"] == 32 and info["parameters"] == 3382080
+    assert info["model"] == TINY and info["context_length"] == 1024 and info["device"].startswith(DEVICE)
+    assert info["limits"]["max_batch_size"] == 32
+    assert info["parameters"] == {"tiny-gpt2": 3382080, "random-gpt2-small": 124439808}.get(TINY, info["parameters"])
     assert httpx.get(f"{tiny_server.url}/docs").status_code == 200
     assert "/generate" in httpx.get(f"{tiny_server.url}/openapi.json").json()["paths"]
 
@@ -142,8 +143,18 @@ def test_info_shows_the_engine_s_own_limits_and_state(tiny_server: LiveServer) -
     assert info["limits"]["max_prompt_tokens"] == 1024 and info["limits"]["prefix_cache_bytes"] == 256 * 2**20
     engine = info["engine"]
     kernel = shutil.which("cc") is not None or shutil.which("gcc") is not None
-    assert engine["decode_attention"] == ("ragged-c-kernel" if kernel else "torch")
+    assert engine["decode_attention"] == ("ragged-c-kernel" if kernel and DEVICE == "cpu" else "torch")
     assert engine["kv_cache_capacity_bytes"] > 0 and isinstance(engine["batch_sizes"], dict)
+    # the device's own memory (CUDA's caching allocator): zero on CPU, the arena at least on CUDA
+    metrics = httpx.get(f"{tiny_server.url}/metrics").text
+    if DEVICE == "cpu":
+        assert engine["device_memory_reserved_bytes"] == engine["device_memory_peak_bytes"] == 0
+        assert "textgen_device_memory_reserved_bytes 0.0" in metrics
+        assert "textgen_device_memory_peak_allocated_bytes 0.0" in metrics
+    else:
+        assert engine["device_memory_peak_bytes"] >= engine["kv_cache_capacity_bytes"] > 0
+        assert engine["device_memory_reserved_bytes"] >= engine["device_memory_peak_bytes"]
+        assert "textgen_device_memory_reserved_bytes 0.0" not in metrics
 
 
 def test_client_disconnect_mid_stream_frees_its_row(tiny: LoadedModel) -> None:

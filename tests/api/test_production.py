@@ -139,8 +139,10 @@ def test_max_batch_texts(tiny: LoadedModel) -> None:
 def test_kv_arena_is_the_configured_budget_from_the_start(tiny: LoadedModel) -> None:
     config = tiny.model.config
     with live_server(tiny, max_batch_tokens=4096, max_batch_size=8) as server:
-        # one K and one V per layer, per token: (tokens + one decode column per row) x layers x 2 x hidden x fp32
-        expected = (4096 + 8) * config.n_layer * 2 * config.n_embd * 4
+        # one K and one V per layer, per token: (tokens + one decode column per row) x layers x 2 x hidden x the
+        # cache's element (fp32 on CPU in every mode; the model's dtype on CUDA)
+        element = 4 if tiny.info.device == "cpu" else next(tiny.model.parameters()).element_size()
+        expected = (4096 + 8) * config.n_layer * 2 * config.n_embd * element
         first = httpx.get(f"{server.url}/info").json()["engine"]
         assert (first["kv_cache_capacity_bytes"], first["kv_cache_bytes"]) == (expected, 0)
         for n in (5, 40, 300):

@@ -9,7 +9,7 @@ import pytest
 
 from app.engine.types import GenerationRequest, SamplingParams
 from app.models.loader import LoadedModel
-from tests.engine.helpers import PROMPTS, make_engine, reference_greedy, run_request
+from tests.engine.helpers import PROMPTS, assert_greedy, make_engine, reference_greedy, run_request
 
 
 async def check_parity(model: LoadedModel, n_requests: int, max_new: list[int], stagger: float) -> None:
@@ -26,8 +26,8 @@ async def check_parity(model: LoadedModel, n_requests: int, max_new: list[int], 
         engine.stop()
     for i, out in enumerate(outcomes):
         assert out.error is None
-        expected = reference_greedy(model, PROMPTS[i % len(PROMPTS)], max_new[i])
-        assert out.tokens == expected, f"request {i} diverged"
+        prompt = PROMPTS[i % len(PROMPTS)]
+        assert_greedy(model, prompt, out.tokens, reference_greedy(model, prompt, max_new[i]), f"request {i}")
     if n_requests > 1:
         # They really shared the batch, and its size changed as rows joined and left.
         assert sizes is not None and max(sizes) >= n_requests // 2 and len(sizes) >= 4
@@ -51,6 +51,23 @@ async def test_smollm_greedy_alone_matches_generate(smollm: LoadedModel) -> None
 async def test_smollm_greedy_joins_and_leaves_match_generate(smollm: LoadedModel) -> None:
     max_new = [4 + (i * 7) % 29 for i in range(16)]
     await check_parity(smollm, 16, max_new, stagger=0.08)
+
+
+async def test_tiny_repetition_penalty_matches_generate_alone_and_among_others(tiny: LoadedModel) -> None:
+    # the penalty reads each row's own seen-token mask, kept up to date as its tokens arrive
+    engine = make_engine(tiny)
+    penalized = SamplingParams(repetition_penalty=1.4)
+    try:
+        jobs = [run_request(engine, GenerationRequest(prompt=PROMPTS[i], max_new_tokens=24, ignore_eos=True,
+                                                      sampling=penalized if i % 2 else SamplingParams()))
+                for i in range(6)]  # fmt: skip
+        outcomes = await asyncio.gather(*jobs)
+    finally:
+        engine.stop()
+    for i, out in enumerate(outcomes):
+        extra = {"repetition_penalty": 1.4} if i % 2 else {}
+        assert_greedy(tiny, PROMPTS[i], out.tokens, reference_greedy(tiny, PROMPTS[i], 24, **extra), f"request {i}")
+    assert outcomes[1].tokens != reference_greedy(tiny, PROMPTS[1], 24)  # the penalty changed something
 
 
 async def seeded_text(model: LoadedModel, crowd: int) -> str:

@@ -54,6 +54,23 @@ def test_budget_evicts_least_recently_used_and_extensions_replace() -> None:
     assert PrefixCache(budget_bytes=0).lookup(first) == (0, None)
 
 
+def test_index_tensors_live_on_the_pools_device_and_a_failed_copy_leaks_nothing() -> None:
+    # the pool on another device than the CPU (meta stands in for CUDA: index_copy_ checks devices the same way)
+    cache = PrefixCache(budget_bytes=10**5, min_tokens=8, block_tokens=4)
+    meta = [(k.to("meta"), v.to("meta")) for k, v in fake_kv(20)]
+    cache.store(list(range(20)), meta)
+    assert len(cache) == 1
+    hit = cache.match([*range(20), 0])
+    assert hit is not None and hit.slots.device.type == "meta" and hit.gather()[0][0].shape == (1, 2, 20, 4)
+    free = len(cache._free)
+    with pytest.raises(RuntimeError):  # K/V of another layout: the copy into the pool fails
+        cache.store(list(range(100, 120)), [(k[:, :1], v[:, :1]) for k, v in meta])
+    assert len(cache._free) == free and len(cache) == 1
+    for i in range(40):  # the pool goes on taking and evicting entries: none of its blocks was lost
+        cache.store([i + 1] * 8 + list(range(12)), meta)
+    assert len(cache._free) + sum(len(e.blocks) for e in cache._entries.values()) == cache.blocks
+
+
 def test_pool_is_allocated_once_and_never_grows() -> None:
     cache = PrefixCache(budget_bytes=40 * 2 * 2 * 2 * 4 * 4, min_tokens=8, block_tokens=4)  # 40 tokens' K/V
     assert cache.capacity_bytes == 0

@@ -37,6 +37,19 @@ def test_packed_linear_matches_linear_and_is_batch_invariant() -> None:
     assert torch.equal(alone[0], got[5])
 
 
+@pytest.mark.parametrize("k,n", [(3072, 768), (1536, 576), (768, 2304)])
+def test_a_lone_row_gets_what_it_gets_among_others(k: int, n: int) -> None:
+    """oneDNN ran one row of a K > N layer through a split-K kernel: GPT-2 small's MLP output (3072 -> 768) and
+    SmolLM2's (1536 -> 576) gave a lone row other sums than the same row in a batch of two or more."""
+    torch.manual_seed(0)
+    packed = PackedLinear(torch.randn(n, k) * 0.02, torch.randn(n))
+    x = torch.randn(40, k)
+    with torch.inference_mode():
+        together = packed(x)
+        assert all(torch.equal(packed(x[:m]), together[:m]) for m in (1, 2, 3, 17))
+        assert torch.equal(packed(x[3]), together[3])  # one row without a batch dimension too
+
+
 def test_conv1d_is_packed_with_its_transposed_weight() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(Conv1D(48, 16), torch.nn.Linear(48, 8))

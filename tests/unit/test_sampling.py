@@ -5,7 +5,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from app.engine.sampling import SampleRow, apply_repetition_penalty, apply_top_k, apply_top_p, sample
+from app.engine.sampling import SampleRow, apply_repetition_penalty, apply_top_k, apply_top_p, sample, seen_mask
 from app.engine.types import SamplingParams
 
 V = 1000
@@ -18,12 +18,12 @@ def logits(rows: int, seed: int = 0) -> torch.Tensor:
 def row(seed: int | None = None, history: tuple[int, ...] = (), **params: float) -> SampleRow:
     p = SamplingParams(do_sample=True, seed=seed, **params)  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    return SampleRow(p, gen, list(history))
+    return SampleRow(p, gen, seen_mask(history, V, torch.device("cpu")) if history else None)
 
 
 def test_greedy_rows_take_the_argmax() -> None:
     x = logits(4)
-    rows = [SampleRow(SamplingParams(), None, []) for _ in range(4)]
+    rows = [SampleRow(SamplingParams(), None) for _ in range(4)]
     assert sample(x, rows) == x.argmax(-1).tolist()
 
 
@@ -79,3 +79,19 @@ def test_top_k_one_is_greedy_even_when_sampling() -> None:
     x = logits(5)
     rows = [row(seed=s, top_k=1, temperature=2.0) for s in range(5)]
     assert sample(x, rows) == x.argmax(-1).tolist()
+
+
+def test_a_rows_top_k_holds_beside_rows_without_one() -> None:
+    x = logits(2)
+    rows = [row(seed=0, top_k=3), row(seed=1)]  # the second row has no top-k (all of the vocabulary)
+    draws = {sample(x, rows)[0] for _ in range(200)}
+    assert draws <= set(torch.topk(x[0], 3).indices.tolist()) and len(draws) > 1
+
+
+def test_the_penalty_mask_follows_the_sequence_and_matches_transformers() -> None:
+    x = logits(3)
+    penalized = row(0, (4, 8, 8, 15), repetition_penalty=1.5)
+    rows = [SampleRow(SamplingParams(), None), penalized, row(2, (1, 2), repetition_penalty=1.0)]
+    ours = apply_repetition_penalty(x.clone(), rows)
+    theirs = RepetitionPenaltyLogitsProcessor(penalty=1.5)(torch.tensor([[4, 8, 8, 15]]), x[1:2].clone())
+    assert torch.equal(ours[1:2], theirs) and torch.equal(ours[0], x[0]) and torch.equal(ours[2], x[2])
