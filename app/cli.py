@@ -67,10 +67,13 @@ def _models(_: argparse.Namespace) -> int:
         print("  (empty)")
     for m in manifests:
         size = sum((store.path(m.name) / f).stat().st_size for f in m.weights) / 1e6
-        print(f"  {m.name:32} {m.parameters / 1e6:8.1f}M params {size:8.0f} MB  {m.source}: {m.source_ref}")
+        licence = f"; licence: {m.licence}" if m.licence else ""
+        print(f"  {m.name:32} {m.parameters / 1e6:8.1f}M params {size:8.0f} MB  {m.source}: {m.source_ref}{licence}")
     missing = [name for name in BUILTIN if not store.has(name)]
     if missing:
-        print("available offline with 'textgen pull NAME': " + ", ".join(missing))
+        print("available offline with 'textgen pull NAME': " + ", ".join(
+            f"{name} ({licence})" if (licence := getattr(BUILTIN[name], "licence", "")) else name
+            for name in missing))
     print(f"default model: {store.default_model()}")
     return 0
 
@@ -93,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(func=_serve)
 
     pull = sub.add_parser("pull", help="fetch a model into the model store")
-    pull.add_argument("name", help="smollm2-135m-instruct, tiny-gpt2, or a Hugging Face Hub id such as gpt2")
+    pull.add_argument("name", help="a built-in name (textgen models lists them), a Hugging Face Hub id such as "
+                      "gpt2, a local .gguf file (converted once) or a local Hugging Face model folder")
     pull.add_argument("--force", action="store_true", help="fetch again even if present")
     pull.add_argument("--revision", help="hub revision (branch, tag or commit)")
     pull.set_defaults(func=_pull)

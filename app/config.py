@@ -18,7 +18,8 @@ class Settings(BaseSettings):
     # Model
     model: str | None = Field(
         default=None,
-        description="Model name or hub id. Unset: gpt2 if it is available locally, else smollm2-135m-instruct.",
+        description="A built-in name, a hub id, a local .gguf file or a local Hugging Face folder. Unset: gpt2 if it "
+        "is available locally, else smollm2-135m-instruct.",
     )
     model_store: Path = Field(default=DEFAULT_STORE, description="Folder holding pulled models.")
     device: Literal["auto", "cpu", "cuda"] = "auto"

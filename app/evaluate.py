@@ -32,28 +32,32 @@ def eval_sentiment(client: httpx.Client, data: Path, limit: int | None, batch: i
         rows = [(r["sentence"], int(r["label"])) for r in csv.DictReader(fh, delimiter="\t")]
     rows = rows[:limit] if limit else rows
     labels = ["negative", "positive"]
-    predictions: dict[str, list[int]] = {"calibrated": [], "uncalibrated": []}
+    predictions: dict[str, list[int]] = {"answer": [], "uncalibrated": []}
     started = time.perf_counter()
     model = ""
+    calibrated = False
     for i in range(0, len(rows), batch):
         chunk = rows[i : i + batch]
         answer = _post(client, "/sentiment", {"texts": [t for t, _ in chunk], "labels": labels})
-        model = answer["model"]
+        model, calibrated = answer["model"], answer["calibrated"]
         for result in answer["results"]:
-            predictions["calibrated"].append(labels.index(result["label"]))
+            predictions["answer"].append(labels.index(result["label"]))
             raw = result["uncalibrated"]
             predictions["uncalibrated"].append(int(raw["positive"] > raw["negative"]))
+    # the server's answer is calibrated or not as its model family's default says (README: Tasks)
+    predictions = {f"answer ({'calibrated' if calibrated else 'uncalibrated'})": predictions["answer"],
+                   "uncalibrated": predictions["uncalibrated"]}  # fmt: skip
     elapsed = time.perf_counter() - started
     gold = [y for _, y in rows]
     numerics = client.get("/info").json().get("numerics")
     print(f"SST-2 ({data}, {len(rows)} sentences), model {model} ({numerics}), {elapsed:.1f}s "
           f"({len(rows) / elapsed:.1f} texts/s)")  # fmt: skip
-    print(f"{'scoring':14} {'accuracy':>8}   confusion (gold -> predicted)")
+    print(f"{'scoring':22} {'accuracy':>8}   confusion (gold -> predicted)")
     for name, preds in predictions.items():
         acc = sum(p == y for p, y in zip(preds, gold, strict=True)) / len(gold)
         conf = Counter(zip(gold, preds, strict=True))
         cells = "  ".join(f"{labels[g][:3]}->{labels[p][:3]}: {conf[(g, p)]}" for g in (0, 1) for p in (0, 1))
-        print(f"{name:14} {acc:8.1%}   {cells}")
+        print(f"{name:22} {acc:8.1%}   {cells}")
 
 
 def _batches(items: list, size: int) -> list[list]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import threading
 import time
@@ -15,6 +16,7 @@ import pytest
 import uvicorn
 
 from app.config import Settings
+from app.engine.memory import release_free_memory
 from app.main import create_app
 from app.models.loader import LoadedModel, load_model
 from app.models.store import OFFLINE_DEFAULT, TINY_GPT2, ModelStore
@@ -37,6 +39,16 @@ def _loaded(name: str, device: str = "cpu", dtype: str = "float32") -> LoadedMod
     # fp32: the reference path, token-exact against transformers (the faster modes: tests/models/test_numerics.py)
     settings = Settings(model=name, model_store=STORE, threads=2, dtype=dtype, device=device)  # type: ignore[arg-type]
     return load_model(settings)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _memory_back_after_each_module() -> Iterator[None]:
+    """Models a module loaded for itself (numeric modes, converted GGUFs, gemma) are garbage once it is done:
+    collect them and hand the heap back, or the session's RSS (13-17 GB with the shared fixtures) climbs
+    past the machine's 24 GB."""
+    yield
+    gc.collect()
+    release_free_memory()
 
 
 @pytest.fixture(scope="session")
@@ -104,6 +116,18 @@ def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) ->
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """TEXTGEN_TEST_PROCESS=shared | own: `make test` runs the tests marked own_process (they load models of
+    their own: numeric modes, converted GGUFs, gemma) in a second pytest process, so that neither process
+    holds every model at once (one process peaked at 24.2 GB RSS on this 24 GB machine). Unset: all of them."""
+    which = os.environ.get("TEXTGEN_TEST_PROCESS")
+    if which not in ("shared", "own"):
+        return
+    keep = [item for item in items if (item.get_closest_marker("own_process") is not None) == (which == "own")]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -134,7 +134,8 @@ class SentimentRequest(StrictModel):
     )
     labels: list[str] = Field(default=["negative", "positive"], min_length=2, max_length=20,
                               description="Candidate labels (each may be several tokens).")  # fmt: skip
-    calibrate: bool = Field(default=True, description="Contextual calibration against content-free inputs.")
+    calibrate: bool | None = Field(default=None, description="Contextual calibration against content-free inputs. "
+                                   "Unset: what cross-validation chose for the model's family (README: Tasks).")
 
     def items(self, limit: int) -> list[str]:
         return _texts(self.text, self.texts, limit)

@@ -69,10 +69,11 @@ async def classify(body: SentimentRequest, request: Request, engine: EngineDep, 
     texts = _items(body, request)
     labels = tuple(body.labels)
     per_text = await engine.on_input(_sentiment_prompts, engine.tokenizer, texts, labels)
-    priors = await _priors(request, engine, labels) if body.calibrate else None
+    calibrate = body.calibrate if body.calibrate is not None else sentiment.CALIBRATE[family_of(engine.tokenizer)]
+    priors = await _priors(request, engine, labels) if calibrate else None
     flat = [p for prompts in per_text for p in prompts]
     done = await run_all(request, engine, [ScoreRequest(p.ids, p.continuations) for p in flat])
-    if done is None or (body.calibrate and priors is None):
+    if done is None or (calibrate and priors is None):
         return Response(status_code=499)
     n = len(per_text[0])
     results = []

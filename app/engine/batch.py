@@ -43,6 +43,10 @@ class Batch:
         # the model's decode written out without transformers' plumbing (same results), where there is one
         self.step = decode_step.for_model(model)
         self.cache_kw = cache_keyword(model)
+        # models whose layers mix full and sliding-window attention (Gemma 3): the decode mask differs by layer
+        config = model.config
+        mixed = "sliding_attention" in (getattr(config, "layer_types", None) or ())
+        self.sliding_window: int | None = getattr(config, "sliding_window", None) if mixed else None
 
     def kv_example(self) -> PrefillKV:
         """The K/V of a one-token forward: per layer (1, H, 1, D), what caches shape their buffers on."""
@@ -159,7 +163,10 @@ class Batch:
         if self.step is not None:
             logits: torch.Tensor = self.step(last, kv_len, view)  # (B, V)
         else:
-            mask = view.window_index()[2]  # (B, 1, 1, W)
+            full = view.window_index()[2]  # (B, 1, 1, W)
+            mask: torch.Tensor | dict[str, torch.Tensor] = full
+            if self.sliding_window is not None:  # a mask per kind of layer, as transformers' generate passes them
+                mask = {"full_attention": full, "sliding_attention": view.sliding_mask(self.sliding_window)}
             out = self.model(input_ids=last[:, None], attention_mask=mask, position_ids=kv_len[:, None],
                              **{self.cache_kw: view.as_cache()}, use_cache=True, logits_to_keep=1)  # fmt: skip
             logits = out.logits[:, -1, :]

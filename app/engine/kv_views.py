@@ -31,6 +31,7 @@ class DecodeView:
         self.plan = ragged_attention.Plan(self.starts, self.lengths) if cache.kernel else None
         self._slots: tuple[torch.Tensor, torch.Tensor] | None = None
         self._window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._distance: torch.Tensor | None = None  # (B, W): how far back each window column is
 
     def _new_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Block and slot (B,) each row's new token goes to (the torch paths; the kernel has its own)."""
@@ -65,7 +66,16 @@ class DecodeView:
             dtype = self.cache.keys[0].dtype
             mask = torch.where(real, torch.zeros((), dtype=dtype, device=device), torch.finfo(dtype).min)
             self._window = blk, pos % BLOCK, mask[:, None, None, :]
+            self._distance = torch.where(real, lengths.unsqueeze(1) - 1 - pos, width)  # (B, W): back from the new token
         return self._window
+
+    def sliding_mask(self, window: int) -> torch.Tensor:
+        """`window_index`'s mask for the layers that attend within a sliding window (Gemma's): each row's new
+        token sees its last `window` tokens, itself included, as transformers' sliding window does."""
+        mask = self.window_index()[2]  # (B, 1, 1, W)
+        assert self._distance is not None
+        far = (self._distance >= window)[:, None, None, :]  # (B, 1, 1, W)
+        return mask.masked_fill(far, torch.finfo(mask.dtype).min)
 
     def window(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's tokens gathered into right-aligned padded windows, (B, H, W, D)."""

@@ -13,7 +13,7 @@ import torch
 from app.config import Settings
 from app.models import numerics
 from app.models.attention import use_decode_attention
-from app.models.store import Located, ModelStore, StoreError
+from app.models.store import Located, ModelStore, StoreError, display_name
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def _load(settings: Settings) -> LoadedModel:
     # the CPU fast paths go together: `pack_weights=False` gives the stock model (baselines, references)
     fast_attention = settings.pack_weights and use_decode_attention(model)
     info = ModelInfo(
-        name=name,
+        name=display_name(name),
         source=located.source,
         path=str(located.path),
         architecture=type(model).__name__,

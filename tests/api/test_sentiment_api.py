@@ -36,8 +36,8 @@ def test_scores_match_transformers_and_calibration(tiny_server: LiveServer, tiny
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == "tiny-gpt2" and body["calibrated"] is True and len(body["results"]) == len(TEXTS)
-    # a base model: the plain prompt, plus the few-shot one for the usual label pair
-    assert body["prompts"] == (["plain", "few-shot"] if labels == ("negative", "positive") else ["plain"])
+    # a base model: the few-shot prompt cross-validation chose for the usual label pair, else the plain one
+    assert body["prompts"] == (["few-shot-b"] if labels == ("negative", "positive") else ["plain"])
     free = [direct(tiny, t, labels) for t in sentiment.CONTENT_FREE]
     priors = [sentiment.mean_distribution([f[k][1] for f in free]) for k in range(len(body["prompts"]))]
     for text, result in zip(TEXTS, body["results"], strict=True):

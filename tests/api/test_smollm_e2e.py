@@ -57,7 +57,8 @@ def test_smollm_task_endpoints_use_chat_prompts_and_answer_sensibly(smollm: Load
         r = httpx.post(f"{server.url}/sentiment", json={"texts": texts}, timeout=120)
         assert r.status_code == 200, r.text
         body = r.json()
-        assert body["prompts"] == ["instruction", "few-shot", "few-shot-list"]
+        assert body["prompts"] == ["instruction", "few-shot-a", "few-shot-list-a", "few-shot-b"]
+        assert body["calibrated"] is False  # what cross-validation chose for chat models
         assert [res["label"] for res in body["results"]] == ["positive", "negative"]
         for text, res in zip(texts, body["results"], strict=True):
             assert sum(res["scores"].values()) == pytest.approx(1.0, abs=1e-9)

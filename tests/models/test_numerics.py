@@ -21,7 +21,8 @@ from app.models.store import OFFLINE_DEFAULT, TINY_GPT2
 from tests.conftest import STORE, live_server
 from tests.engine.helpers import PROMPTS, make_engine, run_request
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+pytestmark = [pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN"),
+              pytest.mark.own_process]
 CPU = torch.device("cpu")
 ZEN4 = {"avx2", "avx512_f", "avx512_vnni", "avx512_bf16"}
 HAS_FAST = numerics._has(numerics.cpu_features(), numerics.INT8_FEATURES) and numerics._has(
