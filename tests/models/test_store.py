@@ -113,3 +113,24 @@ def test_serve_exits_with_a_message_when_no_model_can_be_loaded(tmp_path: Path) 
     assert result.returncode == 2
     assert "textgen serve: cannot reach the Hugging Face Hub to download 'nobody/nothing'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_models_lists_each_models_licence(store_copy: ModelStore) -> None:
+    manifest = json.loads((store_copy.path(TINY_GPT2) / MANIFEST).read_text())
+    manifest["licence"] = "MIT (test)"
+    (store_copy.path(TINY_GPT2) / MANIFEST).write_text(json.dumps(manifest))
+    env = {**os.environ, "TEXTGEN_MODEL_STORE": str(store_copy.root)}
+    out = subprocess.run([sys.executable, "-m", "app.cli", "models"], env=env, capture_output=True, text=True,
+                         timeout=120).stdout  # fmt: skip
+    assert "tiny-gpt2" in out and "licence: MIT (test)" in out
+    assert "gemma-3-270m (Gemma Terms of Use (GEMMA_TERMS.html))" in out  # not pulled here: offered, with its terms
+
+
+def test_a_hub_id_or_builtin_name_is_never_a_local_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.models.store import local_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpt2").mkdir()  # a folder that happens to share a hub id's name
+    (tmp_path / TINY_GPT2).mkdir()
+    assert local_path("gpt2") is None and local_path(TINY_GPT2) is None
+    assert local_path("./gpt2") == Path("gpt2") and local_path("model.gguf") == Path("model.gguf")
