@@ -91,17 +91,21 @@ def build(tokenizer: Any, family: Family, text: str, labels: tuple[str, ...],
     family's ENSEMBLE (NO_DEMOS for labels the demonstrations do not use)."""
     if names is None:
         names = ENSEMBLE[family] if _demos(labels) else NO_DEMOS[family]
-    return [p for p in candidates(tokenizer, family, text, labels) if p.name in names]
+    return candidates(tokenizer, family, text, labels, names)
 
 
-def candidates(tokenizer: Any, family: Family, text: str, labels: tuple[str, ...]) -> list[Prompt]:
-    """Every prompt this module can ask with, for this model family.
+def candidates(tokenizer: Any, family: Family, text: str, labels: tuple[str, ...],
+               names: tuple[str, ...] | None = None) -> list[Prompt]:  # fmt: skip
+    """Every prompt this module can ask with, for this model family (only those in `names`, when given:
+    each is tokenized on the request path, so the others are not built at all).
 
     Every prompt ends with the text, so the part before it is the same for all texts and the engine's
     prefix cache computes it once.
     """
     demos = _demos(labels)
     orders = {k: [demos[i] for i in order] for k, order in ORDERS.items()} if demos else {}
+    if names is not None:  # an order is built when a prompt in it is wanted
+        orders = {k: v for k, v in orders.items() if any(n.endswith(f"-{k}") for n in names)}
     prompts = []
     if family == "chat":
         user = _question(text, labels)
@@ -131,7 +135,7 @@ def candidates(tokenizer: Any, family: Family, text: str, labels: tuple[str, ...
             shots = "".join(f"Text: {demo}\nSentiment: {label}\n\n" for demo, label in shown)
             prompts.append(Prompt(f"few-shot-{key}", base_prompt_ids(tokenizer, shots + plain),
                                   _tokens(tokenizer, labels, " ")))  # fmt: skip
-    return prompts
+    return prompts if names is None else [p for p in prompts if p.name in names]
 
 
 def softmax(logprobs: list[float]) -> list[float]:
