@@ -153,23 +153,84 @@ def eval_perplexity(client: httpx.Client, data: Path, limit: int | None, window:
         print(f"relative difference: {abs(api.value - ref.value) / ref.value:.2e}")
 
 
+REPORT_DATA = {"sentiment": "sst2/dev.tsv", "translate": "translation/ntrex_dev.tsv",
+               "summarize": "summarization/frank_validation.jsonl"}  # fmt: skip
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Per model, in-process: each task's prompts chosen by cross-validation on the dev files (app/tasks/choose.py),
+    then one table of the cross-validated figures with their baselines."""
+    from app.models.store import StoreError
+    from app.tasks import choose
+
+    root = args.data or Path("../shared/data")
+    data = {task: root / rel for task, rel in REPORT_DATA.items()}
+    missing = [str(p) for p in data.values() if not p.is_file()]
+    if missing:
+        raise SystemExit(f"--data: {root} lacks {', '.join(missing)} (the folder of ../shared/data/README.md)")
+    tasks = [t for t in args.tasks.split(",") if t]
+    for task in tasks:
+        if task not in REPORT_DATA:
+            raise SystemExit(f"--tasks: unknown task {task!r} (known: {', '.join(REPORT_DATA)})")
+    table: dict[str, dict[str, choose.Report]] = {}
+    for model in args.models.split(","):
+        print(f"== {model}", flush=True)
+        try:
+            table[model] = {r.task: r for r in choose.run(model, tasks, data, args)}
+        except StoreError as exc:
+            raise SystemExit(f"textgen eval report: {exc}") from None
+    print(f"\nCross-validated on the dev files ({args.folds} folds; each row scored by the prompt chosen without it); "
+          "baselines in brackets")  # fmt: skip
+    print(f"{'model':24} {'task':10} figures")
+    for model, reports in table.items():
+        for task, r in reports.items():
+            spread = f"  [folds {min(r.folds):.1f}-{max(r.folds):.1f}]" if r.folds else ""
+            if task == "sentiment":
+                cells = f"SST-2 accuracy {r.figures['accuracy']:.1f}%"
+            elif task == "translate":
+                cells = "  ".join(f"en->{t} BLEU {r.figures[f'en-{t} BLEU']:.1f} ({r.baselines[f'en-{t} BLEU']:.1f}) "
+                                  f"chrF {r.figures[f'en-{t} chrF']:.1f} ({r.baselines[f'en-{t} chrF']:.1f})"
+                                  for t in choose.TARGETS)  # fmt: skip
+            else:
+                cells = "  ".join(f"{subset} R1/R2/RL " + "/".join(f"{r.figures[f'{subset} ROUGE-{k}']:.1f}"
+                                                                  for k in "12L")
+                                  + " (" + "/".join(f"{r.baselines[f'{subset} ROUGE-{k}']:.1f}" for k in "12L") + ")"
+                                  for subset in dict.fromkeys(k.split()[0] for k in r.figures))  # fmt: skip
+            print(f"{model:24} {task:10} {cells}{spread}  chosen: {r.chosen}")
+    return 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("task", choices=["sentiment", "translate", "summarize", "perplexity"])
-    parser.add_argument("--data", type=Path, required=True, help="e.g. ../shared/data/sst2/dev.tsv")
+    parser.add_argument("task", choices=["sentiment", "translate", "summarize", "perplexity", "report"],
+                        help="report: every task, prompts cross-validated in-process, one table per --models")
+    parser.add_argument("--data", type=Path,
+                        help="e.g. ../shared/data/sst2/dev.tsv; report: the data folder (default ../shared/data)")
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="server to measure (without --modes)")
     parser.add_argument("--modes", default="",
                         help="start a server per numeric mode instead, one after the other, e.g. fp32,bf16,int8,int4 "
                         "(on --port, with --model)")  # fmt: skip
     parser.add_argument("--model", help="with --modes: the model (default: the server's default)")
     parser.add_argument("--port", type=int, default=8011, help="with --modes: port of the servers started")
-    parser.add_argument("--limit", type=int, help="first N examples only (translate: 200 by default)")
+    parser.add_argument("--limit", type=int,
+                        help="first N examples only (translate: 200 by default; report: 100 NTREX sentences)")
     parser.add_argument("--batch", type=int, default=32, help="texts per HTTP call")
     parser.add_argument("--window", type=int, default=1024, help="perplexity: tokens per window (no overlap)")
+    parser.add_argument("--models", default="smollm2-135m-instruct,gemma-3-270m", help="report: the models")
+    parser.add_argument("--tasks", default="sentiment,translate,summarize", help="report: the tasks")
+    parser.add_argument("--folds", type=int, default=5, help="report: cross-validation folds")
+    parser.add_argument("--seed", type=int, default=0, help="report: the folds' shuffle")
+    parser.add_argument("--max-size", type=int, default=4, help="report: most sentiment prompts in one ensemble")
+    parser.add_argument("--cache", type=Path, help="report: keep each model's scores and outputs here, and reuse "
+                        "them when present (choosing again then needs no generation)")  # fmt: skip
     parser.add_argument("--reference", action="store_true",
                         help="perplexity: also compute it directly with transformers on the same windows")  # fmt: skip
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    if args.task == "report":
+        return run_report(args)
+    if args.data is None:
+        raise SystemExit(f"textgen eval {args.task}: --data is required")
     if not args.modes:
         return _run_task(args, args.url)
     from app.bench.runner import MODES, engine_command, mode_env, serving

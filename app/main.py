@@ -22,7 +22,7 @@ from app.api.guards import ApiKeys, BodyLimit, Draining
 from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.limits import EngineLimits
-from app.engine.types import GenerationRequest, RequestFailed, SamplingParams, ScoreRequest
+from app.engine.types import Constraint, GenerationRequest, RequestFailed, SamplingParams, ScoreRequest
 from app.metrics import Metrics
 from app.models.loader import LoadedModel, load_model
 from app.models.store import StoreError
@@ -44,13 +44,17 @@ async def warm_up(engine: Engine) -> None:
     """Every kind of device work a request can do, once, so a path that is broken on this device (CUDA, a
     kernel, a dtype) fails at start-up instead of on the first client: a prompt long enough for the prefix
     cache, greedy with log-probabilities (it is stored); the same head again, sampled with every control (a
-    prefix-cache hit); and a scoring request (a hit too)."""
+    prefix-cache hit); a scoring request (a hit too); and a constrained one (the token masks)."""
     sampled = SamplingParams(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.1, seed=0)
-    for request in (
+    requests: list[GenerationRequest | ScoreRequest] = [
         GenerationRequest(prompt=WARM_UP_TEXT, max_new_tokens=4, ignore_eos=True, logprobs=2),
         GenerationRequest(prompt=WARM_UP_TEXT + " Then", max_new_tokens=4, ignore_eos=True, sampling=sampled),
         ScoreRequest(prompt=WARM_UP_TEXT, continuations=(" Yes", " No")),
-    ):
+    ]
+    if await engine.on_input(engine.grammars.prepare):  # builds the grammar library's view of the vocabulary
+        requests.append(GenerationRequest(prompt=WARM_UP_TEXT, max_new_tokens=4,
+                                          constraint=Constraint("choice", ["yes", "no"])))  # fmt: skip
+    for request in requests:
         stream = await engine.submit(request)
         async for event in stream:
             if isinstance(event, RequestFailed):

@@ -53,6 +53,11 @@ class Metrics:
         self.device_peak = Gauge("textgen_device_memory_peak_allocated_bytes",
                                  "Most bytes live tensors took on the CUDA device at once (0 on CPU)",
                                  registry=r)  # fmt: skip
+        self.mask_seconds = Gauge("textgen_constraint_mask_seconds",
+                                  "Seconds spent computing and applying constrained rows' token masks, since start",
+                                  registry=r)  # fmt: skip
+        self.mask_steps = Gauge("textgen_constraint_mask_steps", "Steps that had constrained rows, since start",
+                                registry=r)  # fmt: skip
 
         self.model = Info("textgen_model", "The served model and what runs its products", registry=r)
 
@@ -68,6 +73,8 @@ class Metrics:
         self.kv_capacity.set_function(lambda: engine.batch.cache.capacity_bytes())
         self.device_reserved.set_function(lambda: device_memory(engine.batch.device).reserved_bytes)
         self.device_peak.set_function(lambda: device_memory(engine.batch.device).peak_allocated_bytes)
+        self.mask_seconds.set_function(lambda: engine.runner.stats.constraint_mask_seconds)
+        self.mask_steps.set_function(lambda: engine.runner.stats.constraint_mask_steps)
 
     def http(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

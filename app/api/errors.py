@@ -69,8 +69,14 @@ def engine_error_response(request: Request, error: EngineError) -> JSONResponse:
     return _respond(request, error.kind, error.message, error.field, status_for(error), headers)
 
 
+# Discriminated unions put the member's tag in an error's location (constraint.regex.pattern): a client
+# wrote constraint.pattern.
+_TAGGED_UNIONS = {"constraint"}
+
+
 def _field(loc: tuple[Any, ...]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [p for i, p in enumerate(parts) if i == 0 or parts[i - 1] not in _TAGGED_UNIONS]
     return ".".join(parts) or None
 
 

@@ -51,6 +51,7 @@ def engine_request(body: GenerateRequest, request_id: str) -> GenerationRequest:
         num_return_sequences=body.num_return_sequences,
         ignore_eos=body.ignore_eos,
         request_id=request_id,
+        constraint=body.constraint.engine() if body.constraint else None,
     )
 
 
@@ -64,6 +65,7 @@ def build_response(body: GenerateRequest, request_id: str, model: str, result: C
             finish_reason=seq.finish_reason,  # type: ignore[arg-type]
             completion_tokens=len(seq.token_ids),
             seed=seq.seed,
+            constraint_complete=seq.constraint_complete,
         )
         for seq in sorted(result.sequences.values(), key=lambda s: s.index)
     ]

@@ -166,7 +166,7 @@ async def completions(
         GenerationRequest(
             prompt=p, max_new_tokens=body.max_tokens, sampling=body.sampling(), stop=body.stops(),
             num_return_sequences=body.n, request_id=f"{rid}-{i}", logprobs=body.logprobs,
-            prompt_logprobs=_prompt_logprobs(body),
+            prompt_logprobs=_prompt_logprobs(body), constraint=body.constraint(),
         )
         for i, p in enumerate(prompts)
     ]
@@ -245,7 +245,7 @@ async def chat(body: ChatRequest, request: Request, engine: EngineDep, info: Mod
     top = (body.top_logprobs or 0) if body.logprobs else None
     stream = await _submit(engine, GenerationRequest(
         prompt=ids, max_new_tokens=body.max_completion_tokens or body.max_tokens, sampling=body.sampling(),
-        stop=body.stops(), num_return_sequences=body.n, request_id=rid, logprobs=top,
+        stop=body.stops(), num_return_sequences=body.n, request_id=rid, logprobs=top, constraint=body.constraint(),
     ))  # fmt: skip
     pieces = TokenText(engine.tokenizer)
 

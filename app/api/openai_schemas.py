@@ -3,13 +3,41 @@ the routes build plain dicts, so streaming and non-streaming share one code path
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.api.schemas import Usage
 from app.engine.limits import MAX_TOP_LOGPROBS
-from app.engine.types import SamplingParams
+from app.engine.types import Constraint, SamplingParams
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the output always validates here: strict or not
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON valid against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a json_schema object ({"name": ..., "schema": {...}})')
+        return self
+
+    def constraint(self) -> Constraint | None:
+        if self.type == "text":
+            return None
+        schema = self.json_schema.json_schema if self.json_schema else None
+        if self.type == "json_object" or schema is None:
+            return Constraint("json_object", field="response_format")
+        return Constraint("json_schema", schema, field="response_format.json_schema.schema")
 
 
 class OpenAIFields(BaseModel):
@@ -31,6 +59,7 @@ class OpenAIFields(BaseModel):
     # not in OpenAI's API; vLLM and TGI accept them too
     top_k: int = Field(default=0, ge=0)
     repetition_penalty: float = Field(default=1.0, gt=0)
+    response_format: ResponseFormat | None = None
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -49,6 +78,9 @@ class OpenAIFields(BaseModel):
 
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def constraint(self) -> Constraint | None:
+        return self.response_format.constraint() if self.response_format else None
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(do_sample=self.temperature > 0, temperature=self.temperature, top_k=self.top_k,

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.engine.limits import EngineLimits, EngineStats
-from app.engine.types import RequestFinished
+from app.engine.types import Constraint, RequestFinished
 
 
 class StrictModel(BaseModel):
@@ -30,6 +30,42 @@ class SamplingFields(StrictModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Seed for reproducible sampling.")
 
 
+class JsonSchemaConstraint(StrictModel):
+    type: Literal["json_schema"]
+    json_schema: dict[str, Any] = Field(alias="schema", description="The JSON Schema the output must validate against.")
+
+    def engine(self) -> Constraint:
+        return Constraint("json_schema", self.json_schema, field="constraint.schema")
+
+
+class JsonObjectConstraint(StrictModel):
+    type: Literal["json_object"]
+
+    def engine(self) -> Constraint:
+        return Constraint("json_object", field="constraint")
+
+
+class RegexConstraint(StrictModel):
+    type: Literal["regex"]
+    pattern: str = Field(min_length=1, max_length=4096, description="Matched in full by the output.")
+
+    def engine(self) -> Constraint:
+        return Constraint("regex", self.pattern, field="constraint.pattern")
+
+
+class ChoiceConstraint(StrictModel):
+    type: Literal["choice"]
+    choices: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=1024,
+                                                               description="The output is exactly one of these.")
+
+    def engine(self) -> Constraint:
+        return Constraint("choice", list(self.choices), field="constraint.choices")
+
+
+ConstraintField = Annotated[JsonSchemaConstraint | JsonObjectConstraint | RegexConstraint | ChoiceConstraint,
+                            Field(discriminator="type")]  # fmt: skip
+
+
 class GenerateRequest(SamplingFields):
     prompt: str = Field(min_length=1, description="Text to continue.")
     max_length: int | None = Field(
@@ -40,6 +76,9 @@ class GenerateRequest(SamplingFields):
     return_full_text: bool = Field(default=False, description="Prepend the prompt to each generated text.")
     ignore_eos: bool = Field(default=False, description="Keep generating past the end-of-sequence token.")
     stream: bool = Field(default=False, description="Server-Sent Events: one event per text delta, then a final one.")
+    constraint: ConstraintField | None = Field(
+        default=None, description='The output must match: {"type": "json_schema", "schema": {...}}, {"type": '
+        '"json_object"}, {"type": "regex", "pattern": "..."} or {"type": "choice", "choices": [...]}.')
 
     @field_validator("stop")
     @classmethod
@@ -76,6 +115,9 @@ class Generation(BaseModel):
     finish_reason: Literal["length", "stop", "eos"]
     completion_tokens: int
     seed: int | None = Field(default=None, description="The seed this sequence was sampled with (None: greedy).")
+    constraint_complete: bool | None = Field(
+        default=None, description="With a constraint: whether the text is a complete match (false: it was cut "
+        "short, by max_new_tokens or a stop string, and may not parse). Without one: null.")
 
 
 class GenerateResponse(BaseModel):

@@ -172,10 +172,7 @@ async def summarize_texts(body: SummarizeRequest, request: Request, engine: Engi
     max_new = body.max_new_tokens or 128
     budget = min(engine.max_prompt_tokens, engine.context_length - max_new)
     prompts = await engine.on_input(_summary_prompts, engine.tokenizer, texts, budget)
-    # a base model's summary is its first line: after it, gemma-3-270m's TL;DR continuations repeat themselves
-    # (chat models write a paragraph, which may hold line breaks)
-    stops = ("\n",) if family_of(engine.tokenizer) == "base" else ("\n\n",)
-    done = await run_all(request, engine, [_generation(p.ids, body, max_new, stops) for p in prompts])
+    done = await run_all(request, engine, [_generation(p.ids, body, max_new, p.stop) for p in prompts])
     if done is None:
         return Response(status_code=499)
     seqs = [c.sequences[0] for c in done]

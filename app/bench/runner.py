@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -70,8 +71,18 @@ def one_stream_jobs(seed: int, new_tokens: int = 128) -> list[Job]:
     return [Job(j.prompt, new_tokens) for j in workload(3, seed + 1, (20, 40), (new_tokens, new_tokens))]
 
 
-async def _one(client: httpx.AsyncClient, job: Job, stream: bool) -> Result:
-    body = {"prompt": job.prompt, "max_new_tokens": job.max_new_tokens, "ignore_eos": True, "stream": stream}
+# --constrained: the same jobs, each answer held to this small schema (one free string: it runs as long as the
+# model writes it, up to max_new_tokens, as the unconstrained answers do)
+BENCH_SCHEMA = {"type": "object", "properties": {"topic": {"enum": ["news", "science", "sport", "other"]},
+                                                 "text": {"type": "string"}},
+                "required": ["topic", "text"], "additionalProperties": False}  # fmt: skip
+
+
+async def _one(client: httpx.AsyncClient, job: Job, stream: bool, constraint: dict[str, Any] | None = None) -> Result:
+    body: dict[str, Any] = {"prompt": job.prompt, "max_new_tokens": job.max_new_tokens, "ignore_eos": True,
+                            "stream": stream}  # fmt: skip
+    if constraint is not None:
+        body["constraint"] = constraint
     started = time.perf_counter()
     ttft = None
     tokens = 0
@@ -100,14 +111,15 @@ async def _one(client: httpx.AsyncClient, job: Job, stream: bool) -> Result:
     return Result(status == 200, status, ttft if ttft is not None else latency, latency, tokens)
 
 
-async def drive(url: str, jobs: list[Job], concurrency: int, stream: bool) -> tuple[list[Result], float]:
+async def drive(url: str, jobs: list[Job], concurrency: int, stream: bool,
+                constraint: dict[str, Any] | None = None) -> tuple[list[Result], float]:  # fmt: skip
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
 
         async def gated(job: Job) -> Result:
             async with gate:
-                return await _one(client, job, stream)
+                return await _one(client, job, stream, constraint)
 
         started = time.perf_counter()
         results = await asyncio.gather(*(gated(j) for j in jobs))
@@ -160,6 +172,10 @@ def print_engine_time(url: str, wall: float) -> None:
     print(f"engine time: decode {e['decode_seconds']:.1f} s, prefill {e['prefill_seconds']:.1f} s, "
           f"busy {e['busy_seconds']:.1f} s of {wall:.1f} s wall; {e['steps']} steps, "
           f"{e['prompt_tokens']} prompt tokens")  # fmt: skip
+
+
+def _engine_counters(url: str) -> dict[str, float]:
+    return dict(httpx.get(f"{url}/info", timeout=10).json()["engine"])
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -262,6 +278,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --compare: the sequential baseline runs only the first N requests (it serves one "
                         "at a time, so its rate does not depend on how many; a big load would take hours)")  # fmt: skip
     parser.add_argument("--json", metavar="PATH", help="also write the workload and the rows as JSON")
+    parser.add_argument("--constrained", action="store_true",
+                        help="with --compare: each engine also runs the same jobs held to a small JSON schema")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -291,6 +309,17 @@ def run_bench(args: argparse.Namespace) -> int:
                 rows.append(summarize(system, results, wall, peak_rss_mb(proc.pid), peak_gpu_mb(url)))
                 if engine:
                     print_engine_time(url, wall)
+                if args.constrained and engine:
+                    before = _engine_counters(url)
+                    held, held_wall = asyncio.run(drive(url, jobs, args.concurrency, stream=True,
+                                                        constraint={"type": "json_schema", "schema": BENCH_SCHEMA}))
+                    rows.append(summarize(f"{system} json-schema", held, held_wall, peak_rss_mb(proc.pid),
+                                          peak_gpu_mb(url)))  # fmt: skip
+                    after = _engine_counters(url)
+                    steps = after["constraint_mask_steps"] - before["constraint_mask_steps"]
+                    spent = after["constraint_mask_seconds"] - before["constraint_mask_seconds"]
+                    print(f"{system} json-schema: token masks {1000 * spent / max(steps, 1):.2f} ms per step over "
+                          f"{steps} steps ({100 * spent / held_wall:.1f}% of the wall time)")  # fmt: skip
                 if args.modes and engine:
                     one, one_wall = asyncio.run(drive(url, one_stream_jobs(args.seed), 1, stream=True))
                     rows.append(summarize(f"{system} 1-stream", one, one_wall, peak_rss_mb(proc.pid),
@@ -299,6 +328,10 @@ def run_bench(args: argparse.Namespace) -> int:
     print()
     print_table(rows)
     by = {str(r["system"]): float(r["tok/s"]) for r in rows}  # type: ignore[arg-type]
+    for name in by:  # a constrained row against the same engine's unconstrained one
+        if name.endswith(" json-schema") and by.get(name.removesuffix(" json-schema")):
+            print(f"{name} / {name.removesuffix(' json-schema')}: "
+                  f"{by[name] / by[name.removesuffix(' json-schema')]:.2f}x tokens/s")
     for name in by:  # each mode against fp32, the W1 rows and the one-stream rows apart
         ref = "engine fp32 1-stream" if name.endswith(" 1-stream") else "engine fp32"
         if name.startswith("engine ") and name != ref and by.get(ref):

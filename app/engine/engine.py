@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import torch
 
 from app.engine.batch import Batch
+from app.engine.constraints import Grammars
 from app.engine.errors import (
     EngineStopped,
     RequestTimeout,
@@ -62,8 +63,10 @@ class Engine:
         self.context_length = context_length
         self.device = next(model.parameters()).device
         # new requests are validated and tokenized on the input stage's thread, off the event loop
+        self.grammars = Grammars(tokenizer, int(model.config.vocab_size), eos_token_ids)  # constrained output
         self.input = Input(tokenizer, limits, context_length=context_length,
-                           vocab_size=int(model.config.vocab_size), device=self.device)  # fmt: skip
+                           vocab_size=int(model.config.vocab_size), device=self.device,
+                           grammars=self.grammars)  # fmt: skip
         self.max_prompt_tokens = self.input.max_prompt_tokens
         self.scheduler = Scheduler(
             limits.max_batch_size, limits.max_batch_tokens, limits.max_prefill_tokens, limits.max_queued_requests,
@@ -82,7 +85,7 @@ class Engine:
                              self.running)  # fmt: skip
         # the step's forward passes: decode, a chunk of a long prompt, the newly admitted prompts
         self.runner = Runner(self.batch, self.scheduler, self.prefix_cache, self.output, self._stats, limits,
-                             self.running)  # fmt: skip
+                             self.running, self.grammars)  # fmt: skip
         self.prefilling = self.runner.prefilling  # admitted prompts longer than a chunk, first in first out
         self._tokens_per_s = 0.0  # smoothed decode throughput, for Retry-After
         self.fatal: BaseException | None = None

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from app.engine.constraints import Grammars
 from app.engine.detokenize import IncrementalText
 from app.engine.errors import EngineStopped, InvalidRequest
 from app.engine.kv_cache import BLOCK, blocks_for
@@ -30,8 +31,9 @@ T = TypeVar("T")
 
 class Input:
     def __init__(self, tokenizer: Any, limits: EngineLimits, *, context_length: int, vocab_size: int,
-                 device: torch.device) -> None:  # fmt: skip
+                 device: torch.device, grammars: Grammars) -> None:  # fmt: skip
         self.tokenizer = tokenizer
+        self.grammars = grammars
         self.limits = limits
         self.context_length = context_length
         self.max_prompt_tokens = min(limits.max_prompt_tokens or context_length, context_length)
@@ -69,7 +71,13 @@ class Input:
                 f"max_batch_tokens is {self.limits.max_batch_tokens}",
                 field="prompt" if state.scoring else "max_new_tokens",
             )
+        grammar = None
+        if isinstance(request, GenerationRequest) and request.constraint is not None:
+            grammar = self.grammars.grammar(request.constraint)  # compiled once per distinct constraint
         state.sequences = [self._new_sequence(state, i) for i in range(state.rows)]
+        if grammar is not None:
+            for seq in state.sequences:
+                seq.guide = self.grammars.guide(grammar)
         return state
 
     def _new_state(self, request: GenerationRequest | ScoreRequest, prompt_ids: list[int], max_new: int,

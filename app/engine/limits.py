@@ -42,6 +42,8 @@ class EngineStats:
     decode_seconds: float = 0.0  # in the model's decode forward + sampling
     prefill_seconds: float = 0.0  # in the model's prefill forward + sampling
     busy_seconds: float = 0.0  # in steps, postprocessing included
+    constraint_mask_seconds: float = 0.0  # computing and applying constrained rows' token masks
+    constraint_mask_steps: int = 0  # decode steps (and first tokens) that had constrained rows
     batch_sizes: Counter[int] = field(default_factory=Counter)  # decode steps seen per batch size
     # CUDA only (0 on CPU, where host memory is /metrics' process_resident_memory_bytes): the caching
     # allocator's reserved bytes now, and the peak of allocated bytes since start

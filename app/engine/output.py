@@ -86,6 +86,8 @@ class Output:
         finish = None
         if token in self.eos_token_ids and not getattr(state.request, "ignore_eos", False):
             finish = "eos"
+        elif seq.guide is not None and (not seq.guide.accept(token) or seq.guide.complete):
+            finish = "stop"  # the grammar is complete (or, never under its mask, broken)
         elif len(seq.tokens) >= state.max_new_tokens:
             finish = "length"
         decoded = seq.detok.update(seq.tokens, final=finish is not None)
@@ -114,8 +116,9 @@ class Output:
             self.scheduler.release(state)
         seq.finish_reason = reason
         if announce:
+            complete = None if seq.guide is None else reason in ("stop", "eos") and seq.guide.accepting
             state.channel.put(SequenceFinished(seq.index, reason, seq.text.text, tuple(seq.tokens), seq.params.seed,
-                                               tuple(seq.logprobs)))  # fmt: skip
+                                               tuple(seq.logprobs), complete))  # fmt: skip
 
     def retire(self, state: RequestState, status: Status, error: EngineError | None = None) -> None:
         """The one way a request ends, finished, failed or cancelled: its unfinished sequences end ("aborted"), a

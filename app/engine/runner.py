@@ -16,6 +16,7 @@ from collections import deque
 import torch
 
 from app.engine.batch import Batch
+from app.engine.constraints import Grammars
 from app.engine.errors import StepFailed
 from app.engine.limits import EngineLimits, EngineStats
 from app.engine.logprobs import token_logprobs
@@ -31,8 +32,10 @@ log = logging.getLogger(__name__)
 
 class Runner:
     def __init__(self, batch: Batch, scheduler: Scheduler, prefix_cache: PrefixCache, output: Output,
-                 stats: EngineStats, limits: EngineLimits, running: dict[str, RequestState]) -> None:  # fmt: skip
+                 stats: EngineStats, limits: EngineLimits, running: dict[str, RequestState],
+                 grammars: Grammars) -> None:  # fmt: skip
         self.batch = batch
+        self.grammars = grammars
         self.scheduler = scheduler
         self.prefix_cache = prefix_cache
         self.output = output
@@ -53,7 +56,8 @@ class Runner:
         started = time.perf_counter()
         try:
             logits = self.batch.decode()  # (B, V)
-            tokens = sample(logits, [SampleRow(s.params, s.generator, s.seen) for s in seqs])
+            allowed = self._masked(logits, seqs)  # (B, V)
+            tokens = sample(allowed, [SampleRow(s.params, s.generator, s.seen) for s in seqs])
             scored = self._logprobs(seqs, logits, tokens)
             self._decode_step_seconds = time.perf_counter() - started
             self.stats.decode_seconds += self._decode_step_seconds
@@ -66,6 +70,17 @@ class Runner:
             self.output.contained(seq.request, self.output.accept, seq, token, logprob=scored.get(i))
         hand_off()
         return len(seqs)
+
+    def _masked(self, logits: torch.Tensor, seqs: list[SequenceState]) -> torch.Tensor:
+        """logits (R, V) with each constrained row's disallowed tokens at -inf (app/engine/constraints.py)."""
+        guides = [s.guide for s in seqs]
+        if all(g is None for g in guides):
+            return logits
+        started = time.perf_counter()
+        out = self.grammars.mask(logits, guides)
+        self.stats.constraint_mask_seconds += time.perf_counter() - started
+        self.stats.constraint_mask_steps += 1
+        return out
 
     @staticmethod
     def _logprobs(seqs: list[SequenceState], logits: torch.Tensor, tokens: list[int]) -> dict[int, TokenLogprob]:
@@ -149,7 +164,8 @@ class Runner:
             if seq.params.repetition_penalty != 1.0:
                 seq.seen = seen_mask(state.prompt_ids, logits.shape[-1], logits.device)
         shared = logits.unsqueeze(0).expand(len(seqs), -1)  # (n, V)
-        tokens = sample(shared, [SampleRow(s.params, s.generator, s.seen) for s in seqs]) if seqs else []
+        allowed = self._masked(shared, seqs)  # (n, V)
+        tokens = sample(allowed, [SampleRow(s.params, s.generator, s.seen) for s in seqs]) if seqs else []
         scored = self._logprobs(seqs, shared, tokens)
         return tokens, [scored.get(i) for i in range(len(seqs))]
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from app.engine.constraints import Guide
 from app.engine.detokenize import IncrementalText
 from app.engine.kv_cache import Segment
 from app.engine.stopping import StreamText
@@ -96,6 +97,7 @@ class SequenceState:
     last_token_at: float = 0.0  # monotonic time of the latest token, for inter-token latency
     # (V,) bool on the device, prompt + generated ids (sampling.seen_mask): only with a repetition penalty
     seen: torch.Tensor | None = None
+    guide: Guide | None = None  # its grammar's matcher, when the request is constrained
 
     @property
     def wants_logprobs(self) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from app.engine.errors import EngineError
 
@@ -21,6 +22,17 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """The output must match: a JSON Schema (`value`: the schema, a dict), any JSON object (`json_object`), a
+    regular expression (`value`: the pattern, matched in full), or one of some strings (`value`: a list).
+    `field`: the request field it came from, named in errors (the routes' names differ)."""
+
+    kind: Literal["json_schema", "json_object", "regex", "choice"]
+    value: Any = None
+    field: str = "constraint"
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,7 @@ class GenerationRequest:
     # with it, max_new_tokens=0 is allowed: the prompt is scored and nothing is generated.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    constraint: Constraint | None = None  # app/engine/constraints.py
 
 
 @dataclass(frozen=True)
@@ -99,6 +112,7 @@ class SequenceFinished:
     token_ids: tuple[int, ...]  # every generated token, the EOS or stop-making ones included
     seed: int | None
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when asked for
+    constraint_complete: bool | None = None  # constrained: the text is a full match; None: unconstrained
 
 
 @dataclass(frozen=True)

@@ -52,10 +52,20 @@ function body(form) {
   for (const el of form.elements) {
     if (!el.name || el.value === "") continue;
     if (el.type === "number") out[el.name] = Number(el.value);
+    else if (el.name === "constraint") out.constraint = { type: "json_schema", schema: jsonField(el) };
     else if (el.name === "stop" || el.name === "labels") out[el.name] = el.value.split(",").map((s) => s.trim()).filter(Boolean);
     else out[el.name] = el.value;
   }
   return out;
+}
+
+// A JSON text box: its value parsed, or an error that names the field (shown by the submit handler).
+function jsonField(el) {
+  try {
+    return JSON.parse(el.value);
+  } catch (err) {
+    throw { field: el.name, message: `${el.name}: not valid JSON (${err.message})` };
+  }
 }
 
 function clearErrors(form) {
@@ -111,9 +121,18 @@ genForm.addEventListener("submit", async (e) => {
   const started = performance.now();
   let firstAt = null;
   let tokens = 0;
+  let request;
+  try {
+    request = body(genForm);
+  } catch (error) {  // a box that is not JSON: said next to it, nothing sent
+    showError(genForm, error);
+    stats(genStats, []);
+    stopButton.disabled = true;
+    return;
+  }
   try {
     const response = await fetch("/generate", {
-      method: "POST", headers: headers(), body: JSON.stringify({ ...body(genForm), stream: true }),
+      method: "POST", headers: headers(), body: JSON.stringify({ ...request, stream: true }),
       signal: controller.signal,
     });
     if (!response.ok) { await failure(genForm, response); stats(genStats, []); return; }
@@ -142,7 +161,8 @@ genForm.addEventListener("submit", async (e) => {
           const n = event.usage.completion_tokens;
           const rate = firstAt !== null && elapsed > firstAt ? (n - 1) / (elapsed - firstAt) : 0;
           stats(genStats, [`model ${event.model}`, `${n} tokens`, `first token ${(firstAt ?? elapsed).toFixed(2)} s`,
-            `${rate.toFixed(1)} tokens/s`, `finish: ${event.generations[0].finish_reason}`]);
+            `${rate.toFixed(1)} tokens/s`, `finish: ${event.generations[0].finish_reason}`,
+            event.generations[0].constraint_complete === false ? "the JSON is incomplete (max_new_tokens)" : ""]);
         } else if (event.type === "error") {
           showError(genForm, event.error);
         }

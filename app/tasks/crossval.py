@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from app.tasks.sentiment import calibrate, mean_distribution, softmax
 
@@ -59,26 +60,49 @@ def accuracy(scored: Scored, config: Config, rows: Sequence[int]) -> float:
     return sum(p == scored.gold[i] for p, i in zip(preds, rows, strict=True)) / max(len(rows), 1)
 
 
+C = TypeVar("C")
+
+
+def best_by(candidates: Sequence[C], metric: Callable[[C, Sequence[int]], float], rows: Sequence[int],
+            tie: Callable[[C], float] = lambda c: 0.0) -> C:  # fmt: skip
+    """The candidate with the best `metric` on `rows`; ties go to the higher `tie`, then the earlier candidate."""
+    return max(candidates, key=lambda c: (round(metric(c, rows), 9), tie(c)))
+
+
 def choose(scored: Scored, candidates: Sequence[Config], rows: Sequence[int]) -> Config:
     """The best configuration on `rows`; ties go to the smaller ensemble, then to the earlier candidate."""
-    return max(candidates, key=lambda c: (round(accuracy(scored, c, rows), 9), -len(c.prompts)))
+    return best_by(candidates, lambda c, r: accuracy(scored, c, r), rows, tie=lambda c: -len(c.prompts))
 
 
 @dataclass(frozen=True)
-class Fold:
-    chosen: Config
-    train_accuracy: float
-    held_out_accuracy: float
+class Fold(Generic[C]):
+    chosen: C
+    train_score: float
+    held_out_score: float
     size: int
 
 
-def cross_validate(scored: Scored, candidates: Sequence[Config], k: int = 5, seed: int = 0) -> list[Fold]:
-    order = list(range(len(scored.gold)))
+def split(n: int, k: int, seed: int = 0) -> list[list[int]]:
+    """Row indices 0..n-1 shuffled (seeded) into k folds of near-equal size."""
+    order = list(range(n))
     random.Random(seed).shuffle(order)
-    folds = [order[f::k] for f in range(k)]
+    return [order[f::k] for f in range(k)]
+
+
+def cross_validate_by(candidates: Sequence[C], metric: Callable[[C, Sequence[int]], float], n: int, k: int = 5,
+                      seed: int = 0, tie: Callable[[C], float] = lambda c: 0.0) -> list[Fold[C]]:
+    """Per fold: the candidate with the best `metric` on the other folds' rows (ties: the higher `tie`, then
+    the earlier candidate), and its metric on the held-out fold's rows."""
+    folds = split(n, k, seed)
     out = []
     for f, held in enumerate(folds):
         train = [i for g, fold in enumerate(folds) if g != f for i in fold]
-        best = choose(scored, candidates, train)
-        out.append(Fold(best, accuracy(scored, best, train), accuracy(scored, best, held), len(held)))
+        best = best_by(candidates, metric, train, tie)
+        out.append(Fold(best, metric(best, train), metric(best, held), len(held)))
     return out
+
+
+def cross_validate(scored: Scored, candidates: Sequence[Config], k: int = 5, seed: int = 0) -> list[Fold[Config]]:
+    """Sentiment configurations by accuracy; ties go to the smaller ensemble (as `choose`)."""
+    return cross_validate_by(candidates, lambda c, rows: accuracy(scored, c, rows), len(scored.gold), k, seed,
+                             tie=lambda c: -len(c.prompts))  # fmt: skip

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 Family = Literal["base", "chat"]
@@ -12,10 +13,13 @@ def family_of(tokenizer: Any) -> Family:
     return "chat" if getattr(tokenizer, "chat_template", None) else "base"
 
 
-def chat_prompt_ids(tokenizer: Any, user: str) -> list[int]:
-    """The chat template around one user turn, ending where the assistant's reply begins."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                         add_generation_prompt=True)  # fmt: skip
+def chat_prompt_ids(tokenizer: Any, user: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
+    """The chat template around earlier (user, assistant) turns and one user turn, ending where the
+    assistant's reply begins."""
+    messages = [{"role": role, "content": content} for turn in history
+                for role, content in zip(("user", "assistant"), turn, strict=True)]  # fmt: skip
+    messages.append({"role": "user", "content": user})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 

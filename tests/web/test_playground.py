@@ -5,12 +5,14 @@ Screenshots go to artifacts/playground/ (CI keeps that folder).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
@@ -102,6 +104,26 @@ def test_invalid_temperature_shows_the_apis_message_next_to_the_field(page: Page
     expect(error).to_contain_text("temperature")
     expect(page.locator('#form-generate [name="temperature"]')).to_have_attribute("aria-invalid", "true")
     shot(page, "generate-error")
+
+
+def test_the_json_schema_box_holds_the_output_to_the_schema(page: Page) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                               "rank": {"enum": [1, 2, 3]}},
+              "required": ["city", "rank"], "additionalProperties": False}  # fmt: skip
+    page.fill('#form-generate [name="max_new_tokens"]', "60")
+    page.fill('#form-generate [name="constraint"]', json.dumps(schema))
+    page.click("#generate-run")
+    expect(page.locator("#generate-stats")).to_contain_text("finish: stop")
+    jsonschema.validate(json.loads(page.locator("#generate-output").text_content() or ""), schema)
+    shot(page, "generate-json-schema")
+    # a box that is not JSON is said next to it, before any request; a schema the server refuses, too
+    page.fill('#form-generate [name="constraint"]', '{"type": ')
+    page.click("#generate-run")
+    expect(page.locator("#form-generate-error-constraint")).to_contain_text("not valid JSON")
+    page.fill('#form-generate [name="constraint"]', '{"type": "nope"}')
+    page.click("#generate-run")
+    expect(page.locator("#form-generate-error-constraint")).to_contain_text("invalid JSON schema")
+    expect(page.locator('#form-generate [name="constraint"]')).to_have_attribute("aria-invalid", "true")
 
 
 def test_sentiment_probabilities_sum_to_one(page: Page) -> None:
