@@ -72,7 +72,8 @@ class Llguidance:
 
     def compile(self, kind: str, spec: Any) -> Any:
         M = self.ll.LLMatcher
-        grammar = {"json": lambda: M.grammar_from_json_schema(json.dumps(spec), defaults={"whitespace_flexible": False}),
+        options = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}  # as json.dumps
+        grammar = {"json": lambda: M.grammar_from_json_schema(json.dumps(spec), defaults=options),  # type: ignore[arg-type]
                    "regex": lambda: M.grammar_from_regex(spec),
                    "choice": lambda: M.grammar_from_regex("|".join(re.escape(c) for c in spec))}[kind]()  # fmt: skip
         is_error, messages = M.validate_grammar_with_warnings(grammar, self.tok)

@@ -62,7 +62,6 @@ class Grammars:
         self._tokenizer: Any = None
         self._lock = threading.Lock()
         self._compiled: OrderedDict[str, str] = OrderedDict()
-        self._executor: Any = None
         self._unavailable = ""  # why the library cannot read this tokenizer, once it was found so
 
     @property
@@ -83,7 +82,6 @@ class Grammars:
                 except Exception as exc:
                     self._unavailable = f"{type(exc).__name__}: {exc}"
                     raise
-                self._executor = llguidance.LLExecutor()
                 log.info("constrained output ready: llguidance %s over %d tokens in %.1fs",
                          getattr(llguidance, "__version__", ""), self.vocab_size, time.perf_counter() - started)
             return self._tokenizer
@@ -157,19 +155,17 @@ class Grammars:
 
     def mask(self, logits: torch.Tensor, guides: Sequence[Guide | None]) -> torch.Tensor:
         """logits (R, V) with each guided row's disallowed tokens at -inf (a new tensor; unguided rows as they
-        were). One mask computation for all guided rows (llguidance fills them in parallel), one copy to the
-        logits' device."""
+        were). Each guided row's mask from its own matcher, one copy to the logits' device."""
         rows = [i for i, g in enumerate(guides) if g is not None]
         if not rows:
             return logits
         import llguidance.torch as llt
 
         bits = llt.allocate_token_bitmask(len(rows), self.vocab_size)  # (G, ceil(V / 32)) int32
-        matchers = [(guides[i].matcher, j) for j, i in enumerate(rows)]  # type: ignore[union-attr]
-        if len(matchers) == 1:
-            llt.fill_next_token_bitmask(matchers[0][0], bits, 0)
-        else:
-            llt.fill_next_token_bitmask_par(self._executor, matchers, bits)
+        # one row after another: on 2 cores llguidance's parallel executor was slower at 32 rows (regex 6.8 vs
+        # 2.5 ms a step, choice 5.5 vs 1.9; scripts/grammar_libraries.py)
+        for j, i in enumerate(rows):
+            llt.fill_next_token_bitmask(guides[i].matcher, bits, j)  # type: ignore[union-attr]
         allowed = unpack(bits.to(logits.device), logits.shape[-1])  # (G, V) bool
         if len(rows) == logits.shape[0]:
             return logits.masked_fill(~allowed, float("-inf"))

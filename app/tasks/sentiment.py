@@ -11,8 +11,8 @@
   set, in three orders.
 - Which prompts, and whether to calibrate, was chosen per model family by 5-fold cross-validation on
   SST-2 dev (app/tasks/choose.py): chosen on four folds, scored on the fifth, rotated. SmolLM2-135M-Instruct
-  (chat): 83.7% cross-validated (folds 80.5-88.5%), four prompts uncalibrated; gemma-3-270m (base): 90.4%
-  (folds 85.1-95.4%), one few-shot prompt, calibrated. An earlier choice, made and checked on dev rows,
+  (chat): 83.7% cross-validated (folds 80.5-88.5%), four prompts uncalibrated; gemma-3-270m (base): 89.7%
+  (folds 85.1-92.0%), one few-shot prompt, calibrated. An earlier choice, made and checked on dev rows,
   gave 81.7% there and 76.6% on SST-2 rows the project had not seen.
 """
 

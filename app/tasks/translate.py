@@ -2,7 +2,8 @@
 style): a few-shot "English: ... / French: ..." pattern, as in the GPT-2 paper.
 
 Each family has a few candidate prompts (TEMPLATES); the one served (CHOSEN) was chosen by 5-fold
-cross-validation of chrF on NTREX dev (python -m app.tasks.choose --task translate; README "Tasks").
+cross-validation of chrF on NTREX dev (python -m app.tasks.choose --task translate; README "Tasks"):
+gemma-3-270m (base) chrF 31.7 en->fr / 28.5 en->de cross-validated, above copying the source (24.5 / 24.0).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ TEMPLATES: dict[Family, dict[str, Render]] = {
 }  # fmt: skip
 
 # The template served per family: chosen by cross-validation (module docstring).
-CHOSEN: dict[Family, str] = {"base": "everyday-3", "chat": "instruction-short"}
+CHOSEN: dict[Family, str] = {"base": "everyday-news-6", "chat": "instruction-short"}
 
 
 def prompt_ids(tokenizer: Any, family: Family, text: str, source: str, target: str,
