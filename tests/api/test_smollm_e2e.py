@@ -85,6 +85,7 @@ def test_smollm_task_endpoints_use_chat_prompts_and_answer_sensibly(smollm: Load
         assert "bridge" in body["summaries"][0].lower()
 
 
+@pytest.mark.own_process  # a third SmolLM2 server (its KV arena ~1.5 GB): the shared process was OOM-killed with it
 def test_smollm_chat_with_response_format_returns_valid_json(smollm: LoadedModel) -> None:
     """The official client, a real chat model, OpenAI's json_schema response format: every answer parses and
     validates; the same messages without it get free text."""
