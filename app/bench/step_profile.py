@@ -26,10 +26,12 @@ from app.engine import runner as runner_module
 from app.engine.engine import Engine
 from app.engine.types import GenerationRequest
 from app.main import engine_limits
+from app.models.group_quant import PROFILE_NAME as GROUP_PROFILE_NAME
 from app.models.loader import load_model
 from app.models.ragged_attention import PROFILE_NAME
 
-LINEAR_OPS = ("_linear_pointwise", "qlinear_pointwise", "_int_mm", "_weight_int4pack_mm", "aten::mm", "aten::addmm")
+LINEAR_OPS = ("_linear_pointwise", "qlinear_pointwise", "_int_mm", "_weight_int4pack_mm", "aten::mm", "aten::addmm",
+              GROUP_PROFILE_NAME)  # fmt: skip
 ATTENTION_OPS = ("aten::bmm", "aten::_softmax", PROFILE_NAME)  # the torch path's ops, the ragged C kernel
 
 

@@ -21,7 +21,7 @@ from app.engine.logprobs import prompt_logprobs
 from app.engine.prefix_cache import Hit, PrefillKV
 from app.engine.state import RequestState, SequenceState
 from app.engine.types import TokenLogprob
-from app.models import decode_step
+from app.models import decode_step, numerics
 from app.models.numerics import prompt_pass
 
 
@@ -37,7 +37,8 @@ class Batch:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         # the arena: the token budget (the scheduler charges each row whole blocks within it) and a token per row
-        self.cache = RaggedCache(model.config.num_hidden_layers, max_tokens, max_rows, kernel=kernel)
+        self.cache = RaggedCache(model.config.num_hidden_layers, max_tokens, max_rows, kernel=kernel,
+                                 kv_dtype=numerics.kv_cache_dtype(model))  # fmt: skip
         self.seqs: list[SequenceState] = []
         self.open: dict[int, tuple[RequestState, Segment]] = {}  # id(request) -> its prompt's segment, not joined
         # the model's decode written out without transformers' plumbing (same results), where there is one

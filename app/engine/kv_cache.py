@@ -85,7 +85,7 @@ class SegmentSpace:
 
 class RaggedCache:
     def __init__(self, num_layers: int, max_tokens: int | None, slack_tokens: int = 0,
-                 kernel: bool | None = None) -> None:  # fmt: skip
+                 kernel: bool | None = None, kv_dtype: torch.dtype | None = None) -> None:  # fmt: skip
         self.num_layers = num_layers
         # the arena holds max_tokens + slack_tokens tokens (the scheduler charges each row its reserved tokens
         # rounded up to a block, within max_tokens); None: no bound, it grows
@@ -93,6 +93,11 @@ class RaggedCache:
         self.use_kernel = kernel  # None: where it builds and the shape allows; False: always the torch path
         self.kernel: ragged_attention.Kernel | None = None
         self.transposed = False  # keys (H, NB, D, 16) for the kernel; else (H, NB, 16, D) like the values
+        # what the arena stores: `kv_dtype` (bf16: half the bytes a decode step reads) where the kernel runs,
+        # else the model's own K/V dtype, `compute`, which reads hand back
+        self.kv_dtype = kv_dtype
+        self.store: torch.dtype = torch.float32
+        self.compute: torch.dtype = torch.float32
         self.keys: list[torch.Tensor] = []  # per layer (H, NB, D, 16)
         self.values: list[torch.Tensor] = []  # per layer (H, NB, 16, D)
         self._flat: list[tuple[torch.Tensor, torch.Tensor]] = []  # the bounded arena the views live in
@@ -113,11 +118,15 @@ class RaggedCache:
             return
         k, v = like[0]
         heads, dim = k.shape[1], k.shape[3]
+        bf16 = self.kv_dtype == torch.bfloat16 and k.dtype == torch.float32
         if (self.use_kernel is not False and q_heads is not None and k.device.type == "cpu"
                 and k.dtype == torch.float32 and v.shape[3] == dim and not q_heads % heads):  # fmt: skip
-            self.kernel = ragged_attention.load(heads, q_heads // heads, dim)
+            self.kernel = ragged_attention.load(heads, q_heads // heads, dim, bf16=bf16)
         self.transposed = self.kernel is not None
-        self._layout = [(k.shape[1], k.shape[3], v.shape[3], k.new_zeros(()), v.new_zeros(())) for k, v in like]
+        self.compute = k.dtype
+        self.store = torch.bfloat16 if bf16 and self.kernel is not None else k.dtype
+        self._layout = [(k.shape[1], k.shape[3], v.shape[3], k.new_zeros((), dtype=self.store),
+                         v.new_zeros((), dtype=self.store)) for k, v in like]  # fmt: skip
         tokens = self.max_tokens if self.max_tokens is not None else 64 * BLOCK
         self._grow(tokens // BLOCK)
 
@@ -199,6 +208,7 @@ class RaggedCache:
         """Tokens [pos, pos + q) of `seg` from k, v (1, H, q, D)."""
         p = torch.arange(pos, pos + k.shape[2], device=k.device)  # (q,)
         blk, slot = seg.start + p // BLOCK, p % BLOCK
+        k, v = k.to(self.store), v.to(self.store)
         if self.transposed:
             self.keys[layer][:, blk, :, slot] = k[0].transpose(0, 1)  # (q, H, D)
         else:
@@ -215,8 +225,8 @@ class RaggedCache:
         if self.transposed:
             k = k.transpose(2, 3)
         heads, more = k.shape[0], 0 if extra is None else extra[0].shape[2]
-        keys = k.new_empty(1, heads, tokens + more, k.shape[3])
-        values = v.new_empty(1, heads, tokens + more, v.shape[3])
+        keys = k.new_empty(1, heads, tokens + more, k.shape[3], dtype=self.compute)
+        values = v.new_empty(1, heads, tokens + more, v.shape[3], dtype=self.compute)
         keys[0, :, :tokens] = k.reshape(heads, n * BLOCK, k.shape[3])[:, :tokens]
         values[0, :, :tokens] = v.reshape(heads, n * BLOCK, v.shape[3])[:, :tokens]
         if extra is not None:

@@ -45,6 +45,7 @@ class DecodeView:
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v (B, H, 1, D): each row's new token."""
         blk, slot = self._new_slots()
+        k, v = k.to(self.cache.store), v.to(self.cache.store)
         if self.cache.transposed:
             self.cache.keys[layer][:, blk, :, slot] = k[:, :, 0]  # (B, H, D)
         else:
@@ -63,7 +64,7 @@ class DecodeView:
             pos = pos.clamp(min=0)
             starts = torch.tensor(self.starts, device=device)  # (B,)
             blk = torch.where(real, starts.unsqueeze(1) + pos // BLOCK, 0)
-            dtype = self.cache.keys[0].dtype
+            dtype = self.cache.compute
             mask = torch.where(real, torch.zeros((), dtype=dtype, device=device), torch.finfo(dtype).min)
             self._window = blk, pos % BLOCK, mask[:, None, None, :]
             self._distance = torch.where(real, lengths.unsqueeze(1) - 1 - pos, width)  # (B, W): back from the new token
@@ -85,7 +86,7 @@ class DecodeView:
         else:
             keys = self.cache.keys[layer][:, blk, slot, :].transpose(0, 1)  # (H, B, W, D) -> (B, H, W, D)
         values = self.cache.values[layer][:, blk, slot, :].transpose(0, 1)  # (H, B, W, D) -> (B, H, W, D)
-        return keys, values
+        return keys.to(self.cache.compute), values.to(self.cache.compute)
 
     def attend(self, layer: int, module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: float) -> torch.Tensor:  # fmt: skip

@@ -24,8 +24,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from app.models import elementwise
 from app.models.attention import NAME
-from app.models.fusion import FusedMember
+from app.models.fusion import fused_product
+from app.models.int4 import Int4Linear
 
 
 class Attend(Protocol):
@@ -38,16 +40,6 @@ class Attend(Protocol):
 
 # (last token of each row (B,), its position (B,), the step's view of the KV cache) -> logits (B, V)
 Step = Callable[[torch.Tensor, torch.Tensor, Attend], torch.Tensor]
-
-
-def _fused(modules: list[nn.Module]) -> nn.Module | None:
-    """The one product that computes all of `modules`, in this order and nothing else; None if there is none."""
-    members: list[Any] = modules
-    if not all(isinstance(m, FusedMember) for m in members) or len({id(m.shared) for m in members}) != 1:
-        return None
-    whole = members[0].shared.bounds[-1] == sum(m.out_features for m in members)
-    in_order = [m.index for m in members] == list(range(len(members)))
-    return members[0].shared.kernel if whole and in_order else None
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -67,11 +59,18 @@ class LlamaStep:
         self.layers = []
         for layer in self.base.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
-            gate_up = _fused([mlp.gate_proj, mlp.up_proj])
+            qkv = fused_product([attn.q_proj, attn.k_proj, attn.v_proj])
+            gate_up = fused_product([mlp.gate_proj, mlp.up_proj])
             self.layers.append((layer, qkv, gate_up))
+        # the elementwise work in C where the model is in the int4 x int8 mode (not token-exact anyway) and
+        # every layer has its fused products
+        fast = any(isinstance(m, Int4Linear) and m.kernel is not None for m in model.modules())
+        fused = all(qkv is not None and gate_up is not None for _, qkv, gate_up in self.layers)
+        self.ops = elementwise.load() if fast and fused and config.hidden_act == "silu" else None
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: Attend) -> torch.Tensor:
+        if self.ops is not None:
+            return self._with_ops(self.ops, ids, positions, cache)
         rows, hq, hkv, d = ids.shape[0], self.q_heads, self.kv_heads, self.head_dim
         x = self.base.embed_tokens(ids[:, None])  # (B, 1, E)
         cos, sin = self.base.rotary_emb(x, positions[:, None])  # (B, 1, D) each
@@ -103,6 +102,28 @@ class LlamaStep:
             x = x + mlp.down_proj(m)
         logits: torch.Tensor = self.model.lm_head(self.base.norm(x))  # (B, 1, V)
         return logits[:, -1, :]
+
+
+    def _with_ops(self, ops: elementwise.Elementwise, ids: torch.Tensor, positions: torch.Tensor,
+                  cache: Attend) -> torch.Tensor:  # fmt: skip
+        """The same step with its norms, residual adds, rotary and SwiGLU in C: a dozen ops fewer per layer."""
+        rows, hq, hkv, d = ids.shape[0], self.q_heads, self.kv_heads, self.head_dim
+        x = self.base.embed_tokens(ids).float().contiguous()  # (B, E): the residual stream, updated in place
+        cos, sin = self.base.rotary_emb(x[:, None], positions[:, None])  # (B, 1, D) each
+        cos, sin = cos.reshape(rows, d).float().contiguous(), sin.reshape(rows, d).float().contiguous()
+        norms = [layer.input_layernorm for layer, _, _ in self.layers[1:]] + [self.base.norm]
+        first = self.layers[0][0].input_layernorm
+        h = ops.add_rms_norm(x, None, first.weight, first.variance_epsilon)  # (B, E)
+        for i, ((layer, qkv, gate_up), after) in enumerate(zip(self.layers, norms, strict=True)):
+            attn, post = layer.self_attn, layer.post_attention_layernorm
+            assert qkv is not None and gate_up is not None  # ops are only set up where every layer has both
+            q, k, v = ops.rope_split(qkv(h), cos, sin, hq, hkv, d)  # (B, Hq, D), (B, Hkv, D) x 2
+            a = cache.attend(i, attn, q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), attn.scaling)  # (B, 1, Hq, D)
+            h = ops.add_rms_norm(x, attn.o_proj(a.reshape(rows, hq * d)), post.weight, post.variance_epsilon)
+            m = ops.silu_mul(gate_up(h))  # (B, I)
+            h = ops.add_rms_norm(x, layer.mlp.down_proj(m), after.weight, after.variance_epsilon)
+        logits: torch.Tensor = self.model.lm_head(h)  # (B, V)
+        return logits
 
 
 class Gpt2Step:

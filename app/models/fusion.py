@@ -133,3 +133,13 @@ def fuse(model: nn.Module, groups: list[list[nn.Module]], make: KernelMaker) -> 
             setattr(parent, name, FusedMember(shared, i, w.shape[1], w.shape[0]))
             replaced += 1
     return replaced
+
+
+def fused_product(modules: list[nn.Module]) -> nn.Module | None:
+    """The one product that computes all of `modules`, in this order and nothing else; None if there is none."""
+    members: list[Any] = modules
+    if not all(isinstance(m, FusedMember) for m in members) or len({id(m.shared) for m in members}) != 1:
+        return None
+    whole = members[0].shared.bounds[-1] == sum(m.out_features for m in members)
+    in_order = [m.index for m in members] == list(range(len(members)))
+    return members[0].shared.kernel if whole and in_order else None

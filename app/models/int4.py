@@ -26,6 +26,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from app.models import group_quant
+from app.models.group_quant import Kernel
 from app.models.packing import PackedLinear
 
 GROUP = 32  # input channels per scale: GGUF's Q4_0 / Q4_1 block
@@ -89,14 +91,24 @@ def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
 
 
 class Int4Linear(nn.Module):
-    """y = x @ W.T + b with W in 4 bits per weight (groups of 32 input channels), x cast to bf16."""
+    """y = x @ W.T + b with W in 4 bits per weight (groups of 32 input channels).
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    With `kernel` (app/models/group_quant.py, where the CPU has AVX512-VNNI) every pass runs it: activations
+    to int8 per row and group, int32 sums. Without: PyTorch's int4 kernel on bf16 activations for decode
+    steps and a bf16 copy of the weights for prompt passes (see `prompt_pass`)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: Kernel | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape  # (N, K)
         q, scales_zeros, self.error = quantize_groups(weight)
         self.lossless = self.error < LOSSLESS_ERROR
-        # plain attributes: the packed tensor's layout is the kernel's own, not a weight to save or move
+        self.kernel = kernel
+        # plain attributes: the packed tensors' layouts are the kernels' own, not weights to save or move
+        if kernel is not None:
+            self.packed, self.scales_zeros = group_quant.pack4(q, scales_zeros)  # (N/16, K/32, 4, 16, 4), (.., 2, 16)
+            self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
+            self.wide: PackedLinear | None = None
+            return
         self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)  # (N, K / 2) uint8
         self.scales_zeros = scales_zeros  # (K / 32, N, 2) bf16
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
@@ -104,7 +116,13 @@ class Int4Linear(nn.Module):
         self.wide = PackedLinear(dequantize(q, scales_zeros), bias, dtype=torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
-        if in_prompt_pass():
+        if self.kernel is not None:
+            rows = x.reshape(-1, self.in_features)  # (M, K)
+            if rows.dtype != torch.float32 or not rows.is_contiguous():
+                rows = rows.float().contiguous()
+            y = self.kernel(rows, self.packed, self.scales_zeros, self.bias, self.out_features, 4)  # (M, N) fp32
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if in_prompt_pass() and self.wide is not None:
             wide: torch.Tensor = self.wide(x)
             return wide
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, K)
@@ -115,7 +133,8 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "lossless" if self.lossless else f"error {self.error:.2f} steps"
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{GROUP} ({kind})"
+        kernel = "w4a8 vnni" if self.kernel is not None else "torch int4"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{GROUP} ({kind}, {kernel})"
 
 
 def dequantize(q: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@
 | fp32 | fp32, prepacked for oneDNN (app/models/packing.py) | fp32 |
 | bf16 | bf16 weights, prepacked; inputs cast to bf16, outputs back to fp32 | fp32 |
 | int8 | int8 weights per output channel, activations per row, int32 sums, SmoothQuant (app/models/int8.py) | fp32 |
-| int4 | 4-bit weights, groups of 32 (GGUF Q4_1's layout); a bf16 copy for prompt passes (app/models/int4.py) | fp32 |
+| int4 | 4-bit weights, groups of 32 (GGUF Q4_1's layout) x int8 activations per group on AVX512-VNNI (our kernel, app/models/group_quant.py; output layer Q8_0); else PyTorch's int4 kernel with a bf16 copy for prompt passes (app/models/int4.py) | fp32; with our kernel K/V cached in bf16, norms / rotary / SwiGLU in C |
 
 Only the matrix products change: PyTorch's bf16 norms and attention are slower than fp32 on this CPU (a
 stock `model.to(bfloat16)` decode step is slower than fp32), and they are a small part of the work. In
@@ -28,8 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from app.models import elementwise, group_quant
 from app.models.calibration import calibration_ids, input_ranges, smoothing
 from app.models.fusion import as_linear, find_groups, fuse, linear_layers
+from app.models.group_quant import Int8GroupLinear
 from app.models.int4 import Int4Linear, is_four_bit, supports
 from app.models.int4 import prompt_pass as prompt_pass  # the engine marks prompt passes; the layers act on it
 from app.models.int8 import Int8Linear
@@ -64,6 +66,8 @@ class Numerics:
     # holds) also "int8"
     rest: str = "fp32"
     lossless_only: bool = False
+    # int4: its layers run app/models/group_quant.py's kernel (int8 activations, AVX512-VNNI), not PyTorch's
+    w4a8: bool = False
 
 
 def cpu_features(override: str | None = None) -> set[str]:
@@ -112,16 +116,28 @@ def choose(
             fallback = "this CPU has none of " + ", ".join(need[m] for m in order if m != "fp32") + "; running fp32"
         if mode == "int4":
             rest = usable_order[1]
-            return Numerics(_name("int4", rest), "int4", torch.float32, rest=rest, lossless_only=True)
+            w4a8 = group_quant.usable(features)
+            return Numerics(_name("int4", rest, w4a8), "int4", torch.float32, rest=rest, lossless_only=True,
+                            w4a8=w4a8)  # fmt: skip
     wide_bf16 = mode in ("int8", "int4") and usable["bf16"] and dtype != "float32"
     rest = "bf16" if wide_bf16 else "fp32"
-    return Numerics(_name(mode, rest), mode, torch.float32, fallback, rest=rest)
+    w4a8 = mode == "int4" and group_quant.usable(features)
+    return Numerics(_name(mode, rest, w4a8), mode, torch.float32, fallback, rest=rest, w4a8=w4a8)
 
 
-def _name(mode: str, rest: str) -> str:
-    """What /info shows for a mode; `rest`: what runs the layers int8 / int4 leave out."""
+def _name(mode: str, rest: str, w4a8: bool = False) -> str:
+    """What /info shows for a mode; `rest`: what runs the layers int8 / int4 leave out; `w4a8`: int4 layers
+    on the int4 x int8 kernel."""
     return {"fp32": "fp32-packed", "bf16": "bf16-packed", "int8": f"int8-w8a8-per-row+{rest}",
-            "int4": f"int4-w4-g32+{rest}"}[mode]  # fmt: skip
+            "int4": f"int4-{'w4a8' if w4a8 else 'w4'}-g32+{rest}"}[mode]  # fmt: skip
+
+
+def kv_cache_dtype(model: nn.Module) -> torch.dtype | None:
+    """What the KV cache should store for `model`: bf16 where its layers run the int4 x int8 kernel (a mode
+    that is not token-exact anyway; a decode step's attention reads every cached token of every row, and in
+    bf16 half the bytes), None (the model's own dtype) elsewhere."""
+    fast = any(isinstance(m, Int4Linear) and m.kernel is not None for m in model.modules())
+    return torch.bfloat16 if fast else None
 
 
 def keeps_int8(group: list[nn.Module], weight: torch.Tensor, output_layer: nn.Module | None) -> bool:
@@ -169,8 +185,12 @@ def apply(model: Any, tokenizer: Any, numerics: Numerics) -> Numerics:
         # Under auto only the layers whose weights are 4-bit already.
         takes_int4 = numerics.mode == "int4" and all(layer is not output_layer for layer in group)
         if takes_int4 and supports(weight) and (not numerics.lossless_only or is_four_bit(weight)):
-            int4.append(Int4Linear(weight, bias))
+            int4.append(Int4Linear(weight, bias, kernel=group_quant.load() if numerics.w4a8 else None))
             return int4[-1]
+        if numerics.w4a8 and any(layer is output_layer for layer in group) and group_quant.supports(weight):
+            kernel = group_quant.load()
+            assert kernel is not None  # w4a8 is set only where it loads
+            return Int8GroupLinear(weight, bias, kernel)  # Q8_0 x int8: half bf16's bytes at one row
         if with_int8 and keeps_int8(group, weight, output_layer):
             int8 += len(group)
             # members of a group read the same input, so they saw the same ranges
@@ -181,6 +201,8 @@ def apply(model: Any, tokenizer: Any, numerics: Numerics) -> Numerics:
         weight, bias = as_linear(layer)  # type: ignore[misc]
         setattr(parent, name, make([layer], weight, bias))
     fuse(model, groups, make)
+    if numerics.w4a8:  # norms and SwiGLU in C too: this mode is not token-exact anyway (app/models/elementwise.py)
+        elementwise.install(model)
     own_memory(model)
     ran = numerics
     if numerics.lossless_only and not int4:

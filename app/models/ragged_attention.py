@@ -7,90 +7,30 @@ fraction of the memory bandwidth; a loop of per-row matmuls costs more in calls 
 (kernels/ragged_decode.c) reads each row's real tokens once, split into jobs of up to CHUNK tokens over the
 engine's threads: `python -m app.models.ragged_attention` prints it against the torch path.
 
-Built on first use with the system C compiler (`cc -O3 -march=native`: the instruction set is the host's,
-checked by the compiler, never assumed), cached under ~/.cache/textgen/kernels by source, shape, compiler
-and CPU flags. OpenMP comes from the libgomp torch already loaded (same soname), so the kernel and torch
-share one thread pool. Without a compiler, or for shapes and dtypes it does not cover, `load` returns None
-and the cache uses its torch path (the same result to float rounding; tests compare the two).
+Built on first use for the CPU it runs on, with the model's shape as constants (app/models/kernel_build.py).
+Without a compiler, or for shapes and dtypes it does not cover, `load` returns None and the cache uses its
+torch path (the same result to float rounding; tests compare the two).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 import time
 from functools import cache
 from pathlib import Path
 
 import torch
 
+from app.models.kernel_build import build
+
 log = logging.getLogger(__name__)
 
 BLOCK = 16  # tokens per block: the kernel's vector of scores
 CHUNK = 256  # most tokens one job reads: a long row spreads over the threads
-SOURCE = Path(__file__).with_name("kernels") / "ragged_decode.c"
+SOURCE = "ragged_decode.c"
 PROFILE_NAME = "textgen::ragged_decode"
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "textgen" / "kernels"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-
-
-def _build(defines: dict[str, int]) -> Path | None:
-    compiler = _compiler()
-    if compiler is None:
-        return None
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    macros = [f"-D{k}={v}" for k, v in sorted(defines.items())]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, *macros, version, _cpu_flags()]).encode())
-    target = _cache_dir() / f"ragged_decode-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    for folder in (target.parent, Path(tempfile.gettempdir()) / "textgen-kernels"):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            # a private name, then one rename: two processes building at once never load half a file
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-            os.close(fd)
-            started = time.perf_counter()
-            done = subprocess.run([compiler, *FLAGS, *macros, str(SOURCE), "-o", tmp, "-lm"],
-                                  capture_output=True, text=True, timeout=120)  # fmt: skip
-            if done.returncode != 0:
-                os.unlink(tmp)
-                log.warning("the ragged attention kernel did not build (%s); using the torch path",
-                            done.stderr.strip().splitlines()[-1:] or done.returncode)  # fmt: skip
-                return None
-            final = folder / target.name
-            os.replace(tmp, final)
-            log.info("built the ragged attention kernel in %.1fs: %s", time.perf_counter() - started, final)
-            return final
-        except OSError:
-            continue
-    return None
 
 
 class Kernel:
@@ -110,11 +50,15 @@ class Kernel:
         v_new (B, H, D) contiguous, stored first at its position -> (B, Hq, D)."""
         out = torch.empty_like(q)
         pm, pl, pacc = plan.scratch(q.shape[1], q.shape[2])
-        with torch.profiler.record_function(PROFILE_NAME):  # what app/bench/step_profile counts as attention
-                self.fn(q.data_ptr(), scale, keys.data_ptr(), values.data_ptr(), keys.shape[1], k_new.data_ptr(),
-                    v_new.data_ptr(), plan.held.data_ptr(), plan.starts.data_ptr(),
-                    plan.rows, plan.jobs.data_ptr(), plan.njobs, plan.first.data_ptr(), pm.data_ptr(), pl.data_ptr(),
-                    pacc.data_ptr(), out.data_ptr(), torch.get_num_threads())  # fmt: skip
+        args = (q.data_ptr(), scale, keys.data_ptr(), values.data_ptr(), keys.shape[1], k_new.data_ptr(),
+                v_new.data_ptr(), plan.held.data_ptr(), plan.starts.data_ptr(), plan.rows, plan.jobs.data_ptr(),
+                plan.njobs, plan.first.data_ptr(), pm.data_ptr(), pl.data_ptr(), pacc.data_ptr(), out.data_ptr(),
+                torch.get_num_threads())  # fmt: skip
+        if torch._C._autograd._profiler_enabled():  # a named scope costs ~15 us: only under a profiler
+            with torch.profiler.record_function(PROFILE_NAME):  # what app/bench/step_profile counts as attention
+                self.fn(*args)
+        else:
+            self.fn(*args)
         return out
 
 
@@ -145,11 +89,14 @@ class Plan:
 
 
 @cache
-def load(kv_heads: int, group: int, head_dim: int) -> Kernel | None:
-    """The kernel for this attention shape, built if needed; None where it cannot run (then: the torch path)."""
+def load(kv_heads: int, group: int, head_dim: int, bf16: bool = False) -> Kernel | None:
+    """The kernel for this attention shape, built if needed; None where it cannot run (then: the torch path).
+    `bf16`: the cache stores keys and values in bf16 (the kernel widens them as it reads)."""
     if os.environ.get("TEXTGEN_RAGGED_KERNEL", "1") == "0" or head_dim % 16 or head_dim > 256:
         return None
-    path = _build({"H": kv_heads, "G": group, "D": head_dim, "CH": CHUNK})
+    defines = {"H": kv_heads, "G": group, "D": head_dim, "CH": CHUNK, "KV_BF16": int(bf16)}
+    path = build(SOURCE, "ragged attention kernel", defines,
+                 ("-ffast-math",))
     if path is None:
         return None
     try:

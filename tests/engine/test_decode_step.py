@@ -15,6 +15,8 @@ from app.engine.batch import Batch
 from app.models import numerics
 from app.models.attention import use_decode_attention
 from app.models.decode_step import Gpt2Step, LlamaStep, for_model
+from app.models.int4 import Int4Linear
+from app.models.int8 import Int8Linear
 from app.models.loader import LoadedModel, load_model
 from app.models.store import OFFLINE_DEFAULT, TINY_GPT2
 from tests.conftest import STORE
@@ -54,11 +56,15 @@ def _assert_same(model: Any, kind: type) -> None:
     assert isinstance(for_model(model), kind)
     prompts = [[t % model.config.vocab_size for t in p] for p in PROMPTS]
     forward = _decode(model, False, prompts)
+    # Modes that round activations to 8 bits turn float-rounding differences into a level now and then, and
+    # that carries through the layers: SmolLM2 int4 x int8 and int8 measured up to 3.4% of the largest logit.
+    eight_bit = any(isinstance(m, Int8Linear) or (isinstance(m, Int4Linear) and m.kernel is not None)
+                    for m in model.modules())  # fmt: skip
     for kernel in (False, True):
         for got, expected in zip(_decode(model, True, prompts, kernel=kernel, feed=forward), forward, strict=True):
             scale = expected.abs().max()
             bf16 = torch.equal(expected, expected.to(torch.bfloat16).to(expected.dtype))  # a bf16 output layer
-            tolerance = 3e-2 if bf16 else 1e-4  # bf16: a step of its rounding
+            tolerance = 6e-2 if eight_bit else 3e-2 if bf16 else 1e-4  # bf16: a step of its rounding
             assert (got - expected).abs().max() <= tolerance * scale
 
 

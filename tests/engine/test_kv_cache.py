@@ -79,13 +79,16 @@ def test_an_unbounded_cache_grows_and_keeps_what_rows_hold() -> None:
     assert torch.equal(got_k, k) and torch.equal(got_v, -k)
 
 
-@pytest.mark.parametrize("kernel", [False, True], ids=["torch", "kernel"])
+@pytest.mark.parametrize(("kernel", "kv_dtype"), [(False, None), (True, None), (True, torch.bfloat16)],
+                         ids=["torch", "kernel", "kernel-bf16"])  # fmt: skip
 @pytest.mark.parametrize(("heads", "group", "dim"), [(3, 3, 64), (2, 1, 32)])
-def test_decode_attention_equals_plain_attention_per_row(kernel: bool, heads: int, group: int, dim: int) -> None:
-    """Rows of 1 to 600 tokens (a long one spans jobs of the kernel), each attending to its own tokens only."""
+def test_decode_attention_equals_plain_attention_per_row(kernel: bool, kv_dtype: torch.dtype | None, heads: int,
+                                                         group: int, dim: int) -> None:  # fmt: skip
+    """Rows of 1 to 600 tokens (a long one spans jobs of the kernel), each attending to its own tokens only;
+    a bf16 cache attends over the bf16-rounded keys and values, new tokens included (widened exactly)."""
     torch.manual_seed(0)
     lengths = [5, 17, 600, 0, 255]
-    cache = RaggedCache(num_layers=1, max_tokens=2048, kernel=kernel)
+    cache = RaggedCache(num_layers=1, max_tokens=2048, kernel=kernel, kv_dtype=kv_dtype)
     cache.allocate(like(heads, dim, 1), q_heads=heads * group)
     if not kernel:
         assert cache.kernel is None and not cache.transposed
@@ -96,15 +99,37 @@ def test_decode_attention_equals_plain_attention_per_row(kernel: bool, heads: in
     q = torch.randn(len(lengths), heads * group, 1, dim)
     new_k, new_v = torch.randn(len(lengths), heads, 1, dim), torch.randn(len(lengths), heads, 1, dim)
     out = DecodeView(cache, segs, lengths).attend(0, nn.Module(), q, new_k, new_v, dim**-0.5)  # (B, 1, Hq, D)
+    stored = cache.store  # what the arena holds: bf16 where asked and the kernel runs
+
+    def held(t: torch.Tensor) -> torch.Tensor:
+        return t.to(stored).float()
+
     for row, (k, v) in enumerate(kv):
-        keys = torch.cat([k[0], new_k[row]], dim=1)  # (H, n + 1, D)
-        values = torch.cat([v[0], new_v[row]], dim=1)
+        keys = held(torch.cat([k[0], new_k[row]], dim=1))  # (H, n + 1, D)
+        values = held(torch.cat([v[0], new_v[row]], dim=1))
         qr = q[row, :, 0].view(heads, group, dim)
         expected = (torch.softmax(qr @ keys.transpose(-1, -2) * dim**-0.5, -1) @ values).reshape(heads * group, dim)
         assert torch.allclose(out[row, 0], expected, atol=1e-5)
     # the new token was stored where the next step reads it
     for seg, n, row in zip(segs, lengths, range(len(lengths)), strict=True):
-        assert torch.equal(cache.read(0, seg, n + 1)[0][0, :, n], new_k[row, :, 0])
+        assert torch.equal(cache.read(0, seg, n + 1)[0][0, :, n], held(new_k[row, :, 0]))
+
+
+def test_a_bf16_cache_holds_half_the_bytes_and_reads_back_fp32() -> None:
+    """The fast modes' cache stores K/V in bf16 where the kernel runs; reads hand back fp32 (the rounded values)."""
+    cache = RaggedCache(num_layers=1, max_tokens=2048, kv_dtype=torch.bfloat16)
+    cache.allocate(like(3, 64, 1), q_heads=9)
+    plain = RaggedCache(num_layers=1, max_tokens=2048)
+    plain.allocate(like(3, 64, 1), q_heads=9)
+    if cache.kernel is None:
+        pytest.skip("no kernel here: the cache keeps the model's dtype")
+    assert cache.store == torch.bfloat16 and cache.keys[0].dtype == torch.bfloat16
+    assert 2 * cache.capacity_bytes() == plain.capacity_bytes()
+    seg, k = cache.hold(40), torch.randn(1, 3, 40, 64)
+    cache.write(0, seg, 0, k, -k)
+    back_k, back_v = cache.read(0, seg, 40)
+    rounded = k.to(torch.bfloat16).float()
+    assert back_k.dtype == torch.float32 and torch.equal(back_k, rounded) and torch.equal(back_v, -rounded)
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")

@@ -21,20 +21,41 @@ typedef float v16 __attribute__((vector_size(64)));  /* whatever vector width -m
 static inline v16 load16(const float* p) { v16 x; __builtin_memcpy(&x, p, sizeof x); return x; }
 static inline void store16(float* p, v16 x) { __builtin_memcpy(p, &x, sizeof x); }
 
-static void job(const float* restrict q, float scale, const float* restrict K, const float* restrict V, int nbt,
+/* KV_BF16: the cache holds keys and values in bf16 (half the bytes a step reads; the fast modes), widened to
+   fp32 as they are loaded (exact), the new token rounded to nearest even as it is stored. */
+#if KV_BF16
+typedef uint16_t kv_t;
+typedef uint16_t h16 __attribute__((vector_size(32)));
+typedef uint32_t w16 __attribute__((vector_size(64)));
+static inline v16 loadkv(const kv_t* p) {
+  h16 h; __builtin_memcpy(&h, p, sizeof h);
+  w16 w = __builtin_convertvector(h, w16) << 16;
+  return (v16)w;
+}
+static inline kv_t tokv(float x) {
+  uint32_t u; __builtin_memcpy(&u, &x, sizeof u);
+  return (kv_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+#else
+typedef float kv_t;
+static inline v16 loadkv(const kv_t* p) { return load16(p); }
+static inline kv_t tokv(float x) { return x; }
+#endif
+
+static void job(const float* restrict q, float scale, const kv_t* restrict K, const kv_t* restrict V, int nbt,
                 int start, int t0, int t1, float* restrict pm, float* restrict pl, float* restrict pacc) {
   const int n = t1 - t0, nb = (n + BS - 1) / BS, b0 = start + t0 / BS;
   for (int h = 0; h < H; h++) {
     float qs[G][D];
     for (int g = 0; g < G; g++) for (int i = 0; i < D; i++) qs[g][i] = q[(h * G + g) * D + i] * scale;
     v16 s[G][CH / BS];
-    const float* kh = K + ((size_t)h * nbt + b0) * D * BS;
+    const kv_t* kh = K + ((size_t)h * nbt + b0) * D * BS;
     for (int b = 0; b < nb; b++) {
-      const float* kb = kh + (size_t)b * D * BS;
+      const kv_t* kb = kh + (size_t)b * D * BS;
       v16 a[G];
       for (int g = 0; g < G; g++) a[g] = (v16){0};
       for (int i = 0; i < D; i++) {
-        const v16 row = load16(kb + i * BS);  /* key dim i of 16 tokens */
+        const v16 row = loadkv(kb + i * BS);  /* key dim i of 16 tokens */
         for (int g = 0; g < G; g++) a[g] += qs[g][i] * row;
       }
       for (int g = 0; g < G; g++) s[g][b] = a[g];
@@ -49,11 +70,11 @@ static void job(const float* restrict q, float scale, const float* restrict K, c
     }
     v16 o[G][D / 16];
     for (int g = 0; g < G; g++) for (int c = 0; c < D / 16; c++) o[g][c] = (v16){0};
-    const float* vh = V + ((size_t)h * nbt + b0) * BS * D;
+    const kv_t* vh = V + ((size_t)h * nbt + b0) * BS * D;
     for (int t = 0; t < n; t++) {
-      const float* vt = vh + (size_t)t * D;
+      const kv_t* vt = vh + (size_t)t * D;
       for (int c = 0; c < D / 16; c++) {
-        const v16 row = load16(vt + c * 16);
+        const v16 row = loadkv(vt + c * 16);
         for (int g = 0; g < G; g++) o[g][c] += ((const float*)s[g])[t] * row;
       }
     }
@@ -65,7 +86,7 @@ static void job(const float* restrict q, float scale, const float* restrict K, c
    first (rows, the token it attends with); starts, held (rows,); jobs (njobs, 3): row, t0, t1, a row's jobs
    consecutive and in order, first (rows + 1,): row r's jobs are [first[r], first[r + 1]); pm, pl (njobs, H*G),
    pacc (njobs, H*G, D) scratch; out (rows, H*G, D). */
-void ragged_decode(const float* restrict q, float scale, float* restrict K, float* restrict V, int nbt,
+void ragged_decode(const float* restrict q, float scale, kv_t* restrict K, kv_t* restrict V, int nbt,
                    const float* restrict k_new, const float* restrict v_new, const int32_t* restrict held,
                    const int32_t* restrict starts, int rows, const int32_t* restrict jobs, int njobs,
                    const int32_t* restrict first, float* restrict pm, float* restrict pl, float* restrict pacc,
@@ -75,9 +96,9 @@ void ragged_decode(const float* restrict q, float scale, float* restrict K, floa
     for (int h = 0; h < H; h++) {
       const float* kn = k_new + ((size_t)r * H + h) * D;
       const float* vn = v_new + ((size_t)r * H + h) * D;
-      float* kb = K + ((size_t)h * nbt + blk) * D * BS;
-      float* vb = V + (((size_t)h * nbt + blk) * BS + slot) * D;
-      for (int i = 0; i < D; i++) { kb[i * BS + slot] = kn[i]; vb[i] = vn[i]; }
+      kv_t* kb = K + ((size_t)h * nbt + blk) * D * BS;
+      kv_t* vb = V + (((size_t)h * nbt + blk) * BS + slot) * D;
+      for (int i = 0; i < D; i++) { kb[i * BS + slot] = tokv(kn[i]); vb[i] = tokv(vn[i]); }
     }
   }
   #pragma omp parallel num_threads(threads)

@@ -1,0 +1,195 @@
+"""Group-quantized weights times int8 activations on AVX512-VNNI (kernels/group_quant.c): the int4 layers' kernel,
+and the output layer's in the int4 mode.
+
+PyTorch's int4 kernel (`_weight_int4pack_mm_for_cpu`) takes bf16 activations and computes in fp32: at 32
+rows it ran ~115 GOP/s here, below bf16's prepacked kernel, so prompt passes needed a bf16 copy of every
+weight. This kernel quantizes each row's activations to int8 per group of 32 inputs (the groups the weights
+have: llama.cpp's Q4_1 / Q8_0 x Q8 scheme) and sums the products in exact int32 with vpdpbusd. Measured here
+(`python -m app.models.group_quant`, 2 threads, 30 weights so none stays in cache), us per call:
+
+| K -> N | rows | torch int4 | 4-bit, this kernel | bf16 prepacked |
+|---|---|---|---|---|
+| 576 -> 960 | 1 | 42 | 16 | |
+| 576 -> 3072 | 1 | 90 | 55 | |
+| 576 -> 3072 | 32 | 970 | 344 | |
+| 1536 -> 576 | 32 | 506 | 168 | |
+| 576 -> 3072 | 256 | | 2116 | 2634 |
+
+So one kernel serves decode steps and prompts alike, faster than either kernel it replaces, and the bf16
+copy is gone. With 8-bit weights (GGUF Q8_0's blocks: SmolLM2's file holds its output layer so) it runs the
+output layer from half the bytes of bf16. Its cost: activations in 8 bits per group of 32 (the relative
+error of one product ~0.5% on random data; perplexity and task accuracy in the README's numerics table).
+
+Each row's result is computed by the same instructions whatever other rows share the call, so it does not
+depend on the batch (tests compare rows alone and together, bit for bit).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from app.models import kernel_build
+
+GROUP = 32  # inputs per group: the weights' and the activations'
+TILE = 16  # outputs per tile: one vector of int32 sums
+PROFILE_NAME = "textgen::group_quant"  # what app/bench/step_profile counts as a linear layer
+NEEDS = ("avx512_f", "avx512_bw", "avx512_vnni")  # torch's capability names; the C file checks them too
+
+
+def pack4(q: torch.Tensor, scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (N, K) in [0, 15] and scales/zeros (K / 32, N, 2) bf16 -> the kernel's weights (N / 16, K / 32, 4,
+    16, 4) uint8 and scales (N / 16, K / 32, 2, 16) as bf16 bits (see kernels/group_quant.c for the layout)."""
+    n, k = q.shape
+    tiles, groups = n // TILE, k // GROUP
+    # input k = 32 g + 8 p + 4 h + i: h = 0 goes to the low nibble, h = 1 to the high one
+    q6 = q.to(torch.uint8).reshape(tiles, TILE, groups, 4, 2, 4)  # (T, 16, G, p, h, i)
+    nibbles = q6[..., 0, :] | (q6[..., 1, :] << 4)  # (T, 16, G, p, i)
+    weights = nibbles.permute(0, 2, 3, 1, 4).contiguous()  # (T, G, p, 16, i)
+    scales = scales_zeros.view(torch.int16).reshape(groups, tiles, TILE, 2).permute(1, 0, 3, 2).contiguous()
+    return weights, scales  # (T, G, 4, 16, 4), (T, G, 2, 16)
+
+
+def quantize8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(N, K) float -> q int8 (N, K), symmetric per output and group of 32 (GGUF Q8_0: d = amax / 127), d (N,
+    K / 32) fp32, and the mean reconstruction error in steps (~0 for weights that came from a Q8_0 file)."""
+    n, k = weight.shape
+    w = weight.detach().float().reshape(n, k // GROUP, GROUP)  # (N, G, 32)
+    d = w.abs().amax(dim=-1) / 127  # (N, G)
+    safe = torch.where(d > 0, d, torch.ones_like(d)).unsqueeze(-1)  # (N, G, 1)
+    q = torch.round(w / safe).clamp_(-127, 127)  # (N, G, 32)
+    error = float((q * safe - w).abs().div(safe).mean())
+    return q.reshape(n, k).to(torch.int8), d, error
+
+
+def pack8(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (N, K) int8 and d (N, K / 32) -> the kernel's weights (N / 16, K / 32, 8, 16, 4) uint8 (q + 128) and
+    scales (N / 16, K / 32, 16) fp32."""
+    n, k = q.shape
+    tiles, groups = n // TILE, k // GROUP
+    u = (q.to(torch.int16) + 128).to(torch.uint8).reshape(tiles, TILE, groups, 8, 4)  # (T, 16, G, j, i)
+    weights = u.permute(0, 2, 3, 1, 4).contiguous()  # (T, G, j, 16, i)
+    scales = d.float().reshape(tiles, TILE, groups).permute(0, 2, 1).contiguous()  # (T, G, 16)
+    return weights, scales
+
+
+def supports(weight: torch.Tensor) -> bool:
+    """Whether the kernel takes this (N, K) weight: whole groups of inputs, whole tiles of outputs."""
+    out_features, in_features = weight.shape
+    return in_features % GROUP == 0 and out_features % TILE == 0
+
+
+_profiling = torch._C._autograd._profiler_enabled  # ~0.1 us
+
+
+class _Scratch(threading.local):
+    """Per thread: the int8 activations and their scales, grown as needed (no allocation per call)."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.empty(0, dtype=torch.uint8)
+
+    def get(self, rows: int, in_features: int) -> tuple[int, int, int]:
+        """Addresses of xq (M, K) int8, dx and sx (M, K / 32) fp32."""
+        groups = in_features // GROUP
+        offset = (rows * in_features + 63) // 64 * 64  # the scales after the int8 rows, aligned
+        size = offset + 2 * 4 * rows * groups
+        if self.buffer.numel() < size:
+            self.buffer = torch.empty(max(size, 2 * self.buffer.numel()), dtype=torch.uint8)
+        base = self.buffer.data_ptr()
+        return base, base + offset, base + offset + 4 * rows * groups
+
+
+class Kernel:
+    """The built kernel: `(x, weights, scales, bias, out_features, bits) -> y`."""
+
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        p, i = ctypes.c_void_p, ctypes.c_int
+        self.fns = {4: lib.group_quant, 8: lib.q8_linear}
+        for fn in self.fns.values():
+            fn.argtypes = [p, i, i, i, p, p, p, p, p, p, p, i]
+            fn.restype = None
+        self.scratch = _Scratch()
+
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 out_features: int, bits: int) -> torch.Tensor:  # fmt: skip
+        """x (M, K) contiguous fp32 -> y (M, N) fp32."""
+        rows, in_features = x.shape
+        y = torch.empty(rows, out_features)
+        xq, dx, sx = self.scratch.get(rows, in_features)
+        args = (x.data_ptr(), rows, in_features, out_features, weights.data_ptr(), scales.data_ptr(),
+                None if bias is None else bias.data_ptr(), y.data_ptr(), xq, dx, sx, torch.get_num_threads())
+        if _profiling():  # a named scope only under a profiler: entering one costs ~15 us, ~120 calls a step
+            with torch.profiler.record_function(PROFILE_NAME):
+                self.fns[bits](*args)
+        else:
+            self.fns[bits](*args)
+        return y
+
+
+class Int8GroupLinear(nn.Module):
+    """y = x @ W.T + b with W in 8 bits per output and group of 32 inputs (Q8_0) on the kernel: the int4
+    mode's output layer (in bf16 it reads twice the bytes; SmolLM2's file holds it in Q8_0, so nothing is lost
+    in the weights)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: Kernel) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape  # (N, K)
+        q, d, self.error = quantize8(weight)
+        self.kernel = kernel
+        self.packed, self.scales = pack8(q, d)  # (N/16, K/32, 8, 16, 4), (N/16, K/32, 16)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
+        rows = x.reshape(-1, self.in_features)  # (M, K)
+        if rows.dtype != torch.float32 or not rows.is_contiguous():
+            rows = rows.float().contiguous()
+        y = self.kernel(rows, self.packed, self.scales, self.bias, self.out_features, 8)  # (M, N)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 g{GROUP} x int8 "
+                f"(error {self.error:.3f} steps)")  # fmt: skip
+
+
+def usable(features: set[str]) -> bool:
+    """Whether this kernel runs here: the CPU (as `features` names it) has the instructions, and it builds."""
+    return all(f in features for f in NEEDS) and load() is not None
+
+
+@cache
+def load() -> Kernel | None:
+    """The kernel, built if needed; None where it cannot run (then int4 layers take PyTorch's kernel)."""
+    return kernel_build.load("group_quant.c", "group-quantized x int8 kernel", Kernel)
+
+
+def _bench() -> None:  # pragma: no cover - a measurement, run by hand
+    from app.models.int4 import Int4Linear
+    from app.models.packing import PackedLinear, seconds
+
+    torch.set_num_threads(2)
+    kernel = load()
+    assert kernel is not None, "the kernel does not run on this CPU"
+    print("  K      N   rows  torch int4 us  4-bit here us  8-bit here us  bf16 us   (weights cycled: none in cache)")
+    for k, n in ((576, 960), (576, 3072), (1536, 576), (576, 49152)):
+        count = 30 if n < 10_000 else 2
+        weights = [torch.randn(n, k) * 0.02 for _ in range(count)]
+        torch_int4 = [Int4Linear(w, None) for w in weights]
+        four = [Int4Linear(w, None, kernel=kernel) for w in weights]
+        eight = [Int8GroupLinear(w, None, kernel) for w in weights]
+        bf16 = [PackedLinear(w, None, dtype=torch.bfloat16) for w in weights]
+        for m in (1, 4, 32, 128, 256):
+            x = torch.randn(m, k)
+            with torch.inference_mode():
+                us = [seconds(lambda: [layer(x) for layer in layers], n=5) / count * 1e6  # noqa: B023
+                      for layers in (torch_int4, four, eight, bf16)]  # fmt: skip
+            print(f"{k:>4} {n:>6} {m:>5} {us[0]:>14.0f} {us[1]:>14.0f} {us[2]:>14.0f} {us[3]:>8.0f}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _bench()

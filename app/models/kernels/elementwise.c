@@ -1,0 +1,58 @@
+/* The small operations between a decode step's matrix products, one call each instead of a dozen torch ops.
+
+   At decode a SmolLM2 layer is ~70 torch ops, most on a few thousand numbers: RMSNorm alone is a cast, pow,
+   mean, add, rsqrt and two multiplies, rotary another seven. Each costs microseconds of dispatch, ~10 ms of a
+   one-row step. These loops do the same arithmetic in one pass over each row (app/models/elementwise.py).
+   Built with -ffast-math: sums are reordered and exp is glibc's vector expf, so results differ from torch's
+   in the last bits. They run only in modes that are not token-exact against transformers anyway (the int4 x
+   int8 mode); each row is computed on its own, by the same code whatever else is in the batch. */
+#include <math.h>
+#include <stddef.h>
+
+/* x (B, E) += r (B, E) when r is given; h (B, E) = x / sqrt(mean(x^2) + eps) * w: LlamaRMSNorm after the residual. */
+void add_rms_norm(float* restrict x, const float* restrict r, const float* restrict w, float eps, int B, int E,
+                  float* restrict h) {
+  for (int b = 0; b < B; b++) {
+    float* xb = x + (size_t)b * E;
+    float* hb = h + (size_t)b * E;
+    if (r) {
+      const float* rb = r + (size_t)b * E;
+      for (int i = 0; i < E; i++) xb[i] += rb[i];
+    }
+    float ss = 0.0f;
+    for (int i = 0; i < E; i++) ss += xb[i] * xb[i];
+    const float inv = 1.0f / sqrtf(ss / (float)E + eps);
+    for (int i = 0; i < E; i++) hb[i] = w[i] * (xb[i] * inv);
+  }
+}
+
+/* y (B, (HQ + 2 HKV) D), the fused q/k/v product -> q (B, HQ, D) and k (B, HKV, D) rotated by cos, sin (B, D)
+   (rotate_half: the first half of a head pairs with the second), v (B, HKV, D) copied. */
+void rope_split(const float* restrict y, const float* restrict cos_, const float* restrict sin_, int B, int HQ,
+                int HKV, int D, float* restrict q, float* restrict k, float* restrict v) {
+  const int half = D / 2, width = (HQ + 2 * HKV) * D;
+  for (int b = 0; b < B; b++) {
+    const float* yb = y + (size_t)b * width;
+    const float* c = cos_ + (size_t)b * D;
+    const float* s = sin_ + (size_t)b * D;
+    for (int h = 0; h < HQ + HKV; h++) {
+      const float* src = yb + h * D;
+      float* dst = h < HQ ? q + ((size_t)b * HQ + h) * D : k + ((size_t)b * HKV + (h - HQ)) * D;
+      for (int i = 0; i < half; i++) dst[i] = src[i] * c[i] - src[i + half] * s[i];
+      for (int i = half; i < D; i++) dst[i] = src[i] * c[i] + src[i - half] * s[i];
+    }
+    const float* vb = yb + (HQ + HKV) * D;
+    float* vo = v + (size_t)b * HKV * D;
+    for (int i = 0; i < HKV * D; i++) vo[i] = vb[i];
+  }
+}
+
+/* g (B, 2 I), the fused gate/up product -> m (B, I) = silu(gate) * up. */
+void silu_mul(const float* restrict g, int B, int I, float* restrict m) {
+  for (int b = 0; b < B; b++) {
+    const float* gate = g + (size_t)b * 2 * I;
+    const float* up = gate + I;
+    float* mb = m + (size_t)b * I;
+    for (int i = 0; i < I; i++) mb[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+  }
+}
