@@ -5,7 +5,11 @@
 | fp32 | fp32, prepacked for oneDNN (app/models/packing.py) | fp32 |
 | bf16 | bf16 weights, prepacked; inputs cast to bf16, outputs back to fp32 | fp32 |
 | int8 | int8 weights per output channel, activations per row, int32 sums, SmoothQuant (app/models/int8.py) | fp32 |
-| int4 | 4-bit weights, groups of 32 (GGUF Q4_1's layout) x int8 activations per group on AVX512-VNNI (our kernel, app/models/group_quant.py; output layer Q8_0); else PyTorch's int4 kernel with a bf16 copy for prompt passes (app/models/int4.py) | fp32; with our kernel K/V cached in bf16, norms / rotary / SwiGLU in C |
+| int4 | 4-bit weights in groups of 32 (Q4_1) x int8 activations (app/models/group_quant.py), see below | fp32 |
+
+int4 on AVX512-VNNI runs our kernel for every pass, the output layer in Q8_0 on it too, K/V cached in bf16 and
+norms / rotary / SwiGLU in C (app/models/elementwise.py); without VNNI, PyTorch's int4 kernel on bf16
+activations, and a bf16 copy of the weights for prompt passes (app/models/int4.py).
 
 Only the matrix products change: PyTorch's bf16 norms and attention are slower than fp32 on this CPU (a
 stock `model.to(bfloat16)` decode step is slower than fp32), and they are a small part of the work. In
