@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 
 import httpx
@@ -159,10 +160,11 @@ def test_the_int4_by_int8_kernel_computes_its_formula_and_each_row_alone() -> No
         with int4.prompt_pass():
             prompt = layer(x)  # one kernel for every pass
         alone = torch.cat([layer(x[i : i + 1]) for i in range(37)])
-        fives = torch.cat([layer(x[i : i + 5]) for i in range(0, 37, 5)])  # row blocks of 4 and leftovers
+        edges = [0, 1, 6, 14, 25, 37]  # calls of 1, 5, 8, 11 and 12 rows: whole row blocks of 8 and leftovers
+        mixed = torch.cat([layer(x[a:b]) for a, b in itertools.pairwise(edges)])
     torch.testing.assert_close(got, _q4_reference(x, q, scales_zeros) + bias, rtol=1e-5, atol=1e-5)
     assert torch.equal(got[3], bias)
-    assert torch.equal(got, prompt) and torch.equal(got, alone) and torch.equal(got, fives)
+    assert torch.equal(got, prompt) and torch.equal(got, alone) and torch.equal(got, mixed)
     # and near the fp32 product: the cost is the activations' 8 bits per group
     exact = x @ weight.t() + bias
     assert float((got - exact).norm() / exact.norm()) < 0.01

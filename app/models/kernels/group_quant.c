@@ -29,7 +29,7 @@
 
 #define GS 32   /* inputs per group */
 #define NT 16   /* outputs per tile */
-#define RB 4    /* rows per block */
+#define RB 8    /* rows per block: each unpacked weight vector serves this many rows (4: 4-6% slower at 8-256 rows) */
 
 static inline __m512 bf16_to_f32(const uint16_t* p) {  /* 16 bf16 -> 16 fp32, exact */
   __m256i h = _mm256_loadu_si256((const __m256i*)p);
@@ -127,6 +127,10 @@ static void run(const int bits, const float* x, int M, int K, int N, const uint8
       int r0 = 0;
       for (; r0 + RB <= M; r0 += RB) ROWS(bits, RB);
       switch (M - r0) {  /* the same code with a constant row count, so the compiler keeps rows in registers */
+        case 7: ROWS(bits, 7); break;
+        case 6: ROWS(bits, 6); break;
+        case 5: ROWS(bits, 5); break;
+        case 4: ROWS(bits, 4); break;
         case 3: ROWS(bits, 3); break;
         case 2: ROWS(bits, 2); break;
         case 1: ROWS(bits, 1); break;
