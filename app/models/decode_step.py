@@ -27,7 +27,7 @@ from torch import nn
 from app.models import elementwise
 from app.models.attention import NAME
 from app.models.fusion import fused_product
-from app.models.int4 import Int4Linear
+from app.models.int4 import on_own_kernel
 
 
 class Attend(Protocol):
@@ -64,9 +64,10 @@ class LlamaStep:
             self.layers.append((layer, qkv, gate_up))
         # the elementwise work in C where the model is in the int4 x int8 mode (not token-exact anyway) and
         # every layer has its fused products
-        fast = any(isinstance(m, Int4Linear) and m.kernel is not None for m in model.modules())
         fused = all(qkv is not None and gate_up is not None for _, qkv, gate_up in self.layers)
-        self.ops = elementwise.load() if fast and fused and config.hidden_act == "silu" else None
+        self.ops = elementwise.load() if on_own_kernel(model) and fused and config.hidden_act == "silu" else None
+        # the norm that follows each layer: the next layer's input norm, after the last one the final norm
+        self.norms_after = [layer.input_layernorm for layer, _, _ in self.layers[1:]] + [self.base.norm]
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: Attend) -> torch.Tensor:
         if self.ops is not None:
@@ -111,10 +112,9 @@ class LlamaStep:
         x = self.base.embed_tokens(ids).float().contiguous()  # (B, E): the residual stream, updated in place
         cos, sin = self.base.rotary_emb(x[:, None], positions[:, None])  # (B, 1, D) each
         cos, sin = cos.reshape(rows, d).float().contiguous(), sin.reshape(rows, d).float().contiguous()
-        norms = [layer.input_layernorm for layer, _, _ in self.layers[1:]] + [self.base.norm]
         first = self.layers[0][0].input_layernorm
         h = ops.add_rms_norm(x, None, first.weight, first.variance_epsilon)  # (B, E)
-        for i, ((layer, qkv, gate_up), after) in enumerate(zip(self.layers, norms, strict=True)):
+        for i, ((layer, qkv, gate_up), after) in enumerate(zip(self.layers, self.norms_after, strict=True)):
             attn, post = layer.self_attn, layer.post_attention_layernorm
             assert qkv is not None and gate_up is not None  # ops are only set up where every layer has both
             q, k, v = ops.rope_split(qkv(h), cos, sin, hq, hkv, d)  # (B, Hq, D), (B, Hkv, D) x 2

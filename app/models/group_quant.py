@@ -84,9 +84,6 @@ def supports(weight: torch.Tensor) -> bool:
     return in_features % GROUP == 0 and out_features % TILE == 0
 
 
-_profiling = torch._C._autograd._profiler_enabled  # ~0.1 us
-
-
 class _Scratch(threading.local):
     """Per thread: the int8 activations and their scales, grown as needed (no allocation per call)."""
 
@@ -118,18 +115,17 @@ class Kernel:
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                  out_features: int, bits: int) -> torch.Tensor:  # fmt: skip
-        """x (M, K) contiguous fp32 -> y (M, N) fp32."""
-        rows, in_features = x.shape
+        """x (..., K) -> y (..., N) in x's dtype (computed from fp32 rows)."""
+        flat = x.reshape(-1, x.shape[-1])  # (M, K)
+        if flat.dtype != torch.float32 or not flat.is_contiguous():
+            flat = flat.float().contiguous()
+        rows, in_features = flat.shape
         y = torch.empty(rows, out_features)
         xq, dx, sx = self.scratch.get(rows, in_features)
-        args = (x.data_ptr(), rows, in_features, out_features, weights.data_ptr(), scales.data_ptr(),
+        args = (flat.data_ptr(), rows, in_features, out_features, weights.data_ptr(), scales.data_ptr(),
                 None if bias is None else bias.data_ptr(), y.data_ptr(), xq, dx, sx, torch.get_num_threads())
-        if _profiling():  # a named scope only under a profiler: entering one costs ~15 us, ~120 calls a step
-            with torch.profiler.record_function(PROFILE_NAME):
-                self.fns[bits](*args)
-        else:
-            self.fns[bits](*args)
-        return y
+        kernel_build.call(PROFILE_NAME, self.fns[bits], *args)
+        return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
 class Int8GroupLinear(nn.Module):
@@ -146,11 +142,7 @@ class Int8GroupLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
-        rows = x.reshape(-1, self.in_features)  # (M, K)
-        if rows.dtype != torch.float32 or not rows.is_contiguous():
-            rows = rows.float().contiguous()
-        y = self.kernel(rows, self.packed, self.scales, self.bias, self.out_features, 8)  # (M, N)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return self.kernel(x, self.packed, self.scales, self.bias, self.out_features, 8)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int8 g{GROUP} x int8 "

@@ -117,11 +117,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
         if self.kernel is not None:
-            rows = x.reshape(-1, self.in_features)  # (M, K)
-            if rows.dtype != torch.float32 or not rows.is_contiguous():
-                rows = rows.float().contiguous()
-            y = self.kernel(rows, self.packed, self.scales_zeros, self.bias, self.out_features, 4)  # (M, N) fp32
-            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            return self.kernel(x, self.packed, self.scales_zeros, self.bias, self.out_features, 4)
         if in_prompt_pass() and self.wide is not None:
             wide: torch.Tensor = self.wide(x)
             return wide
@@ -135,6 +131,12 @@ class Int4Linear(nn.Module):
         kind = "lossless" if self.lossless else f"error {self.error:.2f} steps"
         kernel = "w4a8 vnni" if self.kernel is not None else "torch int4"
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{GROUP} ({kind}, {kernel})"
+
+
+def on_own_kernel(model: nn.Module) -> bool:
+    """Whether `model`'s int4 layers run the int4 x int8 kernel: the mode that is not token-exact anyway, where
+    the decode step and the cache may trade exactness for speed too."""
+    return any(isinstance(m, Int4Linear) and m.kernel is not None for m in model.modules())
 
 
 def dequantize(q: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:

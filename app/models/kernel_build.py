@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import torch
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -91,10 +93,11 @@ def build(
     return None
 
 
-def load(source: str, what: str, wrap: Callable[[Path], T], **options: tuple[str, ...]) -> T | None:
+def load(source: str, what: str, wrap: Callable[[Path], T], defines: dict[str, int] | None = None,
+         extra_flags: tuple[str, ...] = (), libs: tuple[str, ...] = ()) -> T | None:  # fmt: skip
     """`wrap(path)` of the library `build` makes (it binds the functions), or None where it does not build or
-    load; `options`: `build`'s extra_flags and libs."""
-    path = build(source, what, **options)  # type: ignore[arg-type]
+    load."""
+    path = build(source, what, defines, extra_flags, libs)
     if path is None:
         return None
     try:
@@ -102,3 +105,16 @@ def load(source: str, what: str, wrap: Callable[[Path], T], **options: tuple[str
     except (OSError, AttributeError) as exc:  # a library that does not load, a function it lacks
         log.warning("the %s did not load (%s); using the torch path", what, exc)
         return None
+
+
+_profiling = torch._C._autograd._profiler_enabled  # ~0.1 us
+
+
+def call(name: str, fn: Callable[..., None], *args: object) -> None:
+    """`fn(*args)`, inside a profiler scope `name` only while a profiler runs (app/bench/step_profile counts
+    kernels by it): entering a scope costs ~15 us, and a decode step makes ~150 kernel calls."""
+    if _profiling():
+        with torch.profiler.record_function(name):
+            fn(*args)
+    else:
+        fn(*args)

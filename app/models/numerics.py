@@ -36,7 +36,7 @@ from app.models import elementwise, group_quant
 from app.models.calibration import calibration_ids, input_ranges, smoothing
 from app.models.fusion import as_linear, find_groups, fuse, linear_layers
 from app.models.group_quant import Int8GroupLinear
-from app.models.int4 import Int4Linear, is_four_bit, supports
+from app.models.int4 import Int4Linear, is_four_bit, on_own_kernel, supports
 from app.models.int4 import prompt_pass as prompt_pass  # the engine marks prompt passes; the layers act on it
 from app.models.int8 import Int8Linear
 from app.models.packing import PackedLinear, own_memory, pack_linears
@@ -140,8 +140,7 @@ def kv_cache_dtype(model: nn.Module) -> torch.dtype | None:
     """What the KV cache should store for `model`: bf16 where its layers run the int4 x int8 kernel (a mode
     that is not token-exact anyway; a decode step's attention reads every cached token of every row, and in
     bf16 half the bytes), None (the model's own dtype) elsewhere."""
-    fast = any(isinstance(m, Int4Linear) and m.kernel is not None for m in model.modules())
-    return torch.bfloat16 if fast else None
+    return torch.bfloat16 if on_own_kernel(model) else None
 
 
 def keeps_int8(group: list[nn.Module], weight: torch.Tensor, output_layer: nn.Module | None) -> bool:

@@ -15,7 +15,6 @@ torch path (the same result to float rounding; tests compare the two).
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import time
 from functools import cache
@@ -23,9 +22,7 @@ from pathlib import Path
 
 import torch
 
-from app.models.kernel_build import build
-
-log = logging.getLogger(__name__)
+from app.models import kernel_build
 
 BLOCK = 16  # tokens per block: the kernel's vector of scores
 CHUNK = 256  # most tokens one job reads: a long row spreads over the threads
@@ -54,11 +51,7 @@ class Kernel:
                 v_new.data_ptr(), plan.held.data_ptr(), plan.starts.data_ptr(), plan.rows, plan.jobs.data_ptr(),
                 plan.njobs, plan.first.data_ptr(), pm.data_ptr(), pl.data_ptr(), pacc.data_ptr(), out.data_ptr(),
                 torch.get_num_threads())  # fmt: skip
-        if torch._C._autograd._profiler_enabled():  # a named scope costs ~15 us: only under a profiler
-            with torch.profiler.record_function(PROFILE_NAME):  # what app/bench/step_profile counts as attention
-                self.fn(*args)
-        else:
-            self.fn(*args)
+        kernel_build.call(PROFILE_NAME, self.fn, *args)  # what app/bench/step_profile counts as attention
         return out
 
 
@@ -95,15 +88,8 @@ def load(kv_heads: int, group: int, head_dim: int, bf16: bool = False) -> Kernel
     if os.environ.get("TEXTGEN_RAGGED_KERNEL", "1") == "0" or head_dim % 16 or head_dim > 256:
         return None
     defines = {"H": kv_heads, "G": group, "D": head_dim, "CH": CHUNK, "KV_BF16": int(bf16)}
-    path = build(SOURCE, "ragged attention kernel", defines,
-                 ("-ffast-math",))
-    if path is None:
-        return None
-    try:
-        return Kernel(path, kv_heads, group, head_dim)
-    except OSError as exc:
-        log.warning("the ragged attention kernel did not load (%s); using the torch path", exc)
-        return None
+    return kernel_build.load(SOURCE, "ragged attention kernel", lambda path: Kernel(path, kv_heads, group, head_dim),
+                             defines, extra_flags=("-ffast-math",))  # fmt: skip
 
 
 def _bench() -> None:  # pragma: no cover - a measurement, run by hand
