@@ -6,7 +6,9 @@ Runs the real engine in-process on the model the server would load (settings fro
 profiles `--steps` steps on the engine's own thread with torch.profiler. Each step is split into:
 linear layers (the matrix-product kernels of every numeric mode), attention (the ragged C kernel, or the
 torch path's matmuls and softmax), sampling, output (detokenization, stop strings, events), and the rest (small
-tensor ops between them, Python, scheduling).
+tensor ops between them, Python, scheduling). Where the step runs its layers in one C call (the int4 x int8
+mode: app/models/native_step.py) the profiler sees none of that loop, which times its own linears, attention
+and elementwise work (norms, rotary, SwiGLU: a row of their own; on the Python path they are in the rest).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from app.config import Settings
@@ -64,9 +67,13 @@ def _wait_for_rows(engine: Engine, rows: int, timeout: float = 300) -> None:
     time.sleep(0.5)
 
 
-def _time_steps(engine: Engine, steps: int) -> tuple[float, Any, float]:
+def _time_steps(engine: Engine, steps: int) -> tuple[float, Any, float, list[float]]:
     """On the engine's own thread: the mean seconds of its next `steps` steps, then a profile of `steps` more
-    (profiling adds a little to every op) and their mean seconds."""
+    (profiling adds a little to every op) and their mean seconds; and where the step runs its layers in one C
+    call (app/models/native_step.py), that loop's own seconds of linears, attention and elementwise work over
+    the profiled steps (the profiler sees none of it)."""
+    native = getattr(engine.batch.step, "native", None)
+    times = torch.zeros(3, dtype=torch.float64)
     original = engine.step
     plain: list[float] = []
     profiled: list[float] = []
@@ -81,21 +88,30 @@ def _time_steps(engine: Engine, steps: int) -> tuple[float, Any, float]:
             return
         if not profiled:
             prof.start()
+            if native is not None:
+                native.times = times
         started = time.perf_counter()
         original()
         profiled.append(time.perf_counter() - started)
         if len(profiled) == steps:
             prof.stop()
+            if native is not None:
+                native.times = None
             engine.step = original  # type: ignore[method-assign]
             finished.set()
 
     engine.step = step  # type: ignore[method-assign]
     finished.wait(600)
-    return sum(plain) / steps, prof, sum(profiled) / steps
+    return sum(plain) / steps, prof, sum(profiled) / steps, times.tolist()
 
 
-def report(plain_s: float, prof: Any, profiled_s: float, steps: int, rows: int, numerics: str, top: int) -> None:
-    totals: dict[str, float] = {"linears": 0.0, "attention": 0.0, "sampling": 0.0, "output": 0.0}
+def report(plain_s: float, prof: Any, profiled_s: float, steps: int, rows: int, numerics: str, top: int,
+           native: list[float]) -> None:  # fmt: skip
+    # microseconds over the profiled steps; `native`: seconds inside the C layer loop (none outside it)
+    totals: dict[str, float] = {"linears": native[0] * 1e6, "attention": native[1] * 1e6, "sampling": 0.0,
+                                "output": 0.0}  # fmt: skip
+    if native[2]:  # the C loop's norms, rotary and SwiGLU (on the Python path they count in the rest)
+        totals["elementwise"] = native[2] * 1e6
     inside = {"sampling", "output"}
     rest: list[tuple[float, str, int]] = []
     for event in prof.key_averages():
@@ -132,8 +148,9 @@ async def main(args: argparse.Namespace) -> None:
     try:
         tasks = await _fill(engine, args.rows, args.steps + 200, args.seed)
         await asyncio.to_thread(_wait_for_rows, engine, args.rows)
-        plain, prof, profiled = await asyncio.to_thread(_time_steps, engine, args.steps)
-        report(plain, prof, profiled, args.steps, engine.stats().running_rows, loaded.info.numerics, args.top)
+        plain, prof, profiled, native = await asyncio.to_thread(_time_steps, engine, args.steps)
+        report(plain, prof, profiled, args.steps, engine.stats().running_rows, loaded.info.numerics, args.top,
+               native)  # fmt: skip
         for t in tasks:
             t.cancel()
     finally:

@@ -3,7 +3,9 @@
 Holds the sequences (`seqs`, in batch order) next to the cache; each joined sequence holds a segment of it
 (`seq.segment`). A prompt takes its segment when its prefill starts (`open`, until its first sequence joins;
 its siblings copy it), and every prompt, whole or in chunks, with or without a reused prefix, is computed
-into that segment the same way (`prefill_chunk`). `join` and `leave` are the only places that change the
+into that segment the same way (`prefill_chunk`): through the model's forward, or where the model has a
+written-out prompt pass (app/models/decode_step.LlamaStep.prefill), through it, several prompts in one pass
+(`prefill_group`). `join` and `leave` are the only places that change the
 rows, and `leave` gives the segment back.
 """
 
@@ -16,12 +18,12 @@ import torch
 from transformers import DynamicCache
 
 from app.engine.kv_cache import KV, RaggedCache, Segment
-from app.engine.kv_views import DecodeView, PrefillCache
+from app.engine.kv_views import DecodeView, PrefillCache, PromptView
 from app.engine.logprobs import prompt_logprobs
 from app.engine.prefix_cache import Hit, PrefillKV
 from app.engine.state import RequestState, SequenceState
 from app.engine.types import TokenLogprob
-from app.models import decode_step, numerics
+from app.models import decode_step, numerics, prompt_attention
 from app.models.numerics import prompt_pass
 
 
@@ -43,6 +45,12 @@ class Batch:
         self.open: dict[int, tuple[RequestState, Segment]] = {}  # id(request) -> its prompt's segment, not joined
         # the model's decode written out without transformers' plumbing (same results), where there is one
         self.step = decode_step.for_model(model)
+        # prompts through the step's written-out pass too, several in one (`prefill_group`), where it has one
+        self.prompt_step = self.step if isinstance(self.step, decode_step.LlamaStep) and self.step.prompts else None
+        step = self.prompt_step
+        self.prompt_kernel = None
+        if step is not None:  # its attention, for prompts computed from their first token
+            self.prompt_kernel = prompt_attention.load(step.kv_heads, step.q_heads // step.kv_heads, step.head_dim)
         self.cache_kw = cache_keyword(model)
         # models whose layers mix full and sliding-window attention (Gemma 3): the decode mask differs by layer
         config = model.config
@@ -107,7 +115,31 @@ class Batch:
         start); return the logits (V,) at position stop - 1."""
         return self._compute(request, stop, prefix)[0]
 
+    def prefill_group(self, group: list[tuple[RequestState, int, Hit | None]]) -> list[tuple[torch.Tensor, KV]]:
+        """Prompt tokens [request.prefilled, stop) of each (request, stop, prefix) in one written-out pass
+        (where the model has one: `prompt_step`); per request, the logits (V,) at position stop - 1 and
+        its K/V so far (1, H, stop, D) per layer. A prompt's results do not depend on the others in the group."""
+        assert self.prompt_step is not None
+        prompts, ids = [], []
+        for request, stop, prefix in group:
+            seg = self._segment(request)
+            filled = request.prefilled
+            if prefix is not None:
+                for layer, (k, v) in enumerate(prefix.gather()):
+                    self.cache.write(layer, seg, 0, k, v)
+                filled = prefix.length
+            prompts.append((seg, filled, stop - filled))
+            ids.extend(request.prompt_ids[filled:stop])
+        view = PromptView(self.cache, prompts, self.device, self.prompt_kernel)
+        last = torch.tensor(view.offsets[1:], device=self.device) - 1  # (P,)
+        logits = self.prompt_step.prefill(torch.tensor(ids, device=self.device), view.positions(), last, view)
+        for request, stop, _ in group:
+            request.prefilled = stop
+        return list(zip(logits.unbind(0), view.kv, strict=True))
+
     def _compute(self, request: RequestState, stop: int, prefix: Hit | None) -> tuple[torch.Tensor, KV]:
+        if self.prompt_step is not None:
+            return self.prefill_group([(request, stop, prefix)])[0]
         cache, ids = self._forward_into(self._segment(request), request.prompt_ids, request.prefilled, prefix, stop)
         with prompt_pass():
             out = self.model(input_ids=ids, **{self.cache_kw: cache}, use_cache=True, logits_to_keep=1)

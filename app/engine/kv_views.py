@@ -5,6 +5,8 @@
   where it runs, else row by row over views of each segment. `window` gathers right-aligned padded windows
   for a model's own forward (`as_cache`, with `window_index`'s mask).
 - `PrefillCache`: a transformers Cache a prompt's forward writes through, into its segment.
+- `PromptView`: several prompts in one written-out pass (app/models/decode_step.LlamaStep.prefill): per layer,
+  `attend` stores every prompt token's K/V in its prompt's segment and returns each prompt's causal attention.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from app.engine.kv_cache import BLOCK, KV, RaggedCache, Segment, blocks_for
-from app.models import ragged_attention
+from app.models import prompt_attention, ragged_attention
 from app.models.attention import decode_attention
 
 
@@ -110,6 +113,15 @@ class DecodeView:
             outs.append(decode_attention(module, q[row : row + 1], row_k, row_v, None, scaling=scale)[0])
         return torch.cat(outs)  # (B, 1, Hq, Dv)
 
+    def ragged(self) -> tuple[ragged_attention.Kernel, ragged_attention.Plan, list[torch.Tensor],
+                              list[torch.Tensor]] | None:  # fmt: skip
+        """The C kernel, this step's plan and the arena's K/V per layer, for a step that runs its layers in C
+        (app/models/native_step.py); None on the torch path."""
+        kernel = self.cache.kernel
+        if kernel is None or self.plan is None:
+            return None
+        return kernel, self.plan, self.cache.keys, self.cache.values
+
     def as_cache(self) -> DecodeCache:
         return DecodeCache(self)
 
@@ -200,3 +212,64 @@ class PrefillCache(Cache):
             out.append((layer.keys, layer.values))
         return out
 
+
+
+class PromptView:
+    """Prompts computed in one pass, one after another in its rows: prompt p's `n` tokens go to positions
+    [filled, filled + n) of its segment (`filled`: what the segment already holds, a reused prefix or earlier
+    chunks). Attention is per prompt, over its own tokens only, as the model's forward computes it: the fresh
+    K/V as computed, what the segment held read back (the same values a `PrefillCache` sees)."""
+
+    def __init__(self, cache: RaggedCache, prompts: list[tuple[Segment, int, int]], device: torch.device,
+                 kernel: prompt_attention.Kernel | None = None) -> None:  # fmt: skip
+        """prompts: (segment, filled, n) each; `kernel`: the prompt attention kernel, for prompts with filled 0."""
+        self.cache = cache
+        self.prompts = prompts
+        self.kernel = kernel
+        self.fresh = all(filled == 0 for _, filled, _ in prompts)  # then one kernel call for all of them
+        blocks, slots = [], []
+        for seg, filled, n in prompts:
+            p = torch.arange(filled, filled + n)  # (n,)
+            blocks.append(seg.start + p // BLOCK)
+            slots.append(p % BLOCK)
+        self.blk, self.slot = torch.cat(blocks).to(device), torch.cat(slots).to(device)  # (T,) each
+        self.offsets = [0]
+        for _, _, n in prompts:
+            self.offsets.append(self.offsets[-1] + n)
+        # after what the segment holds: query i (position filled + i) sees keys [0, filled + i]; (n, filled + n)
+        self.masks = [None if filled == 0 else torch.arange(filled + n, device=device)[None, :]
+                      <= torch.arange(filled, filled + n, device=device)[:, None]
+                      for _, filled, n in prompts]  # fmt: skip
+        self.kv: list[KV] = [[] for _ in prompts]  # per prompt, per layer (1, H, filled + n, D): its K/V so far
+
+    def positions(self) -> torch.Tensor:
+        """Each row's position in its prompt (T,)."""
+        return torch.cat([torch.arange(filled, filled + n) for _, filled, n in self.prompts]).to(self.blk.device)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q (T, Hq, D), k, v (T, Hkv, D) -> attention output (T, Hq, D)."""
+        keys, values, store = self.cache.keys[layer], self.cache.values[layer], self.cache.store
+        if self.cache.transposed:
+            keys[:, self.blk, :, self.slot] = k.to(store)  # (T, H, D)
+        else:
+            keys[:, self.blk, self.slot, :] = k.to(store).transpose(0, 1)  # (H, T, D)
+        values[:, self.blk, self.slot, :] = v.to(store).transpose(0, 1)  # (H, T, D)
+        kernel = self.kernel
+        together = kernel is not None and self.fresh  # every prompt from its first token: one call
+        out = kernel(q, k, v, [n for _, _, n in self.prompts], scale) if together else torch.empty_like(q)  # type: ignore[misc]
+        for p, ((seg, filled, n), mask) in enumerate(zip(self.prompts, self.masks, strict=True)):
+            a, b = self.offsets[p], self.offsets[p + 1]
+            pk, pv = k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None]  # (1, Hkv, n, D)
+            if filled:  # what the segment held, then these
+                pk, pv = self.cache.read(layer, seg, filled, (pk, pv))  # (1, Hkv, filled + n, D)
+            self.kv[p].append((pk, pv))
+            if together:
+                continue
+            if kernel is not None and not filled:
+                out[a:b] = kernel(q[a:b], k[a:b], v[a:b], [n], scale)
+                continue
+            pq = q[a:b].transpose(0, 1)[None]  # (1, Hq, n, D)
+            o = functional.scaled_dot_product_attention(pq, pk, pv, attn_mask=mask, is_causal=mask is None,
+                                                        scale=scale, enable_gqa=True)  # (1, Hq, n, D)  # fmt: skip
+            out[a:b] = o[0].transpose(0, 1)
+        return out

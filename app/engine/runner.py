@@ -2,7 +2,8 @@
 
 `decode` runs one token for every row in the batch; `prefill_chunk` the next chunk of the oldest long
 prompt (sized by ChunkPacer to the decode beside it); `prefill` each newly admitted prompt, shortest first,
-straight into its KV segment (after the longest prefix the prefix cache holds), or scores it. What they
+straight into its KV segment (after the longest prefix the prefix cache holds), or scores it; where the model
+has a written-out prompt pass (the int4 x int8 mode), several prompts at a time (`_prefill_group`). What they
 produce goes to the output stage (app/engine/output.py); a failed forward fails the requests it was for and
 nothing else. Engine thread only.
 """
@@ -21,13 +22,15 @@ from app.engine.errors import StepFailed
 from app.engine.limits import EngineLimits, EngineStats
 from app.engine.logprobs import token_logprobs
 from app.engine.output import Output
-from app.engine.prefix_cache import PrefixCache
+from app.engine.prefix_cache import PrefillKV, PrefixCache
 from app.engine.sampling import SampleRow, sample, seen_mask
 from app.engine.scheduler import ChunkPacer, Scheduler
 from app.engine.state import RequestState, SequenceState, Status, hand_off
 from app.engine.types import Scores, TokenLogprob
 
 log = logging.getLogger(__name__)
+
+GROUP_TOKENS = 256  # prompt tokens per written-out prompt pass: past this, larger products gain little
 
 
 class Runner:
@@ -95,8 +98,12 @@ class Runner:
 
     def prefill(self, admitted: list[RequestState], now: float) -> int:
         produced = 0
+        group: list[RequestState] = []
         # Admission is FIFO; within a step, shortest prompt first: each request's first token is sent
-        # as soon as its own prefill ends, so this ordering minimises the step's mean time to first token.
+        # as soon as its own prefill (or group's) ends, so this ordering minimises the step's mean time to first
+        # token. Where the model has a written-out prompt pass, prompts go through it in groups of up to
+        # GROUP_TOKENS tokens: one product per layer for the group (fewer, larger calls), first tokens sent
+        # after each group.
         for state in sorted(admitted, key=lambda s: s.prefill_tokens):
             state.status = Status.PREFILLING
             if state.scoring:
@@ -109,23 +116,60 @@ class Runner:
                 self.running[state.id] = state
                 self.prefilling.append(state)
                 continue
+            if self.batch.prompt_step is not None and not wants_prompt:
+                group.append(state)
+                if sum(s.prompt_len for s in group) >= GROUP_TOKENS:
+                    produced += self._prefill_group(group)
+                    group = []
+                continue
             started = time.perf_counter()
             try:
                 # prompt log-probabilities need every prompt position computed: no reuse then
                 hit = None if wants_prompt else self.prefix_cache.match(state.prompt_ids)
                 logits, kv, scored = self.batch.prefill(state, hit)  # (V,)
-                self.prefix_cache.store(state.prompt_ids, kv)
-                tokens, first = self._first_tokens(state, logits)
-                self.stats.prefill_seconds += time.perf_counter() - started
             except Exception as exc:
-                log.exception("prefill failed for request %s", state.id)
-                self.output.fail(state, StepFailed(f"the model step failed: {type(exc).__name__}"))
+                self._failed(state, exc)
                 continue
-            self.running[state.id] = state
-            produced += self.output.contained(state, self.output.begin, state, tokens, first, scored) or 0
+            produced += self._start(state, logits, kv, scored)
+            self.stats.prefill_seconds += time.perf_counter() - started
             hand_off()  # its first tokens go now, not after the step's other prefills
+        if group:
+            produced += self._prefill_group(group)
         self.batch.settle()
         return produced
+
+    def _prefill_group(self, group: list[RequestState]) -> int:
+        """Whole prompts in one written-out pass (each after the longest prefix the cache holds); a failed pass
+        fails the group's requests and nothing else."""
+        started = time.perf_counter()
+        try:
+            hits = [self.prefix_cache.match(s.prompt_ids) for s in group]  # all before any store: hits stay valid
+            results = self.batch.prefill_group([(s, s.prompt_len, hit) for s, hit in zip(group, hits, strict=True)])
+        except Exception as exc:
+            for state in group:
+                self._failed(state, exc)
+            return 0
+        produced = sum(self._start(state, logits, kv, None) for state, (logits, kv) in zip(group, results, strict=True))
+        self.stats.prefill_seconds += time.perf_counter() - started
+        hand_off()
+        return produced
+
+    def _start(self, state: RequestState, logits: torch.Tensor, kv: PrefillKV,
+               scored: list[TokenLogprob] | None) -> int:  # fmt: skip
+        """A prefilled prompt: keep its K/V, draw its first tokens (from logits (V,)) and start it; a failure here
+        fails this request only."""
+        try:
+            self.prefix_cache.store(state.prompt_ids, kv)
+            tokens, first = self._first_tokens(state, logits)
+        except Exception as exc:
+            self._failed(state, exc)
+            return 0
+        self.running[state.id] = state
+        return self.output.contained(state, self.output.begin, state, tokens, first, scored) or 0
+
+    def _failed(self, state: RequestState, exc: Exception) -> None:
+        log.exception("prefill failed for request %s", state.id, exc_info=exc)
+        self.output.fail(state, StepFailed(f"the model step failed: {type(exc).__name__}"))
 
     def prefill_chunk(self) -> int:
         """The next chunk of the oldest long prompt being prefilled; when it was the last, the prompt joins."""

@@ -11,6 +11,10 @@ forward bit for bit (tests/engine/test_decode_step.py checks `torch.equal`); wha
 Where q/k/v or gate/up were fused into one product (app/models/fusion.py), it calls that product once
 and rotates q and k together.
 
+Where the elementwise work runs in C (the int4 x int8 mode), `LlamaStep.prefill` is the same layers over
+several prompts' tokens at once: transformers' forward of one 110-token SmolLM2 prompt spends ~15 ms of ~110
+outside its products and attention, and one pass per prompt makes 30 x 7 small calls per prompt.
+
 `for_model` returns None for any model it does not know or any option it does not implement (then the
 caller runs the model's forward): Llama-style models (Llama, SmolLM2 and others with `LlamaForCausalLM`'s
 layout) and GPT-2, on the CPU decode attention. The GPU and the stock model keep the model's forward.
@@ -24,7 +28,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from app.models import elementwise
+from app.models import elementwise, native_step
 from app.models.attention import NAME
 from app.models.fusion import fused_product
 from app.models.int4 import on_own_kernel
@@ -37,9 +41,19 @@ class Attend(Protocol):
     def attend(self, layer: int, module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: float) -> torch.Tensor: ...  # fmt: skip
 
+    def ragged(self) -> native_step.Ragged | None:
+        """What the ragged C kernel needs to run this step's attention from C, or None where it does not run."""
+
 
 # (last token of each row (B,), its position (B,), the step's view of the KV cache) -> logits (B, V)
 Step = Callable[[torch.Tensor, torch.Tensor, Attend], torch.Tensor]
+
+
+class AttendPrompts(Protocol):
+    """The cache's side of a prompt pass (app/engine/kv_views.PromptView): store layer `layer`'s k, v (T, Hkv, D)
+    of every prompt token and return each token's causal attention over its own prompt, (T, Hq, D)."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor: ...
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -68,6 +82,9 @@ class LlamaStep:
         self.ops = elementwise.load() if on_own_kernel(model) and fused and config.hidden_act == "silu" else None
         # the norm that follows each layer: the next layer's input norm, after the last one the final norm
         self.norms_after = [layer.input_layernorm for layer, _, _ in self.layers[1:]] + [self.base.norm]
+        # where every product is the group-quantized kernel's: the layers in one C call (app/models/native_step.py)
+        shape = (config.hidden_size, self.q_heads, self.kv_heads, self.head_dim, config.intermediate_size)
+        self.native = None if self.ops is None else native_step.build(self.layers, self.norms_after, self.ops, shape)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: Attend) -> torch.Tensor:
         if self.ops is not None:
@@ -114,6 +131,10 @@ class LlamaStep:
         cos, sin = cos.reshape(rows, d).float().contiguous(), sin.reshape(rows, d).float().contiguous()
         first = self.layers[0][0].input_layernorm
         h = ops.add_rms_norm(x, None, first.weight, first.variance_epsilon)  # (B, E)
+        ragged = None if self.native is None else cache.ragged()
+        if self.native is not None and ragged is not None:  # the same loop in C
+            h = self.native(x, h, cos, sin, float(self.layers[0][0].self_attn.scaling), ragged)
+            return self.model.lm_head(h)  # type: ignore[no-any-return]
         for i, ((layer, qkv, gate_up), after) in enumerate(zip(self.layers, self.norms_after, strict=True)):
             attn, post = layer.self_attn, layer.post_attention_layernorm
             assert qkv is not None and gate_up is not None  # ops are only set up where every layer has both
@@ -123,6 +144,40 @@ class LlamaStep:
             m = ops.silu_mul(gate_up(h))  # (B, I)
             h = ops.add_rms_norm(x, layer.mlp.down_proj(m), after.weight, after.variance_epsilon)
         logits: torch.Tensor = self.model.lm_head(h)  # (B, V)
+        return logits
+
+    @property
+    def prompts(self) -> bool:
+        """Whether `prefill` runs: prompts take the written-out pass where the C elementwise ops do."""
+        return self.ops is not None
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor,
+                cache: AttendPrompts) -> torch.Tensor:  # fmt: skip
+        """Several prompts' tokens in one pass: ids and positions (T,), the prompts one after another; `last`
+        (P,) the index of each prompt's last token -> logits (P, V) there. Every product runs once over all T
+        rows (each row's result is the kernel's whatever the other rows: app/models/group_quant.py); only
+        attention is per prompt (`cache`). The last layer's output projection and MLP run on the `last` rows
+        only: nothing else reads them."""
+        ops = self.ops
+        assert ops is not None, "the prompt pass runs where the elementwise ops do"
+        tokens, hq, hkv, d = ids.shape[0], self.q_heads, self.kv_heads, self.head_dim
+        x = self.base.embed_tokens(ids).float().contiguous()  # (T, E)
+        cos, sin = self.base.rotary_emb(x[None], positions[None])  # (1, T, D) each
+        cos, sin = cos.reshape(tokens, d).float().contiguous(), sin.reshape(tokens, d).float().contiguous()
+        first = self.layers[0][0].input_layernorm
+        h = ops.add_rms_norm(x, None, first.weight, first.variance_epsilon)  # (T, E)
+        final = len(self.layers) - 1
+        for i, ((layer, qkv, gate_up), after) in enumerate(zip(self.layers, self.norms_after, strict=True)):
+            attn, post = layer.self_attn, layer.post_attention_layernorm
+            assert qkv is not None and gate_up is not None  # ops are only set up where every layer has both
+            q, k, v = ops.rope_split(qkv(h), cos, sin, hq, hkv, d)  # (T, Hq, D), (T, Hkv, D) x 2
+            a = cache.attend(i, q, k, v, attn.scaling).reshape(-1, hq * d)  # (T, Hq D)
+            if i == final:
+                a, x = a[last].contiguous(), x[last].contiguous()  # (P, Hq D), (P, E)
+            h = ops.add_rms_norm(x, attn.o_proj(a), post.weight, post.variance_epsilon)
+            m = ops.silu_mul(gate_up(h))  # (., I)
+            h = ops.add_rms_norm(x, layer.mlp.down_proj(m), after.weight, after.variance_epsilon)
+        logits: torch.Tensor = self.model.lm_head(h)  # (P, V)
         return logits
 
 

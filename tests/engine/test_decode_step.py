@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from app.config import Settings
 from app.engine.batch import Batch
-from app.models import numerics
+from app.models import group_quant, numerics
 from app.models.attention import use_decode_attention
 from app.models.decode_step import Gpt2Step, LlamaStep, for_model
 from app.models.int4 import Int4Linear
@@ -26,12 +26,15 @@ CPU_FEATURES = numerics.cpu_features()
 
 
 def _decode(model: Any, written_out: bool, prompts: list[list[int]], steps: int = 4, kernel: bool = False,
-            feed: list[torch.Tensor] | None = None) -> list[torch.Tensor]:  # fmt: skip
+            feed: list[torch.Tensor] | None = None, native: bool = True) -> list[torch.Tensor]:  # fmt: skip
     """Logits (B, V) of `steps` greedy decode steps of `prompts` in one batch, through the step or the forward;
-    `feed`: logits of another run, whose greedy tokens are fed instead of this run's (near-ties stay aligned)."""
+    `feed`: logits of another run, whose greedy tokens are fed instead of this run's (near-ties stay aligned);
+    `native=False`: the step's layers from Python even where they would run in one C call."""
     batch = Batch(model, max_rows=8, max_tokens=4096, kernel=kernel)
     if not written_out:
-        batch.step = None
+        batch.step = batch.prompt_step = None
+    if not native and isinstance(batch.step, LlamaStep):
+        batch.step.native = None
     with torch.inference_mode():
         for ids in prompts:
             request: Any = SimpleNamespace(prompt_len=len(ids), prompt_ids=ids, request=SimpleNamespace(), sequences=[],
@@ -105,6 +108,92 @@ def test_tiny_llama_fused_and_not(quantize: str) -> None:
 @pytest.mark.parametrize("mode", [MODES[0], MODES[3]])
 def test_smollm(mode: dict[str, str]) -> None:
     _assert_same(_load(OFFLINE_DEFAULT, **mode).model, LlamaStep)
+
+
+def _request(ids: list[int], room: int = 8) -> Any:
+    return SimpleNamespace(prompt_len=len(ids), prompt_ids=ids, request=SimpleNamespace(), sequences=[],
+                           reserved_tokens=len(ids) + room, prefilled=0, done=False)  # fmt: skip
+
+
+def _segment_kv(batch: Batch, request: Any) -> list[torch.Tensor]:
+    return [torch.cat(kv) for kv in batch.prompt_kv(request)]  # per layer (2, H, P, D)
+
+
+def _assert_prompt_pass(model: Any) -> None:
+    """Prompts through the written-out pass, several at once: each prompt's logits are bit for bit those it gets
+    alone (whatever else shares the pass, in any order), and the model's forward's to the 8-bit modes'
+    tolerance; so is what lands in its segment. In chunks, or after a prefix read back from the cache, the
+    same to that tolerance."""
+    vocab = model.config.vocab_size
+    prompts = [[(7 * i + 3 * n) % vocab for i in range(n)] for n in (5, 40, 1, 23, 64)]
+    batch = Batch(model, max_rows=8, max_tokens=8192)
+    assert batch.prompt_step is not None
+    with torch.inference_mode():
+        alone = []
+        for ids in prompts:
+            request = _request(ids)
+            alone.append((batch.prefill_chunk(request, len(ids)), _segment_kv(batch, request)))
+            batch.discard(request)
+        for order in (prompts, prompts[::-1]):
+            requests = [_request(ids) for ids in order]
+            results = batch.prefill_group([(r, r.prompt_len, None) for r in requests])
+            for r, (logits, kv) in zip(requests, results, strict=True):
+                expected, expected_kv = alone[prompts.index(r.prompt_ids)]
+                assert torch.equal(logits, expected)
+                assert all(torch.equal(a, b) for a, b in zip(_segment_kv(batch, r), expected_kv, strict=True))
+                assert kv[0][0].shape == (1, model.config.num_key_value_heads, r.prompt_len, kv[0][0].shape[-1])
+                batch.discard(r)
+        step, batch.prompt_step = batch.prompt_step, None  # the model's own forward
+        for ids, (expected, expected_kv) in zip(prompts, alone, strict=True):
+            request = _request(ids)
+            logits = batch.prefill_chunk(request, len(ids))
+            assert (logits - expected).abs().max() <= 6e-2 * logits.abs().max()
+            for a, b in zip(_segment_kv(batch, request), expected_kv, strict=True):
+                assert (a - b).abs().max() <= 6e-2 * a.abs().max()
+            batch.discard(request)
+        batch.prompt_step = step
+        ids = prompts[-1]
+        request = _request(ids)
+        for stop in (20, 21, 50, len(ids)):  # chunks after what the segment holds
+            logits = batch.prefill_chunk(request, stop)
+        assert (logits - alone[-1][0]).abs().max() <= 6e-2 * logits.abs().max()
+        batch.discard(request)
+
+
+KERNEL = group_quant.load() is not None and group_quant.usable(CPU_FEATURES)
+
+
+def _assert_native_layers(model: Any) -> None:
+    """The step's layers in one C call give the Python loop's logits bit for bit, rows joining as they go."""
+    step = for_model(model)
+    assert isinstance(step, LlamaStep) and step.native is not None
+    vocab = model.config.vocab_size
+    prompts = [[(5 * i + n) % vocab for i in range(n)] for n in (3, 17, 1, 40, 9)]
+    in_c = _decode(model, True, prompts, steps=6, kernel=True)
+    in_python = _decode(model, True, prompts, steps=6, kernel=True, native=False)
+    assert all(torch.equal(a, b) for a, b in zip(in_c, in_python, strict=True))
+
+
+@pytest.mark.skipif(not KERNEL, reason="the prompt pass runs with the int4 x int8 kernel")
+def test_prompts_in_one_pass_tiny_llama() -> None:
+    _assert_prompt_pass(_tiny_llama("int4"))
+
+
+@pytest.mark.skipif(not KERNEL, reason="the C layer loop runs with the int4 x int8 kernel")
+def test_layers_in_one_c_call_tiny_llama() -> None:
+    _assert_native_layers(_tiny_llama("int4"))
+
+
+@pytest.mark.smollm
+@pytest.mark.skipif(not KERNEL, reason="the C layer loop runs with the int4 x int8 kernel")
+def test_layers_in_one_c_call_smollm() -> None:
+    _assert_native_layers(_load(OFFLINE_DEFAULT, quantize="int4").model)
+
+
+@pytest.mark.smollm
+@pytest.mark.skipif(not KERNEL, reason="the prompt pass runs with the int4 x int8 kernel")
+def test_prompts_in_one_pass_smollm() -> None:
+    _assert_prompt_pass(_load(OFFLINE_DEFAULT, quantize="int4").model)
 
 
 def test_models_it_does_not_know_keep_their_forward(tiny: LoadedModel) -> None:

@@ -1,0 +1,81 @@
+/* A Llama-style decode step's layers in one call: the same kernels the written-out step calls from Python
+   (group_quant.c's products, elementwise.c's norms / rotary / SwiGLU, ragged_decode.c's attention), called
+   here in the same order on the same buffers, through the function pointers the caller hands over.
+
+   Why: at one row a SmolLM2 int4 step is ~4 ms of arithmetic and ~5 ms of Python between the ~270 kernel
+   calls (argument conversion, tensor allocation, shape checks: ~10-15 us each). Here a call is a C call.
+   Results are those of the Python loop bit for bit: same kernels, same inputs, same order.
+
+   Per layer l, ptrs[l * PTRS + ...]: for each product p in QKV, O, GATE_UP, DOWN its (weights, scales, bias or
+   0), then the post-attention norm's weight and the next norm's weight (the next layer's input norm, after the
+   last layer the final norm); dims[l * 3 * PRODUCTS + 3 p + ...]: the product's bits (4 or 8), K, N; eps[2 l
+   + ...]: the two norms' epsilons; kv[2 l + ...]: the layer's K and V arena. */
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+
+typedef void (*linear_fn)(const float*, int, int, int, const uint8_t*, const void*, const float*, float*, int8_t*,
+                          float*, float*, int);
+typedef void (*norm_fn)(float*, const float*, const float*, float, int, int, float*);
+typedef void (*rope_fn)(const float*, const float*, const float*, int, int, int, int, float*, float*, float*);
+typedef void (*swiglu_fn)(const float*, int, int, float*);
+typedef void (*attn_fn)(const float*, float, void*, void*, int, const float*, const float*, const int32_t*,
+                        const int32_t*, int, const int32_t*, int, const int32_t*, float*, float*, float*, float*, int);
+
+enum { QKV, O, GATE_UP, DOWN, PRODUCTS };
+#define PTRS (3 * PRODUCTS + 2)
+
+static double now(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* `call`, its seconds added to times[slot] when the caller asked for times (a profile: app/bench/step_profile) */
+#define TIMED(slot, call) do { \
+    if (times) { const double t0_ = now(); call; times[slot] += now() - t0_; } else { call; } \
+  } while (0)
+enum { LINEARS, ATTENTION, ELEMENTWISE };
+
+/* fns: group_quant (4 bits), q8_linear (8 bits), add_rms_norm, rope_split, silu_mul, ragged_decode.
+   x (B, E): the residual stream, updated in place; h (B, E): the first layer's normed input on entry, the
+   final norm's output on return. cos, sin (B, D). held ... pacc: the ragged kernel's plan and scratch.
+   work: y (B, most N), q (B, HQ, D), k, v (B, HKV, D), a (B, HQ, D), m (B, I) one after another;
+   xq (B, most K) int8, dx, sx (B, most K / 32): the products' scratch. times: NULL, or seconds per kind of
+   work (linears, attention, elementwise) to add to. */
+void decode_layers(const int64_t* fns, int layers, const int64_t* ptrs, const int32_t* dims, const float* eps,
+                   const int64_t* kv, int B, int E, int HQ, int HKV, int D, int I, int most_n, float* x, float* h,
+                   const float* cos_, const float* sin_, float scale, int nbt, const int32_t* held,
+                   const int32_t* starts, const int32_t* jobs, int njobs, const int32_t* first, float* pm,
+                   float* pl, float* pacc, float* work, int8_t* xq, float* dx, float* sx, int threads,
+                   double* times) {
+  const linear_fn linear[2] = {(linear_fn)fns[0], (linear_fn)fns[1]};
+  const norm_fn norm = (norm_fn)fns[2];
+  const rope_fn rope = (rope_fn)fns[3];
+  const swiglu_fn swiglu = (swiglu_fn)fns[4];
+  const attn_fn attend = (attn_fn)fns[5];
+  float* y = work;
+  float* q = y + (size_t)B * most_n;
+  float* k = q + (size_t)B * HQ * D;
+  float* v = k + (size_t)B * HKV * D;
+  float* a = v + (size_t)B * HKV * D;
+  float* m = a + (size_t)B * HQ * D;
+  for (int l = 0; l < layers; l++) {
+    const int64_t* p = ptrs + (size_t)l * PTRS;
+    const int32_t* dm = dims + (size_t)l * 3 * PRODUCTS;
+#define PRODUCT(i, in) linear[dm[3 * (i)] == 8]((in), B, dm[3 * (i) + 1], dm[3 * (i) + 2], (const uint8_t*)p[3 * (i)], \
+                                              (const void*)p[3 * (i) + 1], (const float*)p[3 * (i) + 2], y, xq, dx, \
+                                              sx, threads)
+    TIMED(LINEARS, PRODUCT(QKV, h));
+    TIMED(ELEMENTWISE, rope(y, cos_, sin_, B, HQ, HKV, D, q, k, v));
+    TIMED(ATTENTION, attend(q, scale, (void*)kv[2 * l], (void*)kv[2 * l + 1], nbt, k, v, held, starts, B, jobs, njobs,
+                            first, pm, pl, pacc, a, threads));
+    TIMED(LINEARS, PRODUCT(O, a));
+    TIMED(ELEMENTWISE, norm(x, y, (const float*)p[3 * PRODUCTS], eps[2 * l], B, E, h));
+    TIMED(LINEARS, PRODUCT(GATE_UP, h));
+    TIMED(ELEMENTWISE, swiglu(y, B, I, m));
+    TIMED(LINEARS, PRODUCT(DOWN, m));
+    TIMED(ELEMENTWISE, norm(x, y, (const float*)p[3 * PRODUCTS + 1], eps[2 * l + 1], B, E, h));
+#undef PRODUCT
+  }
+}

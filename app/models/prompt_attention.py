@@ -1,0 +1,99 @@
+"""Causal attention of whole prompts, several in one call, as a small C kernel (kernels/prompt_attention.c).
+
+A prefill's attention runs on the K/V it just computed: each prompt token attends to the prompt up to itself.
+PyTorch's CPU flash kernel (what `sdpa` runs) takes 0.4-0.5 ms a layer for one 110-token SmolLM2 prompt, a
+sixth of the int4 mode's prompt pass; this kernel runs the same products with each key vector serving 8 query
+rows and one call per layer for all the pass's prompts: `python -m app.models.prompt_attention` prints both.
+
+Used by the written-out prompt pass (app/engine/kv_views.PromptView) for prompts computed from their first
+token; a chunk after earlier ones, or after a reused prefix, attends over what its segment holds through
+`sdpa`. Built on first use with the model's shape as constants; None where it does not build (then `sdpa`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch.nn import functional
+
+from app.models import kernel_build
+
+SOURCE = "prompt_attention.c"
+PROFILE_NAME = "textgen::prompt_attention"
+BLOCK = 16  # keys per vector of scores: each prompt's keys are laid out in whole vectors
+
+
+class Kernel:
+    """The built kernel for one model shape: `(q, k, v, lengths, scale) -> out`."""
+
+    def __init__(self, path: Path, kv_heads: int, group: int, head_dim: int) -> None:
+        self.fn = ctypes.CDLL(str(path)).prompt_attention
+        p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        self.fn.argtypes = [p, p, p, p, i, f, p, p, i]
+        self.fn.restype = None
+        self.kv_heads, self.group, self.head_dim = kv_heads, group, head_dim
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
+                 scale: float) -> torch.Tensor:  # fmt: skip
+        """q (T, Hq, D), k, v (T, H, D) contiguous fp32, the prompts of `lengths` one after another -> (T, Hq, D)."""
+        offsets = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)  # (P + 1,)
+        padded = sum(-(-n // BLOCK) * BLOCK for n in lengths)
+        scratch = q.new_empty(self.kv_heads, padded, self.head_dim)  # each prompt's keys, transposed per head
+        out = torch.empty_like(q)
+        args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), offsets.data_ptr(), len(lengths), scale,
+                scratch.data_ptr(), out.data_ptr(), torch.get_num_threads())  # fmt: skip
+        kernel_build.call(PROFILE_NAME, self.fn, *args)  # what app/bench/step_profile counts as attention
+        return out
+
+
+@cache
+def load(kv_heads: int, group: int, head_dim: int) -> Kernel | None:
+    """The kernel for this attention shape, built if needed; None where it cannot run (then: sdpa)."""
+    if os.environ.get("TEXTGEN_PROMPT_KERNEL", "1") == "0" or head_dim % 16 or head_dim > 256:
+        return None
+    defines = {"H": kv_heads, "G": group, "D": head_dim}
+    return kernel_build.load(SOURCE, "prompt attention kernel", lambda path: Kernel(path, kv_heads, group, head_dim),
+                             defines, extra_flags=("-ffast-math",), libs=("-lmvec",))  # fmt: skip
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], scale: float) -> torch.Tensor:
+    """What the kernel computes, through sdpa: (T, Hq, D)."""
+    out, start = [], 0
+    for n in lengths:
+        rows = slice(start, start + n)
+        o = functional.scaled_dot_product_attention(q[rows].transpose(0, 1)[None], k[rows].transpose(0, 1)[None],
+                                                    v[rows].transpose(0, 1)[None], is_causal=True, scale=scale,
+                                                    enable_gqa=True)  # (1, Hq, n, D)  # fmt: skip
+        out.append(o[0].transpose(0, 1))
+        start += n
+    return torch.cat(out)
+
+
+def _bench() -> None:  # pragma: no cover - a measurement, run by hand
+    torch.set_num_threads(2)
+    kv_heads, group, dim, layers = 3, 3, 64, 30  # SmolLM2-135M
+    kernel = load(kv_heads, group, dim)
+    assert kernel is not None, "the kernel does not build here"
+    print(" prompts (tokens)      sdpa ms  kernel ms   (30 layers, 3 kv heads x 3, 64 dims)")
+    for lengths in ([30], [110], [200], [500], [110, 57, 89]):
+        total = sum(lengths)
+        q = torch.randn(total, kv_heads * group, dim)
+        k, v = torch.randn(total, kv_heads, dim), torch.randn(total, kv_heads, dim)
+        times = []
+        for fn in (reference, kernel):
+            with torch.inference_mode():
+                fn(q, k, v, lengths, dim**-0.5)
+                started = time.perf_counter()
+                for _ in range(layers):
+                    fn(q, k, v, lengths, dim**-0.5)
+            times.append((time.perf_counter() - started) * 1000)
+        print(f" {lengths!s:<20} {times[0]:>8.1f} {times[1]:>10.1f}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _bench()
