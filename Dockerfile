@@ -38,9 +38,10 @@ RUN mkdir -p /models && if [ "$BAKE_DEFAULT_MODEL" = "true" ]; then \
 
 # ---- runtime: the environment, the model, a non-root user ------------------------------------
 FROM ${BASE_IMAGE} AS runtime
-# A C compiler: the CPU kernels (decode attention, the int4 x int8 products, the elementwise ops) are built on
-# first start for the CPU the container runs on (app/models/kernel_build.py, cc -march=native; without one the
-# torch paths run: ~5x slower attention, PyTorch's int4 kernel). libc6-dev brings libmvec for the vector exp.
+# A C compiler: the CPU kernels (decode and prompt attention, the int4 x int8 products, the elementwise ops, the
+# decode step's layer loop) are built on first start for the CPU the container runs on (app/models/kernel_build.py,
+# cc -march=native; without one the torch paths run: ~5x slower attention, PyTorch's int4 kernel). libc6-dev
+# brings libmvec for the vector exp.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc=4:* libc6-dev=2.* \
     && rm -rf /var/lib/apt/lists/*

@@ -6,9 +6,10 @@ Runs the real engine in-process on the model the server would load (settings fro
 profiles `--steps` steps on the engine's own thread with torch.profiler. Each step is split into:
 linear layers (the matrix-product kernels of every numeric mode), attention (the ragged C kernel, or the
 torch path's matmuls and softmax), sampling, output (detokenization, stop strings, events), and the rest (small
-tensor ops between them, Python, scheduling). Where the step runs its layers in one C call (the int4 x int8
-mode: app/models/native_step.py) the profiler sees none of that loop, which times its own linears, attention
-and elementwise work (norms, rotary, SwiGLU: a row of their own; on the Python path they are in the rest).
+tensor ops between them, Python, scheduling). Elementwise: the model's own arithmetic between the products
+(norms, rotary, SwiGLU, residual adds: the torch ops of ELEMENTWISE_OPS). Where the step runs its layers in one
+C call (the int4 x int8 mode: app/models/native_step.py) the profiler sees none of that loop, which times its
+own linears, attention and elementwise work.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ from app.models.ragged_attention import PROFILE_NAME
 LINEAR_OPS = ("_linear_pointwise", "qlinear_pointwise", "_int_mm", "_weight_int4pack_mm", "aten::mm", "aten::addmm",
               GROUP_PROFILE_NAME)  # fmt: skip
 ATTENTION_OPS = ("aten::bmm", "aten::_softmax", PROFILE_NAME)  # the torch path's ops, the ragged C kernel
+# the model's own arithmetic between the products on the Python path: RMSNorm (pow, mean, add, rsqrt, mul),
+# rotary (mul, neg, cat, add), SwiGLU (silu, mul), the residual adds
+ELEMENTWISE_OPS = ("aten::mul", "aten::add", "aten::pow", "aten::mean", "aten::rsqrt", "aten::neg", "aten::cat",
+                   "aten::silu")  # fmt: skip
 
 
 def _labelled(name: str, work: Callable[..., Any]) -> Callable[..., Any]:
@@ -110,8 +115,7 @@ def report(plain_s: float, prof: Any, profiled_s: float, steps: int, rows: int, 
     # microseconds over the profiled steps; `native`: seconds inside the C layer loop (none outside it)
     totals: dict[str, float] = {"linears": native[0] * 1e6, "attention": native[1] * 1e6, "sampling": 0.0,
                                 "output": 0.0}  # fmt: skip
-    if native[2]:  # the C loop's norms, rotary and SwiGLU (on the Python path they count in the rest)
-        totals["elementwise"] = native[2] * 1e6
+    totals["elementwise"] = native[2] * 1e6  # the C loop's norms, rotary and SwiGLU, or the torch ops' below
     inside = {"sampling", "output"}
     rest: list[tuple[float, str, int]] = []
     for event in prof.key_averages():
@@ -122,6 +126,8 @@ def report(plain_s: float, prof: Any, profiled_s: float, steps: int, rows: int, 
             totals["attention"] += event.self_cpu_time_total
         elif name in inside:  # the ops inside a scope count with it
             totals[name] += event.cpu_time_total
+        elif name in ELEMENTWISE_OPS:  # (those inside sampling count there too: a small overlap)
+            totals["elementwise"] += event.self_cpu_time_total
         elif name.startswith("aten::"):
             rest.append((event.self_cpu_time_total, name, event.count))
     step_ms = profiled_s * 1e3

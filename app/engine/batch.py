@@ -47,10 +47,6 @@ class Batch:
         self.step = decode_step.for_model(model)
         # prompts through the step's written-out pass too, several in one (`prefill_group`), where it has one
         self.prompt_step = self.step if isinstance(self.step, decode_step.LlamaStep) and self.step.prompts else None
-        step = self.prompt_step
-        self.prompt_kernel = None
-        if step is not None:  # its attention, for prompts computed from their first token
-            self.prompt_kernel = prompt_attention.load(step.kv_heads, step.q_heads // step.kv_heads, step.head_dim)
         self.cache_kw = cache_keyword(model)
         # models whose layers mix full and sliding-window attention (Gemma 3): the decode mask differs by layer
         config = model.config
@@ -113,12 +109,22 @@ class Batch:
     def prefill_chunk(self, request: RequestState, stop: int, prefix: Hit | None = None) -> torch.Tensor:
         """Compute prompt tokens [request.prefilled, stop) into the prompt's segment (a `prefix` first fills its
         start); return the logits (V,) at position stop - 1."""
-        return self._compute(request, stop, prefix)[0]
+        return self._compute(request, stop, prefix, keep_kv=False)[0]
 
-    def prefill_group(self, group: list[tuple[RequestState, int, Hit | None]]) -> list[tuple[torch.Tensor, KV]]:
+    def _prompt_kernel(self) -> prompt_attention.Kernel | None:
+        """The prompt attention kernel for this model and cache (it reads the arena's layout: the decode kernel's)."""
+        step = self.prompt_step
+        if step is None or not self.cache.transposed:
+            return None
+        return prompt_attention.load(step.kv_heads, step.q_heads // step.kv_heads, step.head_dim,
+                                     bf16=self.cache.store == torch.bfloat16)  # fmt: skip
+
+    def prefill_group(self, group: list[tuple[RequestState, int, Hit | None]],
+                      keep_kv: bool = True) -> list[tuple[torch.Tensor, KV]]:  # fmt: skip
         """Prompt tokens [request.prefilled, stop) of each (request, stop, prefix) in one written-out pass
         (where the model has one: `prompt_step`); per request, the logits (V,) at position stop - 1 and
-        its K/V so far (1, H, stop, D) per layer. A prompt's results do not depend on the others in the group."""
+        its K/V so far (1, H, stop, D) per layer (with `keep_kv`; a chunk's caller does not need it). A prompt's
+        results do not depend on the others in the group."""
         assert self.prompt_step is not None
         prompts, ids = [], []
         for request, stop, prefix in group:
@@ -130,16 +136,20 @@ class Batch:
                 filled = prefix.length
             prompts.append((seg, filled, stop - filled))
             ids.extend(request.prompt_ids[filled:stop])
-        view = PromptView(self.cache, prompts, self.device, self.prompt_kernel)
+        view = PromptView(self.cache, prompts, self.device, self._prompt_kernel())
         last = torch.tensor(view.offsets[1:], device=self.device) - 1  # (P,)
         logits = self.prompt_step.prefill(torch.tensor(ids, device=self.device), view.positions(), last, view)
-        for request, stop, _ in group:
+        kvs = []
+        for (request, stop, _), (seg, filled, _), kv in zip(group, prompts, view.kv, strict=True):
             request.prefilled = stop
-        return list(zip(logits.unbind(0), view.kv, strict=True))
+            # after held tokens, the prompt's K/V so far is in its segment: one copy out, where wanted
+            kvs.append(self.cache.read_all(seg, stop) if filled and keep_kv else kv)
+        return list(zip(logits.unbind(0), kvs, strict=True))
 
-    def _compute(self, request: RequestState, stop: int, prefix: Hit | None) -> tuple[torch.Tensor, KV]:
+    def _compute(self, request: RequestState, stop: int, prefix: Hit | None,
+                 keep_kv: bool = True) -> tuple[torch.Tensor, KV]:  # fmt: skip
         if self.prompt_step is not None:
-            return self.prefill_group([(request, stop, prefix)])[0]
+            return self.prefill_group([(request, stop, prefix)], keep_kv)[0]
         cache, ids = self._forward_into(self._segment(request), request.prompt_ids, request.prefilled, prefix, stop)
         with prompt_pass():
             out = self.model(input_ids=ids, **{self.cache_kw: cache}, use_cache=True, logits_to_keep=1)

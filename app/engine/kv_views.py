@@ -217,12 +217,13 @@ class PrefillCache(Cache):
 class PromptView:
     """Prompts computed in one pass, one after another in its rows: prompt p's `n` tokens go to positions
     [filled, filled + n) of its segment (`filled`: what the segment already holds, a reused prefix or earlier
-    chunks). Attention is per prompt, over its own tokens only, as the model's forward computes it: the fresh
-    K/V as computed, what the segment held read back (the same values a `PrefillCache` sees)."""
+    chunks). Attention is per prompt, over its own tokens only: a prompt from its first token attends over its
+    K/V as computed (as the model's forward does); one after held tokens over its segment as the cache holds
+    it (the kernel reads it in place; the torch path reads it back, as a `PrefillCache` does)."""
 
     def __init__(self, cache: RaggedCache, prompts: list[tuple[Segment, int, int]], device: torch.device,
                  kernel: prompt_attention.Kernel | None = None) -> None:  # fmt: skip
-        """prompts: (segment, filled, n) each; `kernel`: the prompt attention kernel, for prompts with filled 0."""
+        """prompts: (segment, filled, n) each; `kernel`: the prompt attention kernel (None: sdpa)."""
         self.cache = cache
         self.prompts = prompts
         self.kernel = kernel
@@ -236,11 +237,12 @@ class PromptView:
         self.offsets = [0]
         for _, _, n in prompts:
             self.offsets.append(self.offsets[-1] + n)
-        # after what the segment holds: query i (position filled + i) sees keys [0, filled + i]; (n, filled + n)
-        self.masks = [None if filled == 0 else torch.arange(filled + n, device=device)[None, :]
+        # the torch path after what the segment holds: query i (position filled + i) sees keys [0, filled + i]
+        self.masks = [None if filled == 0 or kernel is not None else torch.arange(filled + n, device=device)[None, :]
                       <= torch.arange(filled, filled + n, device=device)[:, None]
                       for _, filled, n in prompts]  # fmt: skip
-        self.kv: list[KV] = [[] for _ in prompts]  # per prompt, per layer (1, H, filled + n, D): its K/V so far
+        # per prompt from its first token, per layer (1, H, n, D): its K/V (the others' are in their segments)
+        self.kv: list[KV] = [[] for _ in prompts]
 
     def positions(self) -> torch.Tensor:
         """Each row's position in its prompt (T,)."""
@@ -260,14 +262,16 @@ class PromptView:
         for p, ((seg, filled, n), mask) in enumerate(zip(self.prompts, self.masks, strict=True)):
             a, b = self.offsets[p], self.offsets[p + 1]
             pk, pv = k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None]  # (1, Hkv, n, D)
-            if filled:  # what the segment held, then these
-                pk, pv = self.cache.read(layer, seg, filled, (pk, pv))  # (1, Hkv, filled + n, D)
-            self.kv[p].append((pk, pv))
+            if not filled:
+                self.kv[p].append((pk, pv))
             if together:
                 continue
-            if kernel is not None and not filled:
-                out[a:b] = kernel(q[a:b], k[a:b], v[a:b], [n], scale)
+            if kernel is not None:
+                out[a:b] = (kernel(q[a:b], k[a:b], v[a:b], [n], scale) if not filled else
+                            kernel.cached(q[a:b], keys, values, [(seg.start, filled, n)], scale))  # fmt: skip
                 continue
+            if filled:  # what the segment held, then these
+                pk, pv = self.cache.read(layer, seg, filled, (pk, pv))  # (1, Hkv, filled + n, D)
             pq = q[a:b].transpose(0, 1)[None]  # (1, Hq, n, D)
             o = functional.scaled_dot_product_attention(pq, pk, pv, attn_mask=mask, is_causal=mask is None,
                                                         scale=scale, enable_gqa=True)  # (1, Hq, n, D)  # fmt: skip

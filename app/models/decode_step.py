@@ -28,10 +28,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from app.models import elementwise, native_step
+from app.models import elementwise, native_step, numerics
 from app.models.attention import NAME
 from app.models.fusion import fused_product
-from app.models.int4 import on_own_kernel
 
 
 class Attend(Protocol):
@@ -76,10 +75,10 @@ class LlamaStep:
             qkv = fused_product([attn.q_proj, attn.k_proj, attn.v_proj])
             gate_up = fused_product([mlp.gate_proj, mlp.up_proj])
             self.layers.append((layer, qkv, gate_up))
-        # the elementwise work in C where the model is in the int4 x int8 mode (not token-exact anyway) and
-        # every layer has its fused products
+        # the elementwise work in C where the model runs a mode that is not token-exact anyway (int4 x int8,
+        # bf16: numerics.inexact) and every layer has its fused products
         fused = all(qkv is not None and gate_up is not None for _, qkv, gate_up in self.layers)
-        self.ops = elementwise.load() if on_own_kernel(model) and fused and config.hidden_act == "silu" else None
+        self.ops = elementwise.load() if numerics.inexact(model) and fused and config.hidden_act == "silu" else None
         # the norm that follows each layer: the next layer's input norm, after the last one the final norm
         self.norms_after = [layer.input_layernorm for layer, _, _ in self.layers[1:]] + [self.base.norm]
         # where every product is the group-quantized kernel's: the layers in one C call (app/models/native_step.py)

@@ -64,7 +64,9 @@ def build(
     path = FOLDER / source
     flags = (*BASE_FLAGS, *extra_flags)
     macros = [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
-    key = hashlib.sha256("\0".join([path.read_text(), *flags, *macros, *libs, version, _cpu_flags()]).encode())
+    headers = [h.read_text() for h in sorted(FOLDER.glob("*.h"))]  # what a kernel may include
+    key = hashlib.sha256("\0".join([path.read_text(), *headers, *flags, *macros, *libs, version,
+                                     _cpu_flags()]).encode())  # fmt: skip
     target = _cache_dir() / f"{path.stem}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target

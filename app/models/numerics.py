@@ -136,11 +136,21 @@ def _name(mode: str, rest: str, w4a8: bool = False) -> str:
             "int4": f"int4-{'w4a8' if w4a8 else 'w4'}-g32+{rest}"}[mode]  # fmt: skip
 
 
+def inexact(model: nn.Module) -> bool:
+    """Whether `model` runs a mode that is not token-exact against transformers anyway, where the decode step
+    and the cache may trade exactness in the last bits for speed too (norms, rotary and SwiGLU in C, prompts
+    through the written-out pass, K/V cached in bf16): the int4 x int8 kernel's, and bf16 (every product in
+    bf16, none in int8 or int4)."""
+    if on_own_kernel(model):
+        return True
+    products = [m for m in model.modules() if isinstance(m, (PackedLinear, Int8Linear, Int4Linear))]
+    return bool(products) and all(isinstance(m, PackedLinear) and m.dtype == torch.bfloat16 for m in products)
+
+
 def kv_cache_dtype(model: nn.Module) -> torch.dtype | None:
-    """What the KV cache should store for `model`: bf16 where its layers run the int4 x int8 kernel (a mode
-    that is not token-exact anyway; a decode step's attention reads every cached token of every row, and in
-    bf16 half the bytes), None (the model's own dtype) elsewhere."""
-    return torch.bfloat16 if on_own_kernel(model) else None
+    """What the KV cache should store for `model`: bf16 in the inexact modes (a decode step's attention reads
+    every cached token of every row, and in bf16 half the bytes), None (the model's own dtype) elsewhere."""
+    return torch.bfloat16 if inexact(model) else None
 
 
 def keeps_int8(group: list[nn.Module], weight: torch.Tensor, output_layer: nn.Module | None) -> bool:
@@ -204,8 +214,8 @@ def apply(model: Any, tokenizer: Any, numerics: Numerics) -> Numerics:
         weight, bias = as_linear(layer)  # type: ignore[misc]
         setattr(parent, name, make([layer], weight, bias))
     fuse(model, groups, make)
-    if numerics.w4a8:  # norms and SwiGLU in C too: this mode is not token-exact anyway (app/models/elementwise.py)
-        elementwise.install(model)
+    if numerics.w4a8 or numerics.mode == "bf16":  # norms and SwiGLU in C too: these modes are not token-exact
+        elementwise.install(model)  # anyway (app/models/elementwise.py; `inexact`)
     own_memory(model)
     ran = numerics
     if numerics.lossless_only and not int4:

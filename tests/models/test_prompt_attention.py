@@ -34,3 +34,30 @@ def test_a_prompt_alone_and_among_others_is_bit_identical() -> None:
     rows = slice(40, 113)
     alone = KERNEL(q[rows].contiguous(), k[rows].contiguous(), v[rows].contiguous(), [73], 0.125)
     assert torch.equal(together[rows], alone)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize(("held", "n"), [(16, 1), (20, 5), (37, 40), (300, 17)])
+def test_after_held_tokens_it_reads_the_cache_in_place(bf16: bool, held: int, n: int) -> None:
+    """A pass of n tokens after `held` that a segment of the ragged cache holds: each token attends over the
+    segment's tokens up to its own, as the cache holds them (bf16: rounded), read where they lie."""
+    from app.engine.kv_cache import RaggedCache
+
+    kernel = prompt_attention.load(3, 3, 64, bf16=bf16)
+    assert kernel is not None
+    torch.manual_seed(held + n)
+    cache = RaggedCache(1, 2048, kernel=True, kv_dtype=torch.bfloat16 if bf16 else None)
+    cache.allocate([(torch.zeros(1, 3, 1, 64), torch.zeros(1, 3, 1, 64))], q_heads=9)
+    if cache.kernel is None:
+        pytest.skip("the cache's kernel layout needs the ragged decode kernel")
+    cache.hold(48)  # the prompt's segment does not start at block 0
+    seg = cache.hold(held + n)
+    k, v = torch.randn(1, 3, held + n, 64), torch.randn(1, 3, held + n, 64)
+    cache.write(0, seg, 0, k, v)
+    q = torch.randn(n, 9, 64)
+    got = kernel.cached(q, cache.keys[0], cache.values[0], [(seg.start, held, n)], 0.125)  # (n, Hq, D)
+    keys, values = cache.read(0, seg, held + n)  # (1, H, held + n, D), as the cache holds them
+    mask = torch.arange(held + n)[None, :] <= torch.arange(held, held + n)[:, None]  # (n, held + n)
+    expected = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask,
+                                                               scale=0.125, enable_gqa=True)[0].transpose(0, 1)  # fmt: skip
+    assert (got - expected).abs().max() <= 2e-6

@@ -7,7 +7,10 @@
    vector and every key vector loaded serves 8 query rows; the softmax is exact (two passes over a row's
    scores, which fit: a prompt here is at most a chunk). Built at run time with the model's shape as
    constants (app/models/prompt_attention.py): D (head dim, a multiple of 16), G (query heads per key-value
-   head), H (key-value heads).
+   head), H (key-value heads), KV_BF16 (the cache's K/V dtype, for `prompt_attention_cached`).
+
+   `prompt_attention_cached` does the same for passes after tokens a prompt's segment already holds (chunks,
+   reused prefixes), reading K/V where they lie in the cache.
 
    q (T, H*G, D), k and v (T, H, D): the prompts' rows one after another, prompt p's rows [off[p], off[p+1]);
    out (T, H*G, D). kt: scratch (H, sum over prompts of n rounded up to 16, D). A row's result depends on its
@@ -29,14 +32,21 @@ static inline v16 load16(const float* p) { v16 x; __builtin_memcpy(&x, p, sizeof
 static inline void store16(float* p, v16 x) { __builtin_memcpy(p, &x, sizeof x); }
 static inline v16 splat(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
-/* rows [i0, i1) of one prompt (n tokens) and head h: kt (D, npad) its keys transposed, k/v rows strided. */
-static void tile(const float* restrict q, const float* restrict kt, int npad, const float* restrict v, int h,
-                 int i0, int i1, float scale, float* restrict s, float* restrict out) {
-  const int rows = (i1 - i0) * G, width = (i1 + BS - 1) / BS * BS;  /* keys [0, i1), in whole vectors */
-  /* scores: row r = (position i0 + r / G, head h * G + r % G), keys [0, width) */
+#include "kv_type.h"  /* kv_t, loadkv: fp32 or bf16 K/V (KV_BF16) */
+
+/* Query rows [i0, i1) of one prompt's pass and head h; the pass's tokens sit at positions base + i, after
+   `base` tokens the prompt's segment already holds (0: a prompt from its first token). Keys and values: with
+   `cached`, the prompt's segment of the cache (kc: head h's blocks (NB, D, 16), vc: (NB, 16, D)), which holds
+   the pass's own tokens too; else the pass's fresh ones (kt (D, npad) transposed, v rows strided). */
+static inline __attribute__((always_inline)) void tile(
+    const int cached, const float* restrict q, const float* restrict kt, int npad, const float* restrict v,
+    const kv_t* restrict kc, const kv_t* restrict vc, int h, int base, int i0, int i1, float scale,
+    float* restrict s, float* restrict out) {
+  const int rows = (i1 - i0) * G, width = (base + i1 + BS - 1) / BS * BS;  /* keys [0, base + i1) */
+  /* scores: row r = (position base + i0 + r / G, head h * G + r % G), keys [0, width) */
   for (int r0 = 0; r0 < rows; r0 += RQ) {
     const int rq = rows - r0 < RQ ? rows - r0 : RQ;
-    const int last = i0 + (r0 + rq - 1) / G;  /* the block's last position: no key past it is needed */
+    const int last = base + i0 + (r0 + rq - 1) / G;  /* the block's last position: no key past it is needed */
     float qs[RQ][D];
     for (int r = rq; r < RQ; r++) for (int d = 0; d < D; d++) qs[r][d] = 0.f;
     for (int r = 0; r < rq; r++) {
@@ -46,8 +56,9 @@ static void tile(const float* restrict q, const float* restrict kt, int npad, co
     for (int j0 = 0; j0 <= last; j0 += BS) {
       v16 acc[RQ];
       for (int r = 0; r < RQ; r++) acc[r] = splat(0.f);
+      const kv_t* kb = cached ? kc + (size_t)(j0 / BS) * D * BS : NULL;
       for (int d = 0; d < D; d++) {
-        const v16 key = load16(kt + (size_t)d * npad + j0);
+        const v16 key = cached ? loadkv(kb + d * BS) : load16(kt + (size_t)d * npad + j0);
         for (int r = 0; r < RQ; r++) acc[r] += splat(qs[r][d]) * key;  /* rows past rq: unused */
       }
       for (int r = 0; r < rq; r++) store16(s + (size_t)(r0 + r) * width + j0, acc[r]);
@@ -56,7 +67,7 @@ static void tile(const float* restrict q, const float* restrict kt, int npad, co
   /* softmax over each row's keys [0, position] */
   for (int r = 0; r < rows; r++) {
     float* sr = s + (size_t)r * width;
-    const int n = i0 + r / G + 1;
+    const int n = base + i0 + r / G + 1;
     float m = -FLT_MAX, l = 0.f;
     for (int j = 0; j < n; j++) m = sr[j] > m ? sr[j] : m;
     for (int j = 0; j < n; j++) { const float e = expf(sr[j] - m); sr[j] = e; l += e; }
@@ -67,13 +78,12 @@ static void tile(const float* restrict q, const float* restrict kt, int npad, co
   /* values: out[row] = sum_j p[row][j] v[j] */
   for (int r0 = 0; r0 < rows; r0 += RP) {
     const int rp = rows - r0 < RP ? rows - r0 : RP;
-    const int n = i0 + (r0 + rp - 1) / G + 1;
+    const int n = base + i0 + (r0 + rp - 1) / G + 1;
     v16 o[RP][D / 16];
     for (int r = 0; r < RP; r++) for (int c = 0; c < D / 16; c++) o[r][c] = splat(0.f);
     for (int j = 0; j < n; j++) {
-      const float* vj = v + ((size_t)j * H + h) * D;
       for (int c = 0; c < D / 16; c++) {
-        const v16 val = load16(vj + c * 16);
+        const v16 val = cached ? loadkv(vc + (size_t)j * D + c * 16) : load16(v + ((size_t)j * H + h) * D + c * 16);
         for (int r = 0; r < RP; r++) o[r][c] += splat(r < rp ? s[(size_t)(r0 + r) * width + j] : 0.f) * val;
       }
     }
@@ -82,6 +92,18 @@ static void tile(const float* restrict q, const float* restrict kt, int npad, co
       for (int c = 0; c < D / 16; c++) store16(orow + c * 16, o[r][c]);
     }
   }
+}
+
+/* Work item `it` of a call: (prompt p, head h, query rows [i0, i1)), each prompt's tiles last first (its
+   longest: spread over the threads first). */
+static void item(const int32_t* off, int it, int* p, int* h, int* i0, int* i1) {
+  int q = 0, rest = it;
+  while (rest >= H * ((off[q + 1] - off[q] + QT - 1) / QT)) { rest -= H * ((off[q + 1] - off[q] + QT - 1) / QT); q++; }
+  const int n = off[q + 1] - off[q], t = (n + QT - 1) / QT - 1 - rest / H;
+  *p = q;
+  *h = rest % H;
+  *i0 = t * QT;
+  *i1 = *i0 + QT < n ? *i0 + QT : n;
 }
 
 void prompt_attention(const float* restrict q, const float* restrict k, const float* restrict v,
@@ -113,13 +135,39 @@ void prompt_attention(const float* restrict q, const float* restrict k, const fl
     /* work items: (prompt, head, tile of QT positions), the longest tiles (the prompts' ends) spread first */
     #pragma omp for schedule(dynamic, 1)
     for (int it = 0; it < items; it++) {
-      int p = 0, rest = it;
-      while (rest >= H * ((off[p + 1] - off[p] + QT - 1) / QT)) { rest -= H * ((off[p + 1] - off[p] + QT - 1) / QT); p++; }
-      const int n = off[p + 1] - off[p], tiles = (n + QT - 1) / QT;
-      const int h = rest % H, t = tiles - 1 - rest / H;
-      const int i0 = t * QT, i1 = i0 + QT < n ? i0 + QT : n;
-      tile(q + (size_t)off[p] * HG * D, kt + h * head_kt + (size_t)kbase[p] * D, kbase[p + 1] - kbase[p],
-           v + (size_t)off[p] * H * D, h, i0, i1, scale, s, out + (size_t)off[p] * HG * D);
+      int p, h, i0, i1;
+      item(off, it, &p, &h, &i0, &i1);
+      tile(0, q + (size_t)off[p] * HG * D, kt + h * head_kt + (size_t)kbase[p] * D, kbase[p + 1] - kbase[p],
+           v + (size_t)off[p] * H * D, NULL, NULL, h, 0, i0, i1, scale, s, out + (size_t)off[p] * HG * D);
+    }
+    free(s);
+  }
+}
+
+/* The same for prompts whose pass comes after tokens their segments hold already (chunks, reused prefixes):
+   K (H, NB, D, 16), V (H, NB, 16, D) the cache's arena of nbt blocks, holding the pass's tokens too (written
+   first); prompt p's segment starts at block starts[p] and holds filled[p] tokens before the pass's
+   off[p + 1] - off[p]. Keys and values are read where they lie: nothing copied. */
+void prompt_attention_cached(const float* restrict q, const kv_t* restrict K, const kv_t* restrict V, int nbt,
+                             const int32_t* restrict off, const int32_t* restrict starts,
+                             const int32_t* restrict filled, int prompts, float scale, float* restrict out,
+                             int threads) {
+  int most = 0, items = 0;
+  for (int p = 0; p < prompts; p++) {
+    const int n = off[p + 1] - off[p];
+    most = filled[p] + n > most ? filled[p] + n : most;
+    items += H * ((n + QT - 1) / QT);
+  }
+  #pragma omp parallel num_threads(threads)
+  {
+    float* s = malloc(sizeof(float) * (size_t)G * QT * ((most + BS - 1) / BS * BS));
+    #pragma omp for schedule(dynamic, 1)
+    for (int it = 0; it < items; it++) {
+      int p, h, i0, i1;
+      item(off, it, &p, &h, &i0, &i1);
+      const size_t seg = (size_t)h * nbt + starts[p];
+      tile(1, q + (size_t)off[p] * HG * D, NULL, 0, NULL, K + seg * D * BS, V + seg * BS * D, h, filled[p], i0, i1,
+           scale, s, out + (size_t)off[p] * HG * D);
     }
     free(s);
   }

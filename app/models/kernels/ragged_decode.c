@@ -21,26 +21,7 @@ typedef float v16 __attribute__((vector_size(64)));  /* whatever vector width -m
 static inline v16 load16(const float* p) { v16 x; __builtin_memcpy(&x, p, sizeof x); return x; }
 static inline void store16(float* p, v16 x) { __builtin_memcpy(p, &x, sizeof x); }
 
-/* KV_BF16: the cache holds keys and values in bf16 (half the bytes a step reads; the fast modes), widened to
-   fp32 as they are loaded (exact), the new token rounded to nearest even as it is stored. */
-#if KV_BF16
-typedef uint16_t kv_t;
-typedef uint16_t h16 __attribute__((vector_size(32)));
-typedef uint32_t w16 __attribute__((vector_size(64)));
-static inline v16 loadkv(const kv_t* p) {
-  h16 h; __builtin_memcpy(&h, p, sizeof h);
-  w16 w = __builtin_convertvector(h, w16) << 16;
-  return (v16)w;
-}
-static inline kv_t tokv(float x) {
-  uint32_t u; __builtin_memcpy(&u, &x, sizeof u);
-  return (kv_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-#else
-typedef float kv_t;
-static inline v16 loadkv(const kv_t* p) { return load16(p); }
-static inline kv_t tokv(float x) { return x; }
-#endif
+#include "kv_type.h"  /* kv_t, loadkv, tokv: fp32 or bf16 K/V (KV_BF16) */
 
 static void job(const float* restrict q, float scale, const kv_t* restrict K, const kv_t* restrict V, int nbt,
                 int start, int t0, int t1, float* restrict pm, float* restrict pl, float* restrict pacc) {
