@@ -3,13 +3,14 @@
 | mode | linear layers | activations, norms, attention, KV cache |
 |---|---|---|
 | fp32 | fp32, prepacked for oneDNN (app/models/packing.py) | fp32 |
-| bf16 | bf16 weights, prepacked; inputs cast to bf16, outputs back to fp32 | fp32 |
+| bf16 | bf16 weights, prepacked; inputs cast to bf16, outputs back to fp32 | fp32, K/V cached in bf16 |
 | int8 | int8 weights per output channel, activations per row, int32 sums, SmoothQuant (app/models/int8.py) | fp32 |
-| int4 | 4-bit weights in groups of 32 (Q4_1) x int8 activations (app/models/group_quant.py), see below | fp32 |
+| int4 | 4-bit weights in groups of 32 (Q4_1) x int8 activations (app/models/group_quant.py), below | fp32, K/V bf16 |
 
-int4 on AVX512-VNNI runs our kernel for every pass, the output layer in Q8_0 on it too, K/V cached in bf16 and
-norms / rotary / SwiGLU in C (app/models/elementwise.py); without VNNI, PyTorch's int4 kernel on bf16
-activations, and a bf16 copy of the weights for prompt passes (app/models/int4.py).
+int4 on AVX512-VNNI runs our kernel for every pass, the output layer in Q8_0 on it too; without VNNI, PyTorch's
+int4 kernel on bf16 activations, and a bf16 copy of the weights for prompt passes (app/models/int4.py). In the
+modes that are not token-exact anyway (`inexact`: int4 on our kernel, bf16) K/V are cached in bf16 and norms /
+rotary / SwiGLU run in C (app/models/elementwise.py).
 
 Only the matrix products change: PyTorch's bf16 norms and attention are slower than fp32 on this CPU (a
 stock `model.to(bfloat16)` decode step is slower than fp32), and they are a small part of the work. In

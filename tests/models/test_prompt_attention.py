@@ -58,6 +58,7 @@ def test_after_held_tokens_it_reads_the_cache_in_place(bf16: bool, held: int, n:
     got = kernel.cached(q, cache.keys[0], cache.values[0], [(seg.start, held, n)], 0.125)  # (n, Hq, D)
     keys, values = cache.read(0, seg, held + n)  # (1, H, held + n, D), as the cache holds them
     mask = torch.arange(held + n)[None, :] <= torch.arange(held, held + n)[:, None]  # (n, held + n)
-    expected = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask,
-                                                               scale=0.125, enable_gqa=True)[0].transpose(0, 1)  # fmt: skip
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    expected = sdpa(q.transpose(0, 1)[None], keys, values, attn_mask=mask, scale=0.125, enable_gqa=True)
+    expected = expected[0].transpose(0, 1)  # (n, Hq, D)
     assert (got - expected).abs().max() <= 2e-6
