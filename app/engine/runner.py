@@ -3,7 +3,7 @@
 `decode` runs one token for every row in the batch; `prefill_chunk` the next chunk of the oldest long
 prompt (sized by ChunkPacer to the decode beside it); `prefill` each newly admitted prompt, shortest first,
 straight into its KV segment (after the longest prefix the prefix cache holds), or scores it; where the model
-has a written-out prompt pass (the int4 x int8 mode), several prompts at a time (`_prefill_group`). What they
+has a written-out prompt pass (int4 x int8, bf16), several prompts at a time (`_prefill_group`). What they
 produce goes to the output stage (app/engine/output.py); a failed forward fails the requests it was for and
 nothing else. Engine thread only.
 """

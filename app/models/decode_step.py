@@ -11,7 +11,7 @@ forward bit for bit (tests/engine/test_decode_step.py checks `torch.equal`); wha
 Where q/k/v or gate/up were fused into one product (app/models/fusion.py), it calls that product once
 and rotates q and k together.
 
-Where the elementwise work runs in C (the int4 x int8 mode), `LlamaStep.prefill` is the same layers over
+Where the elementwise work runs in C (int4 x int8, bf16), `LlamaStep.prefill` is the same layers over
 several prompts' tokens at once: transformers' forward of one 110-token SmolLM2 prompt spends ~15 ms of ~110
 outside its products and attention, and one pass per prompt makes 30 x 7 small calls per prompt.
 
