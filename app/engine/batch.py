@@ -129,16 +129,12 @@ class Batch:
         prompts, ids = [], []
         for request, stop, prefix in group:
             seg = self._segment(request)
-            filled = request.prefilled
-            if prefix is not None:
-                for layer, (k, v) in enumerate(prefix.gather()):
-                    self.cache.write(layer, seg, 0, k, v)
-                filled = prefix.length
+            filled = self._with_prefix(seg, request.prefilled, prefix)
             prompts.append((seg, filled, stop - filled))
             ids.extend(request.prompt_ids[filled:stop])
         view = PromptView(self.cache, prompts, self.device, self._prompt_kernel())
         last = torch.tensor(view.offsets[1:], device=self.device) - 1  # (P,)
-        logits = self.prompt_step.prefill(torch.tensor(ids, device=self.device), view.positions(), last, view)
+        logits = self.prompt_step.prefill(torch.tensor(ids, device=self.device), view.positions, last, view)
         kvs = []
         for (request, stop, _), (seg, filled, _), kv in zip(group, prompts, view.kv, strict=True):
             request.prefilled = stop
@@ -161,11 +157,17 @@ class Batch:
                       stop: int) -> tuple[PrefillCache, torch.Tensor]:  # fmt: skip
         """What a prompt's forward into `seg` takes: the cache to pass (a `prefix`'s K/V written first, then
         counted as filled) and the ids (1, c) of prompt tokens [filled, stop) to compute."""
-        if prefix is not None:
-            for layer, (k, v) in enumerate(prefix.gather()):
-                self.cache.write(layer, seg, 0, k, v)
-            filled = prefix.length
+        filled = self._with_prefix(seg, filled, prefix)
         return PrefillCache(self.cache, seg, filled), torch.tensor([prompt[filled:stop]], device=self.device)
+
+    def _with_prefix(self, seg: Segment, filled: int, prefix: Hit | None) -> int:
+        """How many tokens `seg` holds before a pass: `filled`, or after a `prefix` (a kept prompt sharing the
+        first tokens) is written into it, the prefix's length."""
+        if prefix is None:
+            return filled
+        for layer, (k, v) in enumerate(prefix.gather()):
+            self.cache.write(layer, seg, 0, k, v)
+        return prefix.length
 
     def prompt_kv(self, request: RequestState) -> PrefillKV:
         """The K/V of a prompt computed into its (open) segment, (1, H, P, D) per layer: copies."""

@@ -204,16 +204,26 @@ class RaggedCache:
             v[:, dst.start : dst.start + n] = v[:, src.start : src.start + n]
 
     # ---- tokens -------------------------------------------------------------------------------
-    def write(self, layer: int, seg: Segment, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Tokens [pos, pos + q) of `seg` from k, v (1, H, q, D)."""
-        p = torch.arange(pos, pos + k.shape[2], device=k.device)  # (q,)
-        blk, slot = seg.start + p // BLOCK, p % BLOCK
+    @staticmethod
+    def slots(seg: Segment, pos: int, tokens: int,
+              device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Block and slot (q,) of tokens [pos, pos + q) of `seg`."""
+        p = torch.arange(pos, pos + tokens, device=device)  # (q,)
+        return seg.start + p // BLOCK, p % BLOCK
+
+    def put(self, layer: int, blk: torch.Tensor, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Tokens at blocks and slots (T,) (of any segments) from k, v (T, H, D)."""
         k, v = k.to(self.store), v.to(self.store)
         if self.transposed:
-            self.keys[layer][:, blk, :, slot] = k[0].transpose(0, 1)  # (q, H, D)
+            self.keys[layer][:, blk, :, slot] = k  # (T, H, D)
         else:
-            self.keys[layer][:, blk, slot, :] = k[0]  # (H, q, D)
-        self.values[layer][:, blk, slot, :] = v[0]  # (H, q, D)
+            self.keys[layer][:, blk, slot, :] = k.transpose(0, 1)  # (H, T, D)
+        self.values[layer][:, blk, slot, :] = v.transpose(0, 1)  # (H, T, D)
+
+    def write(self, layer: int, seg: Segment, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Tokens [pos, pos + q) of `seg` from k, v (1, H, q, D)."""
+        blk, slot = self.slots(seg, pos, k.shape[2], k.device)
+        self.put(layer, blk, slot, k[0].transpose(0, 1), v[0].transpose(0, 1))
 
     def read(self, layer: int, seg: Segment, tokens: int, extra: tuple[torch.Tensor, torch.Tensor] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip

@@ -19,7 +19,7 @@ from torch.nn import functional
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from app.engine.kv_cache import BLOCK, KV, RaggedCache, Segment, blocks_for
-from app.models import prompt_attention, ragged_attention
+from app.models import native_step, prompt_attention, ragged_attention
 from app.models.attention import decode_attention
 
 
@@ -48,12 +48,7 @@ class DecodeView:
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v (B, H, 1, D): each row's new token."""
         blk, slot = self._new_slots()
-        k, v = k.to(self.cache.store), v.to(self.cache.store)
-        if self.cache.transposed:
-            self.cache.keys[layer][:, blk, :, slot] = k[:, :, 0]  # (B, H, D)
-        else:
-            self.cache.keys[layer][:, blk, slot, :] = k[:, :, 0].transpose(0, 1)  # (H, B, D)
-        self.cache.values[layer][:, blk, slot, :] = v[:, :, 0].transpose(0, 1)  # (H, B, D)
+        self.cache.put(layer, blk, slot, k[:, :, 0], v[:, :, 0])  # (B, H, D) each
 
     def window_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Block and slot (B, W) of every column of right-aligned windows W = the longest row wide (padding:
@@ -113,8 +108,7 @@ class DecodeView:
             outs.append(decode_attention(module, q[row : row + 1], row_k, row_v, None, scaling=scale)[0])
         return torch.cat(outs)  # (B, 1, Hq, Dv)
 
-    def ragged(self) -> tuple[ragged_attention.Kernel, ragged_attention.Plan, list[torch.Tensor],
-                              list[torch.Tensor]] | None:  # fmt: skip
+    def ragged(self) -> native_step.Ragged | None:
         """The C kernel, this step's plan and the arena's K/V per layer, for a step that runs its layers in C
         (app/models/native_step.py); None on the torch path."""
         kernel = self.cache.kernel
@@ -228,13 +222,10 @@ class PromptView:
         self.prompts = prompts
         self.kernel = kernel
         self.fresh = all(filled == 0 for _, filled, _ in prompts)  # then one kernel call for all of them
-        blocks, slots = [], []
-        for seg, filled, n in prompts:
-            p = torch.arange(filled, filled + n)  # (n,)
-            blocks.append(seg.start + p // BLOCK)
-            slots.append(p % BLOCK)
-        self.blk, self.slot = torch.cat(blocks).to(device), torch.cat(slots).to(device)  # (T,) each
-        self.offsets = [0]
+        where = [cache.slots(seg, filled, n, device) for seg, filled, n in prompts]
+        self.blk, self.slot = torch.cat([b for b, _ in where]), torch.cat([s for _, s in where])  # (T,) each
+        self.positions = torch.cat([torch.arange(filled, filled + n, device=device) for _, filled, n in prompts])
+        self.offsets = [0]  # prompt p's rows: [offsets[p], offsets[p + 1])
         for _, _, n in prompts:
             self.offsets.append(self.offsets[-1] + n)
         # the torch path after what the segment holds: query i (position filled + i) sees keys [0, filled + i]
@@ -244,18 +235,10 @@ class PromptView:
         # per prompt from its first token, per layer (1, H, n, D): its K/V (the others' are in their segments)
         self.kv: list[KV] = [[] for _ in prompts]
 
-    def positions(self) -> torch.Tensor:
-        """Each row's position in its prompt (T,)."""
-        return torch.cat([torch.arange(filled, filled + n) for _, filled, n in self.prompts]).to(self.blk.device)
-
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """q (T, Hq, D), k, v (T, Hkv, D) -> attention output (T, Hq, D)."""
-        keys, values, store = self.cache.keys[layer], self.cache.values[layer], self.cache.store
-        if self.cache.transposed:
-            keys[:, self.blk, :, self.slot] = k.to(store)  # (T, H, D)
-        else:
-            keys[:, self.blk, self.slot, :] = k.to(store).transpose(0, 1)  # (H, T, D)
-        values[:, self.blk, self.slot, :] = v.to(store).transpose(0, 1)  # (H, T, D)
+        self.cache.put(layer, self.blk, self.slot, k, v)
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
         kernel = self.kernel
         together = kernel is not None and self.fresh  # every prompt from its first token: one call
         out = kernel(q, k, v, [n for _, _, n in self.prompts], scale) if together else torch.empty_like(q)  # type: ignore[misc]

@@ -167,8 +167,9 @@ class Runner:
         self.running[state.id] = state
         return self.output.contained(state, self.output.begin, state, tokens, first, scored) or 0
 
-    def _failed(self, state: RequestState, exc: Exception) -> None:
-        log.exception("prefill failed for request %s", state.id, exc_info=exc)
+    def _failed(self, state: RequestState, exc: Exception, what: str = "prefill") -> None:
+        """A forward that failed for `state`: logged, and the request fails (its budget and segment freed)."""
+        log.exception("%s failed for request %s", what, state.id, exc_info=exc)
         self.output.fail(state, StepFailed(f"the model step failed: {type(exc).__name__}"))
 
     def prefill_chunk(self) -> int:
@@ -189,16 +190,15 @@ class Runner:
                 self.stats.prefill_seconds += time.perf_counter() - started
                 return 0
             self.prefilling.popleft()
-            self.prefix_cache.store(state.prompt_ids, self.batch.prompt_kv(state))
-            tokens, first = self._first_tokens(state, logits)
-            self.stats.prefill_seconds += time.perf_counter() - started
+            kv = self.batch.prompt_kv(state)
         except Exception as exc:
-            log.exception("prefill failed for request %s", state.id)
             if self.prefilling and self.prefilling[0] is state:
                 self.prefilling.popleft()
-            self.output.fail(state, StepFailed(f"the model step failed: {type(exc).__name__}"))  # frees its reservation
+            self._failed(state, exc)  # frees its reservation
             return 0
-        return self.output.contained(state, self.output.begin, state, tokens, first, None) or 0
+        produced = self._start(state, logits, kv, None)
+        self.stats.prefill_seconds += time.perf_counter() - started
+        return produced
 
     def _first_tokens(self, state: RequestState, logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
         """Each sequence's first token, drawn from the prompt's last logits (V,), and its log-probability when
@@ -219,8 +219,7 @@ class Runner:
             logprobs, kv = self.batch.score(state, self.prefix_cache.match(state.prompt_ids))
             self.prefix_cache.store(state.prompt_ids, kv)
         except Exception as exc:
-            log.exception("scoring failed for request %s", state.id)
-            self.output.fail(state, StepFailed(f"the model step failed: {type(exc).__name__}"))
+            self._failed(state, exc, "scoring")
             return 0
         finally:
             self.scheduler.release(state)  # its segment, held while it was computed

@@ -80,14 +80,16 @@ class NativeLayers:
         self.times: torch.Tensor | None = None
         self.fns = [_address(kernel.fns[4]), _address(kernel.fns[8]), _address(ops._norm), _address(ops._rope),
                     _address(ops._swiglu), 0]  # fmt: skip
+        self._table: tuple[Any, torch.Tensor] | None = None  # (the attention kernel's function, the table with it)
 
     def __call__(self, x: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: float,
                  ragged: Ragged) -> torch.Tensor:  # fmt: skip
         attention, plan, keys, values = ragged
         rows = x.shape[0]
         width, hq, hkv, dim, inner = self.shape
-        self.fns[5] = _address(attention.fn)
-        fns = torch.tensor(self.fns, dtype=torch.int64)
+        if self._table is None or self._table[0] is not attention.fn:  # the same kernel every step: built once
+            self._table = (attention.fn, torch.tensor([*self.fns[:5], _address(attention.fn)], dtype=torch.int64))
+        fns = self._table[1]
         kv = torch.tensor([t.data_ptr() for pair in zip(keys, values, strict=True) for t in pair], dtype=torch.int64)
         work = torch.empty(rows * (self.most_n + 2 * hq * dim + 2 * hkv * dim + inner))
         xq, dx, sx = self.kernel.scratch.get(rows, self.most_k)

@@ -25,6 +25,11 @@ PROMPTS = [[5, 17, 99, 3, 250], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42, 4
 CPU_FEATURES = numerics.cpu_features()
 
 
+def _request(ids: list[int], room: int = 8) -> Any:
+    return SimpleNamespace(prompt_len=len(ids), prompt_ids=ids, request=SimpleNamespace(), sequences=[],
+                           reserved_tokens=len(ids) + room, prefilled=0, done=False)  # fmt: skip
+
+
 def _decode(model: Any, written_out: bool, prompts: list[list[int]], steps: int = 4, kernel: bool = False,
             feed: list[torch.Tensor] | None = None, native: bool = True) -> list[torch.Tensor]:  # fmt: skip
     """Logits (B, V) of `steps` greedy decode steps of `prompts` in one batch, through the step or the forward;
@@ -37,8 +42,7 @@ def _decode(model: Any, written_out: bool, prompts: list[list[int]], steps: int 
         batch.step.native = None
     with torch.inference_mode():
         for ids in prompts:
-            request: Any = SimpleNamespace(prompt_len=len(ids), prompt_ids=ids, request=SimpleNamespace(), sequences=[],
-                                           reserved_tokens=len(ids) + steps + 1, prefilled=0, done=False)  # fmt: skip
+            request = _request(ids, room=steps + 1)
             logits, _, _ = batch.prefill(request)
             seq: Any = SimpleNamespace(request=request, segment=None, kv_len=0, tokens=[int(logits.argmax())])
             request.sequences.append(seq)
@@ -108,11 +112,6 @@ def test_tiny_llama_fused_and_not(quantize: str) -> None:
 @pytest.mark.parametrize("mode", [MODES[0], MODES[3]])
 def test_smollm(mode: dict[str, str]) -> None:
     _assert_same(_load(OFFLINE_DEFAULT, **mode).model, LlamaStep)
-
-
-def _request(ids: list[int], room: int = 8) -> Any:
-    return SimpleNamespace(prompt_len=len(ids), prompt_ids=ids, request=SimpleNamespace(), sequences=[],
-                           reserved_tokens=len(ids) + room, prefilled=0, done=False)  # fmt: skip
 
 
 def _segment_kv(batch: Batch, request: Any) -> list[torch.Tensor]:
