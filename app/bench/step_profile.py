@@ -143,12 +143,18 @@ def report(plain_s: float, prof: Any, profiled_s: float, steps: int, rows: int, 
             print(f"  {name:28} {us / steps / 1e3:6.2f} ms {count // steps:6d}")
 
 
-async def main(args: argparse.Namespace) -> None:
+def start_engine() -> tuple[Any, Engine]:
+    """The model the server would load (settings from the environment) and a started in-process engine on it."""
     settings = Settings()
     loaded = load_model(settings)
     engine = Engine(loaded.model, loaded.tokenizer, engine_limits(settings), context_length=loaded.info.context_length,
                     eos_token_ids=loaded.info.eos_token_ids, threads=loaded.info.threads)  # fmt: skip
     engine.start()
+    return loaded, engine
+
+
+async def main(args: argparse.Namespace) -> None:
+    loaded, engine = start_engine()
     runner_module.sample = _labelled("sampling", runner_module.sample)  # type: ignore[attr-defined]
     engine.output.accept = _labelled("output", engine.output.accept)  # type: ignore[method-assign]
     try:

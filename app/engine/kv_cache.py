@@ -213,6 +213,10 @@ class RaggedCache:
 
     def put(self, layer: int, blk: torch.Tensor, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Tokens at blocks and slots (T,) (of any segments) from k, v (T, H, D)."""
+        if (self.kernel is not None and k.dtype == v.dtype == torch.float32 and k.is_contiguous() and v.is_contiguous()
+                and blk.dtype == slot.dtype == torch.int64):  # fmt: skip
+            self.kernel.put(self.keys[layer], self.values[layer], blk, slot, k, v)
+            return
         k, v = k.to(self.store), v.to(self.store)
         if self.transposed:
             self.keys[layer][:, blk, :, slot] = k  # (T, H, D)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from app.engine.types import SamplingParams
+from app.models import elementwise
 
 
 @dataclass
@@ -71,6 +72,16 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """(R, V) -> (R,) int64: torch.argmax(dim=-1) (the first index of each row's largest value), in C on the CPU
+    where the elementwise kernels build: torch's took ~1.3 ms of a 32-row decode step."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2 and logits.is_contiguous():
+        ops = elementwise.load()
+        if ops is not None:
+            return ops.argmax(logits)
+    return logits.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
     """logits: (R, V) for R rows -> one token id per row. The host waits on the device once (the ids); each
     stage's per-row controls travel in one copy."""
@@ -81,9 +92,9 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
     picked = [(i, r.params.temperature, min(r.params.top_k, vocab) or vocab, r.params.top_p)
               for i, r in enumerate(rows) if not r.params.greedy]  # fmt: skip
     if not picked:
-        return logits.argmax(dim=-1).tolist()
+        return greedy(logits).tolist()
 
-    out = logits.argmax(dim=-1)  # (R,) greedy answer, overwritten for sampled rows
+    out = greedy(logits)  # (R,) greedy answer, overwritten for sampled rows
     controls = _controls(picked, logits.device)  # (S, 4): row, temperature, top_k, top_p
     idx = controls[:, 0].long()  # (S,)
     sub = logits.index_select(0, idx) / controls[:, 1:2]  # (S, V)

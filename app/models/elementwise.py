@@ -6,7 +6,8 @@ Used only where the model runs the int4 x int8 kernel (app/models/group_quant.py
 token-exact against transformers anyway, and these loops reorder sums (-ffast-math). There the decode step
 (app/models/decode_step.py) calls them directly, and `install` swaps the model's RMSNorm and SwiGLU modules for
 ones that call them, so prompts (transformers' forward) use them too. The fp32 mode keeps the modules' own ops,
-bit for bit.
+bit for bit. One op here is exact and serves every CPU mode: `argmax` (greedy decoding's pick: no arithmetic,
+the first index of each row's largest value, as torch's).
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ class Elementwise:
         lib = ctypes.CDLL(str(path))
         p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
         self._norm = lib.add_rms_norm
-        self._norm.argtypes = [p, p, p, f, i, i, p]
+        self._norm.argtypes = [p, p, p, f, i, i, p, i]
         self._rope = lib.rope_split
-        self._rope.argtypes = [p, p, p, i, i, i, i, p, p, p]
+        self._rope.argtypes = [p, p, p, i, i, i, i, p, p, p, i]
         self._swiglu = lib.silu_mul
-        self._swiglu.argtypes = [p, i, i, p]
-        for fn in (self._norm, self._rope, self._swiglu):
+        self._swiglu.argtypes = [p, i, i, p, i]
+        self._argmax = lib.argmax_rows
+        self._argmax.argtypes = [p, i, i, p, i]
+        for fn in (self._norm, self._rope, self._swiglu, self._argmax):
             fn.restype = None
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -42,7 +45,7 @@ class Elementwise:
         rows, width = x.shape
         h = torch.empty_like(x)
         self._norm(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), eps, rows,
-                   width, h.data_ptr())  # fmt: skip
+                   width, h.data_ptr(), torch.get_num_threads())  # fmt: skip
         return h
 
     def rope_split(self, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: int, kv_heads: int,
@@ -53,14 +56,22 @@ class Elementwise:
         k = y.new_empty(rows, kv_heads, dim)
         v = y.new_empty(rows, kv_heads, dim)
         self._rope(y.data_ptr(), cos.data_ptr(), sin.data_ptr(), rows, q_heads, kv_heads, dim, q.data_ptr(),
-                   k.data_ptr(), v.data_ptr())  # fmt: skip
+                   k.data_ptr(), v.data_ptr(), torch.get_num_threads())  # fmt: skip
         return q, k, v
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """x (R, V) contiguous fp32 on the CPU -> (R,) int64: each row's first index of its largest value (as
+        torch.argmax)."""
+        rows, width = x.shape
+        out = torch.empty(rows, dtype=torch.int64)
+        self._argmax(x.data_ptr(), rows, width, out.data_ptr(), torch.get_num_threads())
+        return out
 
     def silu_mul(self, g: torch.Tensor) -> torch.Tensor:
         """g (B, 2 I) -> silu(g[:, :I]) * g[:, I:] (B, I)."""
         rows, width = g.shape
         m = g.new_empty(rows, width // 2)
-        self._swiglu(g.data_ptr(), rows, width // 2, m.data_ptr())
+        self._swiglu(g.data_ptr(), rows, width // 2, m.data_ptr(), torch.get_num_threads())
         return m
 
 

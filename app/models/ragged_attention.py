@@ -39,7 +39,17 @@ class Kernel:
         p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
         self.fn.argtypes = [p, f, p, p, i, p, p, p, p, i, p, i, p, p, p, p, p, i]
         self.fn.restype = None
+        self._put = self.lib.ragged_put
+        self._put.argtypes = [p, p, p, p, i, p, p, i, i]
+        self._put.restype = None
         self.kv_heads, self.group, self.head_dim = kv_heads, group, head_dim
+
+    def put(self, keys: torch.Tensor, values: torch.Tensor, blk: torch.Tensor, slot: torch.Tensor, k: torch.Tensor,
+            v: torch.Tensor) -> None:  # fmt: skip
+        """Tokens k, v (T, H, D) contiguous fp32 into keys (H, NB, D, 16) and values (H, NB, 16, D) at blocks and
+        slots (T,) int64, in the cache's dtype."""
+        self._put(k.data_ptr(), v.data_ptr(), blk.data_ptr(), slot.data_ptr(), k.shape[0], keys.data_ptr(),
+                  values.data_ptr(), keys.shape[1], torch.get_num_threads())  # fmt: skip
 
     def __call__(self, q: torch.Tensor, scale: float, keys: torch.Tensor, values: torch.Tensor, k_new: torch.Tensor,
                  v_new: torch.Tensor, plan: Plan) -> torch.Tensor:  # fmt: skip

@@ -138,3 +138,26 @@ def test_the_kernel_builds_where_there_is_a_compiler() -> None:
     cache = RaggedCache(num_layers=1, max_tokens=64)
     cache.allocate(like(3, 64, 1), q_heads=9)
     assert cache.kernel is not None and cache.transposed
+
+
+@pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_kernel_stores_prompt_tokens_as_the_torch_path_does(kv_dtype: torch.dtype | None) -> None:
+    """A prompt pass's tokens (several segments, rows out of order, NaN-free extremes) go into the arena through
+    the kernel's `put`; the bytes equal those of the torch path's cast and scatter into the same layout."""
+    cache = RaggedCache(num_layers=1, max_tokens=1024, kv_dtype=kv_dtype)
+    cache.allocate(like(3, 64, 1), q_heads=9)
+    if cache.kernel is None:
+        pytest.skip("no kernel here")
+    segments = [cache.hold(n) for n in (70, 5, 300)]
+    where = [cache.slots(seg, pos, n) for seg, pos, n in zip(segments, (0, 3, 17), (70, 2, 283), strict=True)]
+    blk, slot = torch.cat([b for b, _ in where]), torch.cat([s for _, s in where])  # (T,)
+    torch.manual_seed(0)
+    k, v = torch.randn(blk.numel(), 3, 64) * 30, torch.randn(blk.numel(), 3, 64)  # (T, H, D)
+    k[0, 0, :4] = torch.tensor([3.4e38, -3.4e38, 1e-40, -0.0])  # bf16 rounding at the range's ends
+    cache.put(0, blk, slot, k, v)
+    keys, values = torch.zeros_like(cache.keys[0]), torch.zeros_like(cache.values[0])
+    keys[:, blk, :, slot] = k.to(cache.store)  # the torch path (RaggedCache.put without the kernel)
+    values[:, blk, slot, :] = v.to(cache.store).transpose(0, 1)
+    assert torch.equal(cache.keys[0].view(torch.int16 if kv_dtype else torch.int32),
+                       keys.view(torch.int16 if kv_dtype else torch.int32))  # fmt: skip
+    assert torch.equal(cache.values[0], values)

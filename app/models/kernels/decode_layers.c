@@ -16,9 +16,9 @@
 
 typedef void (*linear_fn)(const float*, int, int, int, const uint8_t*, const void*, const float*, float*, int8_t*,
                           float*, float*, int);
-typedef void (*norm_fn)(float*, const float*, const float*, float, int, int, float*);
-typedef void (*rope_fn)(const float*, const float*, const float*, int, int, int, int, float*, float*, float*);
-typedef void (*swiglu_fn)(const float*, int, int, float*);
+typedef void (*norm_fn)(float*, const float*, const float*, float, int, int, float*, int);
+typedef void (*rope_fn)(const float*, const float*, const float*, int, int, int, int, float*, float*, float*, int);
+typedef void (*swiglu_fn)(const float*, int, int, float*, int);
 typedef void (*attn_fn)(const float*, float, void*, void*, int, const float*, const float*, const int32_t*,
                         const int32_t*, int, const int32_t*, int, const int32_t*, float*, float*, float*, float*, int);
 
@@ -67,15 +67,15 @@ void decode_layers(const int64_t* fns, int layers, const int64_t* ptrs, const in
                                               (const void*)p[3 * (i) + 1], (const float*)p[3 * (i) + 2], y, xq, dx, \
                                               sx, threads)
     TIMED(LINEARS, PRODUCT(QKV, h));
-    TIMED(ELEMENTWISE, rope(y, cos_, sin_, B, HQ, HKV, D, q, k, v));
+    TIMED(ELEMENTWISE, rope(y, cos_, sin_, B, HQ, HKV, D, q, k, v, threads));
     TIMED(ATTENTION, attend(q, scale, (void*)kv[2 * l], (void*)kv[2 * l + 1], nbt, k, v, held, starts, B, jobs, njobs,
                             first, pm, pl, pacc, a, threads));
     TIMED(LINEARS, PRODUCT(O, a));
-    TIMED(ELEMENTWISE, norm(x, y, (const float*)p[3 * PRODUCTS], eps[2 * l], B, E, h));
+    TIMED(ELEMENTWISE, norm(x, y, (const float*)p[3 * PRODUCTS], eps[2 * l], B, E, h, threads));
     TIMED(LINEARS, PRODUCT(GATE_UP, h));
-    TIMED(ELEMENTWISE, swiglu(y, B, I, m));
+    TIMED(ELEMENTWISE, swiglu(y, B, I, m, threads));
     TIMED(LINEARS, PRODUCT(DOWN, m));
-    TIMED(ELEMENTWISE, norm(x, y, (const float*)p[3 * PRODUCTS + 1], eps[2 * l + 1], B, E, h));
+    TIMED(ELEMENTWISE, norm(x, y, (const float*)p[3 * PRODUCTS + 1], eps[2 * l + 1], B, E, h, threads));
 #undef PRODUCT
   }
 }
