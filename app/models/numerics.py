@@ -49,12 +49,12 @@ BF16_FEATURES = ("avx512_bf16", "amx_bf16")
 INT8_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
 INT4_FEATURES = ("avx512_f", "avx2")  # PyTorch's int4 kernel is vectorized for AVX-512 and AVX2
 # What TEXTGEN_DTYPE=auto (with TEXTGEN_QUANTIZE=auto) runs on a CPU, first that the CPU has; each mode's
-# WikiText-2 perplexity is within 1% of fp32's (`textgen eval perplexity --modes ...`: +0.06 / -0.04 /
-# +0.34%). int4 first, for the layers that are 4-bit already (see `Numerics.lossless_only`): it runs one
-# stream fastest by far (`textgen bench --compare --systems engine --modes fp32,bf16,int8,int4`: 23.7 /
-# 37.5 / 36.7 / 54.1 tokens/s, 54-64 over three runs) while W1 is within noise of bf16 and int8 (168 / 227
-# / 212 / 200; 151 / 182 / 217 / 222 in another run). The rest of the layers: bf16, else int8 (a CPU
-# with VNNI but without avx512_bf16 still runs most products in int8), else fp32.
+# WikiText-2 perplexity is within 1% of fp32's (`textgen eval perplexity --modes ...`, test set: int4 on our
+# int4 x int8 kernel +0.31%, bf16 -0.03%, int8 +0.34%). int4 first, for the layers that are 4-bit already
+# (see `Numerics.lossless_only`): it is the fastest on every row (`textgen bench --compare --systems engine
+# --modes fp32,int4` and `fp32,bf16`, README "Numeric modes side by side": W1 368-479 tokens/s against
+# bf16's 232-247 and fp32's 130-158; one stream 136-163 against 28-31 and 14-22). The rest of the layers:
+# bf16, else int8 (a CPU with VNNI but without avx512_bf16 still runs most products in int8), else fp32.
 AUTO_CPU_ORDER = ("int4", "bf16", "int8", "fp32")
 
 
