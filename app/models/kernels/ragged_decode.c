@@ -63,6 +63,19 @@ static void job(const float* restrict q, float scale, const kv_t* restrict K, co
   }
 }
 
+/* One token's k, v (H, D) into block blk, slot `slot` of every head (K transposed within a block), rounded as
+   tokv rounds. */
+static inline void put_token(const float* restrict k, const float* restrict v, size_t blk, size_t slot,
+                             kv_t* restrict K, kv_t* restrict V, int nbt) {
+  for (int h = 0; h < H; h++) {
+    const float* kn = k + (size_t)h * D;
+    const float* vn = v + (size_t)h * D;
+    kv_t* kb = K + ((size_t)h * nbt + blk) * D * BS;
+    kv_t* vb = V + (((size_t)h * nbt + blk) * BS + slot) * D;
+    for (int i = 0; i < D; i++) { kb[i * BS + slot] = tokv(kn[i]); vb[i] = tokv(vn[i]); }
+  }
+}
+
 /* q (rows, H*G, D); k_new, v_new (rows, H, D): each row's new token, written at position `held[r]` of its segment
    first (rows, the token it attends with); starts, held (rows,); jobs (njobs, 3): row, t0, t1, a row's jobs
    consecutive and in order, first (rows + 1,): row r's jobs are [first[r], first[r + 1]); pm, pl (njobs, H*G),
@@ -73,14 +86,8 @@ void ragged_decode(const float* restrict q, float scale, kv_t* restrict K, kv_t*
                    const int32_t* restrict first, float* restrict pm, float* restrict pl, float* restrict pacc,
                    float* restrict out, int threads) {
   for (int r = 0; r < rows; r++) {
-    const size_t blk = (size_t)starts[r] + held[r] / BS, slot = held[r] % BS;
-    for (int h = 0; h < H; h++) {
-      const float* kn = k_new + ((size_t)r * H + h) * D;
-      const float* vn = v_new + ((size_t)r * H + h) * D;
-      kv_t* kb = K + ((size_t)h * nbt + blk) * D * BS;
-      kv_t* vb = V + (((size_t)h * nbt + blk) * BS + slot) * D;
-      for (int i = 0; i < D; i++) { kb[i * BS + slot] = tokv(kn[i]); vb[i] = tokv(vn[i]); }
-    }
+    put_token(k_new + (size_t)r * H * D, v_new + (size_t)r * H * D, (size_t)starts[r] + held[r] / BS, held[r] % BS,
+              K, V, nbt);
   }
   #pragma omp parallel num_threads(threads)
   {
@@ -112,14 +119,7 @@ void ragged_decode(const float* restrict q, float scale, kv_t* restrict K, kv_t*
    in torch, a cast and two scatters through the transposed layout cost ~1.3 us a token and layer. */
 void ragged_put(const float* restrict k, const float* restrict v, const int64_t* restrict blk,
                 const int64_t* restrict slot, int T, kv_t* restrict K, kv_t* restrict V, int nbt, int threads) {
-  #pragma omp parallel for schedule(static) num_threads(threads) if (T >= 64)
-  for (int t = 0; t < T; t++) {
-    for (int h = 0; h < H; h++) {
-      const float* kn = k + ((size_t)t * H + h) * D;
-      const float* vn = v + ((size_t)t * H + h) * D;
-      kv_t* kb = K + ((size_t)h * nbt + blk[t]) * D * BS;
-      kv_t* vb = V + (((size_t)h * nbt + blk[t]) * BS + slot[t]) * D;
-      for (int i = 0; i < D; i++) { kb[i * BS + slot[t]] = tokv(kn[i]); vb[i] = tokv(vn[i]); }
-    }
-  }
+  #pragma omp parallel for schedule(static) num_threads(threads) if (T >= 64)  /* a prompt, not a decode row */
+  for (int t = 0; t < T; t++)
+    put_token(k + (size_t)t * H * D, v + (size_t)t * H * D, (size_t)blk[t], (size_t)slot[t], K, V, nbt);
 }
