@@ -1,5 +1,5 @@
-"""Group-quantized weights times int8 activations on AVX512-VNNI (kernels/group_quant.c): the int4 layers' kernel,
-and the output layer's in the int4 mode.
+"""Group-quantized weights times int8 activations on AVX512-VNNI or AVX2 (kernels/group_quant.c): the int4 layers'
+kernel, and the output layer's in the int4 mode.
 
 PyTorch's int4 kernel (`_weight_int4pack_mm_for_cpu`) takes bf16 activations and computes in fp32: at 32
 rows it ran ~115 GOP/s here, below bf16's prepacked kernel, so prompt passes needed a bf16 copy of every
@@ -39,7 +39,8 @@ from app.models import kernel_build
 GROUP = 32  # inputs per group: the weights' and the activations'
 TILE = 16  # outputs per tile: one vector of int32 sums
 PROFILE_NAME = "textgen::group_quant"  # what app/bench/step_profile counts as a linear layer
-NEEDS = ("avx512_f", "avx512_bw", "avx512_vnni")  # torch's capability names; the C file checks them too
+# torch's capability names, either set; the C file checks them too and builds for the one the CPU has
+NEEDS = (("avx512_f", "avx512_bw", "avx512_vnni"), ("avx2", "fma3"))
 
 
 def pack4(q: torch.Tensor, scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +109,8 @@ class Kernel:
         lib = ctypes.CDLL(str(path))
         p, i = ctypes.c_void_p, ctypes.c_int
         self.fns = {4: lib.group_quant, 8: lib.q8_linear}
+        lib.group_quant_isa.restype = ctypes.c_int
+        self.isa = "avx512-vnni" if lib.group_quant_isa() == 512 else "avx2"  # what this build runs on
         for fn in self.fns.values():
             fn.argtypes = [p, i, i, i, p, p, p, p, p, p, p, i]
             fn.restype = None
@@ -151,7 +154,7 @@ class Int8GroupLinear(nn.Module):
 
 def usable(features: set[str]) -> bool:
     """Whether this kernel runs here: the CPU (as `features` names it) has the instructions, and it builds."""
-    return all(f in features for f in NEEDS) and load() is not None
+    return any(all(f in features for f in isa) for isa in NEEDS) and load() is not None
 
 
 @cache

@@ -93,7 +93,7 @@ def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
 class Int4Linear(nn.Module):
     """y = x @ W.T + b with W in 4 bits per weight (groups of 32 input channels).
 
-    With `kernel` (app/models/group_quant.py, where the CPU has AVX512-VNNI) every pass runs it: activations
+    With `kernel` (app/models/group_quant.py, where the CPU has AVX512-VNNI or AVX2) every pass runs it: activations
     to int8 per row and group, int32 sums. Without: PyTorch's int4 kernel on bf16 activations for decode
     steps and a bf16 copy of the weights for prompt passes (see `prompt_pass`)."""
 
@@ -112,8 +112,10 @@ class Int4Linear(nn.Module):
         self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)  # (N, K / 2) uint8
         self.scales_zeros = scales_zeros  # (K / 32, N, 2) bf16
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
-        # for prompt passes (see prompt_pass): the weights this layer computes with, in bf16
-        self.wide = PackedLinear(dequantize(q, scales_zeros), bias, dtype=torch.bfloat16)
+        # for prompt passes (see prompt_pass): the weights this layer computes with, in bf16, where oneDNN has
+        # a bf16 kernel (avx512bw/vl/dq or avx_ne_convert; else it refuses the weight and prompts take int4's)
+        self.wide = (PackedLinear(dequantize(q, scales_zeros), bias, dtype=torch.bfloat16)
+                     if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None)  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
         if self.kernel is not None:
@@ -129,7 +131,7 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "lossless" if self.lossless else f"error {self.error:.2f} steps"
-        kernel = "w4a8 vnni" if self.kernel is not None else "torch int4"
+        kernel = f"w4a8 {self.kernel.isa}" if self.kernel is not None else "torch int4"
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{GROUP} ({kind}, {kernel})"
 
 

@@ -26,9 +26,14 @@ pytestmark = [pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reaso
               pytest.mark.own_process]
 CPU = torch.device("cpu")
 ZEN4 = {"avx2", "avx512_f", "avx512_vnni", "avx512_bf16"}
-HAS_FAST = numerics._has(numerics.cpu_features(), numerics.INT8_FEATURES) and numerics._has(
-    numerics.cpu_features(), numerics.BF16_FEATURES
-)
+FEATURES = numerics.cpu_features()
+HAS_INT8 = numerics._has(FEATURES, numerics.INT8_FEATURES)
+HAS_BF16 = numerics._has(FEATURES, numerics.BF16_FEATURES)
+HAS_INT4 = numerics._has(FEATURES, numerics.INT4_FEATURES)
+HAS_FAST = HAS_INT8 and HAS_BF16
+W4A8 = group_quant.usable(FEATURES)  # the int4 x int8 kernel (AVX512-VNNI or AVX2)
+# what runs the layers int4 leaves out on this CPU (numerics.AUTO_CPU_ORDER after int4)
+REST = "bf16" if HAS_BF16 else "int8" if HAS_INT8 else "fp32"
 
 
 def _choose(dtype: str = "auto", quantize: str = "auto", features: set[str] = ZEN4) -> numerics.Numerics:
@@ -73,6 +78,7 @@ def test_cpu_features_override() -> None:
     assert "avx2" in numerics.cpu_features() or "sse2" in numerics.cpu_features()
 
 
+@pytest.mark.skipif(not HAS_INT8, reason="without VNNI oneDNN's u8 x s8 products saturate (int8 falls back)")
 def test_int8_linear_is_close_to_fp32_and_batch_invariant() -> None:
     torch.manual_seed(0)
     layer = torch.nn.Linear(96, 200)
@@ -146,7 +152,7 @@ def _q4_reference(x: torch.Tensor, q: torch.Tensor, scales_zeros: torch.Tensor) 
     return y.sum(-1).float()  # (M, N)
 
 
-@pytest.mark.skipif(not group_quant.usable(numerics.cpu_features()), reason="this CPU has no AVX512-VNNI")
+@pytest.mark.skipif(not W4A8, reason="this CPU has neither AVX512-VNNI nor AVX2")
 def test_the_int4_by_int8_kernel_computes_its_formula_and_each_row_alone() -> None:
     weight = _four_bit(208, 96)  # 13 tiles of 16 outputs, 3 groups of 32 inputs
     bias = torch.randn(208)
@@ -243,11 +249,13 @@ async def _greedy_alone_and_in_a_crowd(model: LoadedModel, target: str, n: int) 
     return alone, outcomes[0].tokens
 
 
-FAST_MODES = [pytest.param({"quantize": "int8"}, id="int8"), pytest.param({"dtype": "bfloat16"}, id="bf16"),
-              pytest.param({"quantize": "int4"}, id="int4")]  # fmt: skip
+FAST_MODES = [pytest.param({"quantize": "int8"}, id="int8", marks=pytest.mark.skipif(not HAS_INT8, reason="no VNNI")),
+              pytest.param({"dtype": "bfloat16"}, id="bf16",
+                           marks=pytest.mark.skipif(not HAS_BF16, reason="no avx512_bf16 / AMX")),
+              pytest.param({"quantize": "int4"}, id="int4",
+                           marks=pytest.mark.skipif(not HAS_INT4, reason="no AVX2 / AVX-512"))]  # fmt: skip
 
 
-@pytest.mark.skipif(not HAS_FAST, reason="this CPU has no int8 / bf16 instructions")
 @pytest.mark.parametrize("mode", FAST_MODES)
 async def test_tiny_fast_modes_are_batch_invariant(mode: dict[str, str]) -> None:
     model = _load(TINY_GPT2, **mode)
@@ -257,7 +265,6 @@ async def test_tiny_fast_modes_are_batch_invariant(mode: dict[str, str]) -> None
 
 
 @pytest.mark.smollm
-@pytest.mark.skipif(not HAS_FAST, reason="this CPU has no int8 / bf16 instructions")
 @pytest.mark.parametrize("mode", FAST_MODES)
 async def test_smollm_fast_modes_are_batch_invariant(mode: dict[str, str]) -> None:
     model = _load(OFFLINE_DEFAULT, **mode)
@@ -288,19 +295,18 @@ def test_smollm_int8_logits_stay_near_fp32(smollm: LoadedModel) -> None:
 def test_auto_takes_int4_only_for_weights_that_are_four_bit_already(smollm: LoadedModel) -> None:
     """The offline default comes from a Q4_1 file: under auto its block layers go to int4 unchanged. The tiny
     model's random weights are not 4-bit: auto leaves it in the next mode."""
-    if not numerics._has(numerics.cpu_features(), numerics.INT4_FEATURES):
+    if not HAS_INT4:
         pytest.skip("this CPU has no int4 kernel")
     tiny = _load(TINY_GPT2)
     assert not any(isinstance(m, int4.Int4Linear) for m in tiny.model.modules())
-    assert tiny.info.numerics == ("bf16-packed" if HAS_FAST else "fp32-packed")
-    if HAS_FAST:  # VNNI without avx512_bf16: not 4-bit, so int8, and what int8 leaves out in fp32
+    # not 4-bit: the next mode, int8 with what it leaves out in fp32 (no avx512_bf16), or fp32
+    assert tiny.info.numerics == {"bf16": "bf16-packed", "int8": "int8-w8a8-per-row+fp32", "fp32": "fp32-packed"}[REST]
+    if HAS_FAST:  # VNNI without avx512_bf16
         no_bf16 = _load(TINY_GPT2, cpu_features="avx2,avx512_f,avx512_vnni")
         assert no_bf16.info.numerics == "int8-w8a8-per-row+fp32"
-    if not HAS_FAST:
-        return
     default = _load(OFFLINE_DEFAULT)
-    w4a8 = group_quant.usable(numerics.cpu_features())
-    assert default.info.numerics == ("int4-w4a8-g32+bf16" if w4a8 else "int4-w4-g32+bf16")
+    w4a8 = W4A8
+    assert default.info.numerics == f"int4-{'w4a8' if w4a8 else 'w4'}-g32+{REST}"
     layers = [m for m in default.model.modules() if isinstance(m, int4.Int4Linear)]
     assert len(layers) == sum(m.lossless for m in layers) == 4 * default.model.config.num_hidden_layers  # qkv, o,
     # gate/up, down; the output layer (its file holds it in Q8_0): the kernel's 8-bit weights, else bf16
@@ -312,22 +318,25 @@ def test_auto_takes_int4_only_for_weights_that_are_four_bit_already(smollm: Load
 
 
 @pytest.mark.smollm
-@pytest.mark.skipif(not HAS_FAST, reason="this CPU has no int8 / bf16 instructions")
+@pytest.mark.skipif(not HAS_INT4, reason="this CPU has no int4 kernel")
 def test_smollm_int4_logits_stay_near_fp32(smollm: LoadedModel) -> None:
     """The 4-bit layers hold the file's weights exactly; what differs is the activations and the bf16 output
     layer. With PyTorch's kernel (bf16 activations; a bf16 copy in prompt passes) next-token log-probabilities
     stay within 0.2 nats of fp32's (max) and 0.05 on average. The int4 x int8 kernel rounds activations to 8
     bits per group of 32: measured over six prompts max 0.11-0.25, mean 0.049-0.067 (WikiText-2 perplexity
     +0.28% against +0.06%), so its bounds are 0.35 and 0.08."""
-    kernels = [False, True] if group_quant.usable(numerics.cpu_features()) else [False]
+    kernels = [False, True] if W4A8 else [False]
+    # PyTorch's int4 kernel: a CPU that has no kernel of ours (no AVX2 / VNNI), and bf16 where this one has it
+    torch_int4 = "avx512_f,avx512_bf16" if HAS_BF16 else "avx512_f"
+    rest = "bf16" if HAS_BF16 else "fp32"
     ids = smollm.tokenizer(PROMPTS[4] + " happy and she loved to read books about faraway places.",
                            return_tensors="pt").input_ids  # fmt: skip
     with torch.inference_mode():
         ref = smollm.model(input_ids=ids).logits[0].log_softmax(-1)  # (P, V)
     chosen = ref.argmax(-1)  # (P,)
     for w4a8 in kernels:
-        model = _load(OFFLINE_DEFAULT, quantize="int4", cpu_features=None if w4a8 else "avx2,avx512_f,avx512_bf16")
-        assert model.info.numerics == ("int4-w4a8-g32+bf16" if w4a8 else "int4-w4-g32+bf16")
+        model = _load(OFFLINE_DEFAULT, quantize="int4", cpu_features=None if w4a8 else torch_int4)
+        assert model.info.numerics == f"int4-{'w4a8' if w4a8 else 'w4'}-g32+{rest}"
         with torch.inference_mode():
             decode = model.model(input_ids=ids).logits[0].log_softmax(-1)  # (P, V)
             with int4.prompt_pass():
@@ -339,7 +348,6 @@ def test_smollm_int4_logits_stay_near_fp32(smollm: LoadedModel) -> None:
             assert float((got.argmax(-1) == chosen).float().mean()) >= 0.9
 
 
-@pytest.mark.skipif(not HAS_FAST, reason="this CPU has no int8 / bf16 instructions")
 @pytest.mark.parametrize("mode", FAST_MODES)
 async def test_every_mode_serves_generate_and_sentiment(mode: dict[str, str]) -> None:
     model = _load(TINY_GPT2, **mode)

@@ -6,7 +6,15 @@
    Why: PyTorch's int4 kernel computes in fp32 after unpacking, so at 32 rows it runs ~115 GOP/s; integer dot
    products (vpdpbusd: 16 lanes x 4 unsigned weight bytes x 4 signed activation bytes) do the same work in a
    fraction of the instructions, and at one row the kernel reads 4 or 8 bits a weight. Built at run time with
-   -march=native (app/models/group_quant.py); without AVX512-VNNI it does not build, and PyTorch's kernels run.
+   -march=native (app/models/group_quant.py) for one of two instruction sets, the same layout and results:
+   - AVX512-VNNI (Zen 4, Ice Lake and later): vpdpbusd, 16 outputs a vector;
+   - AVX2 + FMA (Zen 2/3, Haswell to Alder Lake): vpmaddubsw + vpmaddwd, 8 outputs a vector (a tile in two
+     halves). 4 bits: the pairs vpmaddubsw makes are at most 2 * 15 * 127, so a group's 8 of them add in int16
+     without overflow (<= 30,480) and one vpmaddwd widens them: the same exact sums, so the same outputs bit
+     for bit as on VNNI. 8 bits: u * x would saturate vpmaddubsw's int16 pairs, so it multiplies |u - 128|
+     by x carrying u - 128's sign (llama.cpp's trick: pairs <= 2 * 127 * 127) and sums (u - 128) x directly,
+     without the -128 d term (the same value computed without its cancellation; not bit-identical to VNNI).
+   Without either it does not build, and PyTorch's kernels run.
 
    Per group g, with x ~ dx * xq, xq in [-127, 127], and w = (u - OFF) * d + z (OFF 8 or 128, z 0 for 8 bits):
      sum_k w_k x_k ~ (d dx) * sum_k u_k xq_k + (z - OFF d) * (dx * sum_k xq_k)
@@ -23,14 +31,24 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VNNI__)
-#error "group_quant needs AVX512F, AVX512BW and AVX512-VNNI"
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define ISA 512
+#define RB 8    /* rows per block: each unpacked weight vector serves this many rows (4: 4-6% slower at 8-256 rows) */
+#elif defined(__AVX2__) && defined(__FMA__)
+#define ISA 256
+#define RB 4    /* 16 ymm registers: a row's int sums and float sums, and the weights, in registers */
+#else
+#error "group_quant needs AVX512F, AVX512BW and AVX512-VNNI, or AVX2 and FMA"
 #endif
 
 #define GS 32   /* inputs per group */
 #define NT 16   /* outputs per tile */
 #define DYNAMIC_ROWS 64  /* calls with at least this many rows hand tiles out dynamically (see run) */
-#define RB 8    /* rows per block: each unpacked weight vector serves this many rows (4: 4-6% slower at 8-256 rows) */
+
+/* which instruction set this build runs: 512 (AVX512-VNNI) or 256 (AVX2) */
+int group_quant_isa(void) { return ISA; }
+
+#if ISA == 512
 
 static inline __m512 bf16_to_f32(const uint16_t* p) {  /* 16 bf16 -> 16 fp32, exact */
   __m256i h = _mm256_loadu_si256((const __m256i*)p);
@@ -107,6 +125,112 @@ static inline void tile_rows(const int bits, const int rb, const uint8_t* restri
   }
 }
 
+#else  /* AVX2 */
+
+static inline __m256 bf16_to_f32(const uint16_t* p) {  /* 8 bf16 -> 8 fp32, exact */
+  __m128i h = _mm_loadu_si128((const __m128i*)p);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* The same values as the AVX-512 version: max and integer sums are exact, conversion rounds to nearest even
+   (MXCSR's default), |xq| <= 127 so packing never saturates. */
+static void quantize_row(const float* x, int K, int8_t* xq, float* dx, float* sx) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  /* undoes the packs' 128-bit lanes */
+  for (int g = 0; g < K / GS; g++) {
+    const float* v = x + g * GS;
+    __m256 a0 = _mm256_loadu_ps(v), a1 = _mm256_loadu_ps(v + 8), a2 = _mm256_loadu_ps(v + 16),
+           a3 = _mm256_loadu_ps(v + 24);
+    __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, a0), _mm256_andnot_ps(sign, a1)),
+                              _mm256_max_ps(_mm256_andnot_ps(sign, a2), _mm256_andnot_ps(sign, a3)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    float amax = _mm_cvtss_f32(m4);
+    float d = amax / 127.0f;
+    float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    __m256 vid = _mm256_set1_ps(id);
+    __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(a0, vid)), q1 = _mm256_cvtps_epi32(_mm256_mul_ps(a1, vid)),
+            q2 = _mm256_cvtps_epi32(_mm256_mul_ps(a2, vid)), q3 = _mm256_cvtps_epi32(_mm256_mul_ps(a3, vid));
+    __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+    _mm256_storeu_si256((__m256i*)(xq + g * GS), _mm256_permutevar8x32_epi32(bytes, order));
+    __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(q0, q1), _mm256_add_epi32(q2, q3));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
+    int s = _mm_cvtsi128_si32(s4);
+    dx[g] = d;
+    sx[g] = d * (float)s;
+  }
+}
+
+/* As the AVX-512 version, one half of the tile (8 outputs: bytes 32h.. of each 64-byte weight vector) at a
+   time; per output the same float operations in the same order. */
+static inline void tile_rows(const int bits, const int rb, const uint8_t* restrict wt, const void* restrict st,
+                             int G, int K, const int8_t* restrict xq, const float* restrict dx,
+                             const float* restrict sx, const float* restrict bias, float* restrict y, int N, int n0) {
+  const __m256i lo = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
+  for (int h = 0; h < 2; h++) {
+    __m256 acc[RB];
+    for (int r = 0; r < rb; r++) acc[r] = _mm256_setzero_ps();
+    for (int g = 0; g < G; g++) {
+      __m256i s[RB];
+      for (int r = 0; r < rb; r++) s[r] = _mm256_setzero_si256();
+      if (bits == 4) {
+        const uint8_t* wg = wt + (size_t)g * 256 + 32 * h;
+        for (int p = 0; p < 4; p++) {
+          __m256i packed = _mm256_loadu_si256((const __m256i*)(wg + 64 * p));
+          __m256i w0 = _mm256_and_si256(packed, lo), w1 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), lo);
+          for (int r = 0; r < rb; r++) {  /* int16 sums: <= 8 * 2 * 15 * 127 */
+            const int32_t* xr = (const int32_t*)(xq + (size_t)r * K + g * GS);
+            s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(w0, _mm256_set1_epi32(xr[2 * p])));
+            s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(w1, _mm256_set1_epi32(xr[2 * p + 1])));
+          }
+        }
+        const uint16_t* sg = (const uint16_t*)st + (size_t)g * 2 * NT + 8 * h;
+        const __m256 d = bf16_to_f32(sg);
+        const __m256 m = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), d, bf16_to_f32(sg + NT));  /* z - 8 d */
+        for (int r = 0; r < rb; r++) {
+          const __m256 isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[r], ones));
+          const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(dx[(size_t)r * G + g]));
+          acc[r] = _mm256_fmadd_ps(isum, scale, acc[r]);
+          acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(sx[(size_t)r * G + g]), acc[r]);
+        }
+      } else {
+        const uint8_t* wg = wt + (size_t)g * 512 + 32 * h;
+        for (int j = 0; j < 8; j++) {
+          const __m256i ws = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(wg + 64 * j)), flip);  /* u - 128 */
+          const __m256i wa = _mm256_abs_epi8(ws);
+          for (int r = 0; r < rb; r++) {  /* int32 sums of (u - 128) x */
+            const int32_t* xr = (const int32_t*)(xq + (size_t)r * K + g * GS);
+            const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(xr[j]), ws);
+            s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xs), ones));
+          }
+        }
+        const __m256 d = _mm256_loadu_ps((const float*)st + (size_t)g * NT + 8 * h);
+        for (int r = 0; r < rb; r++) {
+          const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(dx[(size_t)r * G + g]));
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), scale, acc[r]);
+        }
+      }
+    }
+    for (int r = 0; r < rb; r++) {
+      __m256 out = acc[r];
+      if (bias) out = _mm256_add_ps(out, _mm256_loadu_ps(bias + n0 + 8 * h));
+      _mm256_storeu_ps(y + (size_t)r * N + n0 + 8 * h, out);
+    }
+  }
+}
+
+#endif
+
+#if RB == 8
+#define REST_8 case 7: ROWS(bits, 7); break; case 6: ROWS(bits, 6); break; case 5: ROWS(bits, 5); break; \
+               case 4: ROWS(bits, 4); break;
+#else
+#define REST_8
+#endif
+
 #define ROWS(bits, rb) tile_rows(bits, rb, wt, st, G, K, xq + (size_t)r0 * K, dx + (size_t)r0 * G, \
                                  sx + (size_t)r0 * G, bias, y + (size_t)r0 * N, N, t * NT)
 
@@ -117,10 +241,7 @@ static inline void tile_rows(const int bits, const int rb, const uint8_t* restri
     int r0 = 0; \
     for (; r0 + RB <= M; r0 += RB) ROWS(bits, RB); \
     switch (M - r0) { \
-      case 7: ROWS(bits, 7); break; \
-      case 6: ROWS(bits, 6); break; \
-      case 5: ROWS(bits, 5); break; \
-      case 4: ROWS(bits, 4); break; \
+      REST_8 \
       case 3: ROWS(bits, 3); break; \
       case 2: ROWS(bits, 2); break; \
       case 1: ROWS(bits, 1); break; \
