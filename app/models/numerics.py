@@ -7,8 +7,9 @@
 | int8 | int8 weights per output channel, activations per row, int32 sums, SmoothQuant (app/models/int8.py) | fp32 |
 | int4 | 4-bit weights in groups of 32 (Q4_1) x int8 activations (app/models/group_quant.py), below | fp32, K/V bf16 |
 
-int4 on AVX512-VNNI runs our kernel for every pass, the output layer in Q8_0 on it too; without VNNI, PyTorch's
-int4 kernel on bf16 activations, and a bf16 copy of the weights for prompt passes (app/models/int4.py). In the
+int4 on AVX512-VNNI or AVX2 runs our kernel for every pass, the output layer in Q8_0 on it too; without it,
+PyTorch's int4 kernel on bf16 activations, and a bf16 copy of the weights for prompt passes where oneDNN has bf16
+(app/models/int4.py). In the
 modes that are not token-exact anyway (`inexact`: int4 on our kernel, bf16) K/V are cached in bf16 and norms /
 rotary / SwiGLU run in C (app/models/elementwise.py).
 
@@ -18,7 +19,8 @@ bf16, int8 and int4 the layers that read one input (q/k/v, gate/up) run as one p
 (app/models/fusion.py). Every mode gives each row the same result whatever other rows share the step.
 
 A fast mode runs only where the CPU has the instructions for it (avx512_bf16 or AMX for bf16;
-avx512_vnni, avx_vnni or AMX for int8; avx512_f or avx2 for int4); elsewhere the model runs in fp32 and one
+avx512_vnni, avx_vnni or AMX for int8, whose oneDNN kernel saturates without VNNI; avx512_f or avx2 for int4,
+our kernel on AVX512-VNNI or AVX2 + FMA); elsewhere the model runs in fp32 and one
 log line says why. Nothing outside app/models knows which mode runs, except what /info and /metrics report
 (`Numerics.name`); the engine only marks prompt passes (`prompt_pass`), which int4 layers compute in bf16.
 """
@@ -71,7 +73,7 @@ class Numerics:
     # holds) also "int8"
     rest: str = "fp32"
     lossless_only: bool = False
-    # int4: its layers run app/models/group_quant.py's kernel (int8 activations, AVX512-VNNI), not PyTorch's
+    # int4: its layers run app/models/group_quant.py's kernel (int8 activations; AVX512-VNNI or AVX2), not PyTorch's
     w4a8: bool = False
 
 

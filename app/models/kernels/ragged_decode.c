@@ -14,14 +14,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kv_type.h"  /* vn (VW floats), loadn, storen; kv_t, loadkv, tokv: fp32 or bf16 K/V (KV_BF16) */
+
 #define BS 16
 #define HG (H * G)
-typedef float v16 __attribute__((vector_size(64)));  /* whatever vector width -march=native gives */
-
-static inline v16 load16(const float* p) { v16 x; __builtin_memcpy(&x, p, sizeof x); return x; }
-static inline void store16(float* p, v16 x) { __builtin_memcpy(p, &x, sizeof x); }
-
-#include "kv_type.h"  /* kv_t, loadkv, tokv: fp32 or bf16 K/V (KV_BF16) */
+/* value vectors per pass (G * CG accumulators, at most 12): all of D / VW where they fit (AVX-512 and SmolLM2's
+   G 3: one pass), else passes over the job's tokens, each on a part of D (AVX2: two) */
+#define CGT (12 / G)
+#define CG ((D / VW) <= CGT ? (D / VW) : (D / VW) % 8 == 0 && CGT >= 8 ? 8 : (D / VW) % 4 == 0 && CGT >= 4 ? 4 \
+            : (D / VW) % 2 == 0 && CGT >= 2 ? 2 : 1)
 
 static void job(const float* restrict q, float scale, const kv_t* restrict K, const kv_t* restrict V, int nbt,
                 int start, int t0, int t1, float* restrict pm, float* restrict pl, float* restrict pacc) {
@@ -29,37 +30,42 @@ static void job(const float* restrict q, float scale, const kv_t* restrict K, co
   for (int h = 0; h < H; h++) {
     float qs[G][D];
     for (int g = 0; g < G; g++) for (int i = 0; i < D; i++) qs[g][i] = q[(h * G + g) * D + i] * scale;
-    v16 s[G][CH / BS];
+    float s[G][CH];
     const kv_t* kh = K + ((size_t)h * nbt + b0) * D * BS;
     for (int b = 0; b < nb; b++) {
       const kv_t* kb = kh + (size_t)b * D * BS;
-      v16 a[G];
-      for (int g = 0; g < G; g++) a[g] = (v16){0};
+      vn a[G][BS / VW];
+      for (int g = 0; g < G; g++) for (int c = 0; c < BS / VW; c++) a[g][c] = (vn){0};
       for (int i = 0; i < D; i++) {
-        const v16 row = loadkv(kb + i * BS);  /* key dim i of 16 tokens */
-        for (int g = 0; g < G; g++) a[g] += qs[g][i] * row;
+        for (int c = 0; c < BS / VW; c++) {
+          const vn row = loadkv(kb + i * BS + c * VW);  /* key dim i of VW tokens */
+          for (int g = 0; g < G; g++) a[g][c] += qs[g][i] * row;
+        }
       }
-      for (int g = 0; g < G; g++) s[g][b] = a[g];
+      for (int g = 0; g < G; g++) for (int c = 0; c < BS / VW; c++) storen(&s[g][b * BS + c * VW], a[g][c]);
     }
     for (int g = 0; g < G; g++) {
-      float* sg = (float*)s[g];
+      float* sg = s[g];
       float m = -FLT_MAX, l = 0.f;
       for (int t = 0; t < n; t++) m = sg[t] > m ? sg[t] : m;
       for (int t = 0; t < n; t++) { const float e = expf(sg[t] - m); sg[t] = e; l += e; }
       pm[h * G + g] = m;
       pl[h * G + g] = l;
     }
-    v16 o[G][D / 16];
-    for (int g = 0; g < G; g++) for (int c = 0; c < D / 16; c++) o[g][c] = (v16){0};
     const kv_t* vh = V + ((size_t)h * nbt + b0) * BS * D;
-    for (int t = 0; t < n; t++) {
-      const kv_t* vt = vh + (size_t)t * D;
-      for (int c = 0; c < D / 16; c++) {
-        const v16 row = loadkv(vt + c * 16);
-        for (int g = 0; g < G; g++) o[g][c] += ((const float*)s[g])[t] * row;
+    for (int c0 = 0; c0 < D / VW; c0 += CG) {
+      vn o[G][CG];
+      for (int g = 0; g < G; g++) for (int c = 0; c < CG; c++) o[g][c] = (vn){0};
+      for (int t = 0; t < n; t++) {
+        const kv_t* vt = vh + (size_t)t * D + c0 * VW;
+        for (int c = 0; c < CG; c++) {
+          const vn row = loadkv(vt + c * VW);
+          for (int g = 0; g < G; g++) o[g][c] += s[g][t] * row;
+        }
       }
+      for (int g = 0; g < G; g++)
+        for (int c = 0; c < CG; c++) storen(pacc + (h * G + g) * D + (c0 + c) * VW, o[g][c]);
     }
-    for (int g = 0; g < G; g++) for (int c = 0; c < D / 16; c++) store16(pacc + (h * G + g) * D + c * 16, o[g][c]);
   }
 }
 
