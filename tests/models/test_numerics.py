@@ -305,13 +305,12 @@ def test_auto_takes_int4_only_for_weights_that_are_four_bit_already(smollm: Load
         no_bf16 = _load(TINY_GPT2, cpu_features="avx2,avx512_f,avx512_vnni")
         assert no_bf16.info.numerics == "int8-w8a8-per-row+fp32"
     default = _load(OFFLINE_DEFAULT)
-    w4a8 = W4A8
-    assert default.info.numerics == f"int4-{'w4a8' if w4a8 else 'w4'}-g32+{REST}"
+    assert default.info.numerics == f"int4-{'w4a8' if W4A8 else 'w4'}-g32+{REST}"
     layers = [m for m in default.model.modules() if isinstance(m, int4.Int4Linear)]
     assert len(layers) == sum(m.lossless for m in layers) == 4 * default.model.config.num_hidden_layers  # qkv, o,
     # gate/up, down; the output layer (its file holds it in Q8_0): the kernel's 8-bit weights, else bf16
     output = default.model.get_output_embeddings()
-    if w4a8:
+    if W4A8:
         assert isinstance(output, group_quant.Int8GroupLinear) and output.error < 1e-3  # Q8_0 held exactly
     else:
         assert isinstance(output, PackedLinear)
