@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import resource
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -73,13 +74,16 @@ async def main(args: argparse.Namespace) -> None:
         _instrument()
         burst = [j.prompt for j in jobs[: args.prompts]]
         tokens = sum(len(tokenizer(p).input_ids) for p in burst)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         started = time.perf_counter()
         await asyncio.gather(*(one(p) for p in burst))
         wall = time.perf_counter() - started
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     finally:
         engine.stop()
     print(f"{args.prompts} prompts at once ({tokens} tokens), {loaded.info.numerics}, {loaded.info.threads} "
-          f"threads: {wall:.2f} s to the last first token ({tokens / wall:.0f} prompt tokens/s)")  # fmt: skip
+          f"threads: {wall:.2f} s to the last first token ({tokens / wall:.0f} prompt tokens/s), "
+          f"{faults} page faults (memory mapped afresh)")  # fmt: skip
     for name, s in sorted(seconds.items(), key=lambda kv: -kv[1]):
         print(f"  {name:28} {s:6.3f} s  {100 * s / wall:5.1f}%")
 

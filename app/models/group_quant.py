@@ -19,6 +19,12 @@ So one kernel serves decode steps and prompts alike, faster than either kernel i
 copy is gone. On AVX2 (measured on Zen 2, which has neither AVX-512 nor bf16 instructions),
 576 -> 3072, us per call, fp32 prepacked / 4-bit here / 8-bit here: 1 row 690 / 105 / 142, 32 rows 1315 / 784 /
 1097, 256 rows 7008 / 7562 / 10111: 6.5x fp32 at one row, 1.7x at 32, even with it in prompts.
+On a Xeon with AMX (the tile unit: 16 rows x 16 outputs x 32 inputs in one tdpbsud), calls of 16 rows or more
+take it for each whole block of 16 rows, the same exact integer sums and the same float steps after them, so
+the same outputs bit for bit; us per call there, 2 threads, VNNI path / AMX (`use_amx` switches): 576 -> 3072 at
+32 rows 187 / 154, 128 rows 1048 / 850; 1536 -> 576 at 128 rows 494 / 321, 256 rows 966 / 654; the 8-bit
+576 -> 49152 at 32 rows 3480 / 2227. Its float steps (a group's scales for every row) and the tile loads and
+stores bound it, not the products (see amx_rows in the C file).
 With 8-bit weights (GGUF Q8_0's blocks: SmolLM2's file holds its output layer so) it runs the
 output layer from half the bytes of bf16. Its cost: activations in 8 bits per group of 32 (the relative
 error of one product ~0.5% on random data; perplexity and task accuracy in the README's numerics table).
@@ -113,11 +119,22 @@ class Kernel:
         p, i = ctypes.c_void_p, ctypes.c_int
         self.fns = {4: lib.group_quant, 8: lib.q8_linear}
         lib.group_quant_isa.restype = ctypes.c_int
+        lib.group_quant_amx.restype = ctypes.c_int
+        lib.group_quant_amx.argtypes = [ctypes.c_int]
+        self._amx = lib.group_quant_amx
+        self.amx = bool(self._amx(1))  # calls of 16 rows or more take the tile unit
         self.isa = "avx512-vnni" if lib.group_quant_isa() == 512 else "avx2"  # what this build runs on
+        if self.amx:
+            self.isa += "+amx"
         for fn in self.fns.values():
             fn.argtypes = [p, i, i, i, p, p, p, p, p, p, p, i]
             fn.restype = None
         self.scratch = _Scratch()
+
+    def use_amx(self, on: bool) -> bool:
+        """AMX on or off (off: the VNNI path for every row, the same outputs); whether calls now use it."""
+        self.amx = bool(self._amx(int(on)))
+        return self.amx
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                  out_features: int, bits: int) -> torch.Tensor:  # fmt: skip
@@ -174,8 +191,9 @@ def _bench() -> None:  # pragma: no cover - a measurement, run by hand
     kernel = load()
     assert kernel is not None, "the kernel does not run on this CPU"
     wide = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32  # AVX2: no bf16
-    print(f"  K      N   rows  torch int4 us  4-bit here us  8-bit here us  {str(wide)[6:]} us   ({kernel.isa}; "
-          "weights cycled: none in cache)")
+    amx = kernel.amx  # then also the 4-bit layers on the VNNI path alone
+    print(f"  K      N   rows  torch int4 us  4-bit here us  8-bit here us  {str(wide)[6:]} us"
+          f"{'  4-bit VNNI only us' if amx else ''}   ({kernel.isa}; weights cycled: none in cache)")
     for k, n in ((576, 960), (576, 3072), (1536, 576), (576, 49152)):
         count = 30 if n < 10_000 else 2
         weights = [torch.randn(n, k) * 0.02 for _ in range(count)]
@@ -188,7 +206,12 @@ def _bench() -> None:  # pragma: no cover - a measurement, run by hand
             with torch.inference_mode():
                 us = [seconds(lambda: [layer(x) for layer in layers], n=5) / count * 1e6  # noqa: B023
                       for layers in (torch_int4, four, eight, bf16)]  # fmt: skip
-            print(f"{k:>4} {n:>6} {m:>5} {us[0]:>14.0f} {us[1]:>14.0f} {us[2]:>14.0f} {us[3]:>8.0f}")
+                if amx:
+                    kernel.use_amx(False)
+                    us.append(seconds(lambda: [layer(x) for layer in four], n=5) / count * 1e6)  # noqa: B023
+                    kernel.use_amx(True)
+            vnni = f" {us[4]:>20.0f}" if amx else ""
+            print(f"{k:>4} {n:>6} {m:>5} {us[0]:>14.0f} {us[1]:>14.0f} {us[2]:>14.0f} {us[3]:>8.0f}{vnni}")
 
 
 if __name__ == "__main__":  # pragma: no cover

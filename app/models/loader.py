@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from app.config import Settings
-from app.models import numerics
+from app.models import group_quant, numerics
 from app.models.attention import use_decode_attention
 from app.models.store import Located, ModelStore, StoreError, display_name
 
@@ -160,10 +160,11 @@ def _load(settings: Settings) -> LoadedModel:
         eos_token_ids=eos_ids(model, tokenizer),
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
     )
+    kernel = group_quant.load() if mode.w4a8 else None  # its instruction set: avx2, avx512-vnni, +amx
     log.info(
-        "loaded %s (%s, %.1fM parameters) on %s, numerics %s%s in %.1fs, %d torch threads",
+        "loaded %s (%s, %.1fM parameters) on %s, numerics %s%s%s in %.1fs, %d torch threads",
         name, info.architecture, parameters / 1e6, info.device, info.numerics,
-        " (decode attention)" if fast_attention else "",
+        f" (kernel {kernel.isa})" if kernel is not None else "", " (decode attention)" if fast_attention else "",
         time.perf_counter() - started, torch.get_num_threads(),
     )  # fmt: skip
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)

@@ -188,6 +188,32 @@ def test_the_int4_by_int8_kernel_computes_its_formula_and_each_row_alone() -> No
     assert float((got8 - exact).norm() / exact.norm()) < 0.01
 
 
+AMX = W4A8 and group_quant.load().amx  # type: ignore[union-attr]
+
+
+@pytest.mark.skipif(not AMX, reason="this CPU has no AMX (or Linux did not grant its tile state)")
+def test_the_kernel_on_amx_gives_the_vnni_paths_outputs_bit_for_bit() -> None:
+    kernel = group_quant.load()
+    assert kernel is not None
+    weight = _four_bit(96, 1600)  # 50 groups: the AMX path's sums in three chunks of 17 and 16
+    bias = torch.randn(96)
+    four, eight = int4.Int4Linear(weight, bias, kernel=kernel), group_quant.Int8GroupLinear(weight, bias, kernel)
+    torch.manual_seed(2)
+    x = torch.randn(53, 1600) * torch.rand(53, 1) * 4  # three blocks of 16 rows on AMX, 5 left for VNNI
+    try:
+        with torch.inference_mode():
+            assert kernel.use_amx(True)
+            amx = [four(x), eight(x), four(x[:16]), four(x[:15])]
+            assert not kernel.use_amx(False)
+            vnni = [four(x), eight(x), four(x[:16]), four(x[:15])]
+    finally:
+        kernel.use_amx(True)
+    for a, b in zip(amx, vnni, strict=True):
+        assert torch.equal(a, b)
+    q, scales_zeros, _ = int4.quantize_groups(weight)
+    torch.testing.assert_close(amx[0], _q4_reference(x, q, scales_zeros) + bias, rtol=1e-5, atol=1e-5)
+
+
 def _tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
