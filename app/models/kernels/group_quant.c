@@ -76,6 +76,19 @@ static void quantize_row(const float* x, int K, int8_t* xq, float* dx, float* sx
   }
 }
 
+/* group g's d and m = z - OFF d for a tile's 16 outputs; the VNNI and the AMX paths both take them from here, so
+   they compute the same values */
+static inline void group_dm(const int bits, const void* restrict st, int g, __m512* d, __m512* m) {
+  if (bits == 4) {
+    const uint16_t* sg = (const uint16_t*)st + (size_t)g * 2 * NT;
+    *d = bf16_to_f32(sg);
+    *m = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), *d, bf16_to_f32(sg + NT));  /* z - 8 d */
+  } else {
+    *d = _mm512_loadu_ps((const float*)st + (size_t)g * NT);
+    *m = _mm512_mul_ps(_mm512_set1_ps(-128.0f), *d);  /* -128 d */
+  }
+}
+
 /* rows [0, rb) of a row block against one tile; rb <= RB, bits 4 or 8 (constants where it is called, so the
    compiler specializes). The per-row arithmetic is the same for every rb. */
 static inline void tile_rows(const int bits, const int rb, const uint8_t* restrict wt, const void* restrict st,
@@ -94,15 +107,11 @@ static inline void tile_rows(const int bits, const int rb, const uint8_t* restri
         w[2 * p] = _mm512_and_si512(packed, lo);
         w[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), lo);
       }
-      const uint16_t* sg = (const uint16_t*)st + (size_t)g * 2 * NT;
-      d = bf16_to_f32(sg);
-      m = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), d, bf16_to_f32(sg + NT));  /* z - 8 d */
     } else {
       const __m512i* wg = (const __m512i*)(wt + (size_t)g * 512);
       for (int j = 0; j < 8; j++) w[j] = _mm512_loadu_si512(wg + j);
-      d = _mm512_loadu_ps((const float*)st + (size_t)g * NT);
-      m = _mm512_mul_ps(_mm512_set1_ps(-128.0f), d);  /* -128 d */
     }
+    group_dm(bits, st, g, &d, &m);
     for (int r = 0; r < rb; r++) {
       const int32_t* xr = (const int32_t*)(xq + (size_t)r * K + g * GS);
       __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
@@ -142,7 +151,7 @@ static inline void tile_rows(const int bits, const int rb, const uint8_t* restri
 #define CHUNK 18  /* groups whose sums are buffered at a time, at most (18 KB): 576 inputs in one chunk, 1536
                      in three of 16 (against one of 48: 1.45x vs 1.0x the VNNI path at 256 rows; two of 24: 1.2x) */
 
-static int amx_state = -1;  /* -1 not asked yet, 0 refused or switched off, 1 usable */
+static int amx_state = -1;  /* -1 not asked yet, 0 refused (by the kernel, or a seccomp filter), 1 granted */
 
 static int amx_usable(void) {
   if (amx_state < 0) amx_state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
@@ -219,18 +228,11 @@ static inline void amx_rows(const uint8_t* restrict wb, const float* restrict dm
   }
 }
 
-/* a tile's d and m per group, (G, 2, 16) fp32, computed as tile_rows computes them */
+/* a tile's d and m per group, (G, 2, 16) fp32, once per tile for all its row blocks */
 static void group_scales(const int bits, const void* restrict st, int G, float* restrict dm) {
   for (int g = 0; g < G; g++) {
     __m512 d, m;
-    if (bits == 4) {
-      const uint16_t* sg = (const uint16_t*)st + (size_t)g * 2 * NT;
-      d = bf16_to_f32(sg);
-      m = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), d, bf16_to_f32(sg + NT));  /* z - 8 d */
-    } else {
-      d = _mm512_loadu_ps((const float*)st + (size_t)g * NT);
-      m = _mm512_mul_ps(_mm512_set1_ps(-128.0f), d);  /* -128 d */
-    }
+    group_dm(bits, st, g, &d, &m);
     _mm512_store_ps(dm + (size_t)g * 2 * NT, d);
     _mm512_store_ps(dm + (size_t)g * 2 * NT + NT, m);
   }
@@ -352,7 +354,6 @@ static inline void tile_rows(const int bits, const int rb, const uint8_t* restri
 
 #ifndef AMX
 #define AMX 0
-#define AR 16
 #endif
 #define AMX_MIN_ROWS 16  /* calls with fewer rows have no whole AMX block */
 static int amx_wanted = 1;
