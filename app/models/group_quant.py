@@ -1,5 +1,5 @@
-"""Group-quantized weights times int8 activations on AVX512-VNNI or AVX2 (kernels/group_quant.c): the int4 layers'
-kernel, and the output layer's in the int4 mode.
+"""Group-quantized weights times int8 activations on AVX512-VNNI or AVX2 (kernels/group_quant.c): the int4 and
+int8 modes' kernel.
 
 PyTorch's int4 kernel (`_weight_int4pack_mm_for_cpu`) takes bf16 activations and computes in fp32: at 32
 rows it ran ~115 GOP/s here, below bf16's prepacked kernel, so prompt passes needed a bf16 copy of every
@@ -25,9 +25,16 @@ the same outputs bit for bit; us per call there, 2 threads, VNNI path / AMX (`us
 32 rows 187 / 154, 128 rows 1048 / 850; 1536 -> 576 at 128 rows 494 / 321, 256 rows 966 / 654; the 8-bit
 576 -> 49152 at 32 rows 3480 / 2227. Its float steps (a group's scales for every row) and the tile loads and
 stores bound it, not the products (see amx_rows in the C file).
-With 8-bit weights (GGUF Q8_0's blocks: SmolLM2's file holds its output layer so) it runs the
-output layer from half the bytes of bf16. Its cost: activations in 8 bits per group of 32 (the relative
-error of one product ~0.5% on random data; perplexity and task accuracy in the README's numerics table).
+With 8-bit weights it runs the int8 mode's every layer, and the int4 mode's output layer from half the bytes
+of bf16: symmetric where the weights are Q8_0's already (SmolLM2's file holds its output layer so), else with a
+scale and a zero per group (Q8Z), whose 255 levels hold a 4-bit source exactly. The int8 mode ran oneDNN's int8
+product before (one scale per output channel and per row, SmoothQuant; app/models/int8.py, now the fallback
+without a compiler). On SmolLM2, against it: SST-2 dev 84.4% against 81.7% (fp32 83.9%), its 52 flipped answers
+down to 12, since the per-group scales take the activations' outlier channels and the weights lose nothing;
+and every layer on this kernel, the down projections and the output layer too, so the decode step runs in
+one C call (app/models/native_step.py). The cost of either width: activations in 8 bits per group of 32 (the
+relative error of one product ~0.5% on random data; perplexity and task accuracy in the README's numerics
+table).
 
 Each row's result is computed by the same instructions whatever other rows share the call, so it does not
 depend on the batch (tests compare rows alone and together, bit for bit).
@@ -47,6 +54,12 @@ from app.models import kernel_build
 
 GROUP = 32  # inputs per group: the weights' and the activations'
 TILE = 16  # outputs per tile: one vector of int32 sums
+# The weights' kinds, kernels/group_quant.c's numbers: 4 bits with a scale and a zero (Q4_1), 8 bits symmetric
+# (Q8_0), 8 bits with a scale and a zero per group (Q8Z)
+Q4, Q8, Q8Z = 4, 8, 9
+# A weight that sits on the symmetric 8-bit grid of its groups already (a Q8_0 source) reconstructs to within
+# float rounding; round-to-nearest of other weights errs by ~a quarter level on average.
+LOSSLESS_ERROR = 1e-3  # mean |w - dequantized| in levels
 PROFILE_NAME = "textgen::group_quant"  # what app/bench/step_profile counts as a linear layer
 # torch's capability names, either set; the C file checks them too and builds for the one the CPU has
 NEEDS = (("avx512_f", "avx512_bw", "avx512_vnni"), ("avx2", "fma3"))
@@ -77,15 +90,30 @@ def quantize8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     return q.reshape(n, k).to(torch.int8), d, error
 
 
-def pack8(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (N, K) int8 and d (N, K / 32) -> the kernel's weights (N / 16, K / 32, 8, 16, 4) uint8 (q + 128) and
-    scales (N / 16, K / 32, 16) fp32."""
-    n, k = q.shape
+def quantize8_zero(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """(N, K) float -> u uint8 (N, K) in [0, 255], d and z (N, K / 32) fp32 with w ~ (u - 128) d + z: 255 levels
+    from each group's least weight to its greatest (a 4-bit source's 16 levels are every 17th of them, held
+    exactly), and the mean reconstruction error in levels."""
+    n, k = weight.shape
+    w = weight.detach().float().reshape(n, k // GROUP, GROUP)  # (N, G, 32)
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (N, G)
+    d = (hi - lo) / 255  # (N, G)
+    safe = torch.where(d > 0, d, torch.ones_like(d)).unsqueeze(-1)  # (N, G, 1); a constant group: u = 0, w = z
+    u = torch.round((w - lo.unsqueeze(-1)) / safe).clamp_(0, 255)  # (N, G, 32)
+    z = lo + 128 * d  # (N, G): w = u d + lo
+    error = float(((u - 128) * d.unsqueeze(-1) + z.unsqueeze(-1) - w).abs().div(safe).mean())
+    return u.reshape(n, k).to(torch.uint8), d, z, error
+
+
+def pack8(u: torch.Tensor, d: torch.Tensor, z: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """u (N, K) uint8 (Q8_0's q + 128), d and z (N, K / 32) -> the kernel's weights (N / 16, K / 32, 8, 16, 4)
+    uint8 and scales (N / 16, K / 32, 16) fp32, or (N / 16, K / 32, 2, 16) d then z where there are zeros."""
+    n, k = u.shape
     tiles, groups = n // TILE, k // GROUP
-    u = (q.to(torch.int16) + 128).to(torch.uint8).reshape(tiles, TILE, groups, 8, 4)  # (T, 16, G, j, i)
-    weights = u.permute(0, 2, 3, 1, 4).contiguous()  # (T, G, j, 16, i)
-    scales = d.float().reshape(tiles, TILE, groups).permute(0, 2, 1).contiguous()  # (T, G, 16)
-    return weights, scales
+    weights = u.reshape(tiles, TILE, groups, 8, 4).permute(0, 2, 3, 1, 4).contiguous()  # (T, G, j, 16, i)
+    planes = [d] if z is None else [d, z]
+    scales = torch.stack([p.float().reshape(tiles, TILE, groups) for p in planes], dim=2)  # (T, 16, P, G)
+    return weights, scales.permute(0, 3, 2, 1).contiguous().squeeze(2)  # (T, G, P, 16), P = 1 dropped
 
 
 def supports(weight: torch.Tensor) -> bool:
@@ -117,7 +145,7 @@ class Kernel:
     def __init__(self, path: Path) -> None:
         lib = ctypes.CDLL(str(path))
         p, i = ctypes.c_void_p, ctypes.c_int
-        self.fns = {4: lib.group_quant, 8: lib.q8_linear}
+        self.fns = {Q4: lib.group_quant, Q8: lib.q8_linear, Q8Z: lib.q8z_linear}
         lib.group_quant_isa.restype = ctypes.c_int
         lib.group_quant_amx.restype = ctypes.c_int
         lib.group_quant_amx.argtypes = [ctypes.c_int]
@@ -137,8 +165,8 @@ class Kernel:
         return self.amx
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                 out_features: int, bits: int) -> torch.Tensor:  # fmt: skip
-        """x (..., K) -> y (..., N) in x's dtype (computed from fp32 rows)."""
+                 out_features: int, kind: int) -> torch.Tensor:  # fmt: skip
+        """x (..., K) -> y (..., N) in x's dtype (computed from fp32 rows); `kind`: the weights' (Q4, Q8, Q8Z)."""
         # the decode step's calls (2-D, fp32, contiguous) skip the reshapes: ~150 calls a step, each ~1 us a view
         plain = x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous()
         flat = x if plain else x.reshape(-1, x.shape[-1]).float().contiguous()  # (M, K)
@@ -147,29 +175,39 @@ class Kernel:
         xq, dx, sx = self.scratch.get(rows, in_features)
         args = (flat.data_ptr(), rows, in_features, out_features, weights.data_ptr(), scales.data_ptr(),
                 None if bias is None else bias.data_ptr(), y.data_ptr(), xq, dx, sx, torch.get_num_threads())
-        kernel_build.call(PROFILE_NAME, self.fns[bits], *args)
+        kernel_build.call(PROFILE_NAME, self.fns[kind], *args)
         return y if plain else y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
 class Int8GroupLinear(nn.Module):
-    """y = x @ W.T + b with W in 8 bits per output and group of 32 inputs (Q8_0) on the kernel: the int4
-    mode's output layer (in bf16 it reads twice the bytes; SmolLM2's file holds it in Q8_0, so nothing is lost
-    in the weights)."""
+    """y = x @ W.T + b with W in 8 bits per output and group of 32 inputs on the kernel: the int8 mode's layers,
+    and the int4 mode's output layer (in bf16 it reads twice the bytes).
+
+    A weight that the symmetric grid holds exactly (a Q8_0 source: SmolLM2's output layer) stays on it (Q8);
+    any other takes a scale and a zero per group (Q8Z), whose 255 levels span the group's own range: a 4-bit
+    source is held exactly, and other weights round to a level at least as fine as the symmetric grid's."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: Kernel) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape  # (N, K)
         q, d, self.error = quantize8(weight)
+        if self.error < LOSSLESS_ERROR:
+            self.kind, z = Q8, None
+            u = (q.to(torch.int16) + 128).to(torch.uint8)  # (N, K)
+        else:
+            self.kind = Q8Z
+            u, d, z, self.error = quantize8_zero(weight)
         self.kernel = kernel
-        self.packed, self.scales = pack8(q, d)  # (N/16, K/32, 8, 16, 4), (N/16, K/32, 16)
+        self.packed, self.scales = pack8(u, d, z)  # (N/16, K/32, 8, 16, 4), (N/16, K/32, [2,] 16)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
-        return self.kernel(x, self.packed, self.scales, self.bias, self.out_features, 8)
+        return self.kernel(x, self.packed, self.scales, self.bias, self.out_features, self.kind)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 g{GROUP} x int8 "
-                f"(error {self.error:.3f} steps)")  # fmt: skip
+        kind = "symmetric" if self.kind == Q8 else "with zeros"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 g{GROUP} {kind} x int8 "
+                f"(error {self.error:.3f} levels)")  # fmt: skip
 
 
 def usable(features: set[str]) -> bool:

@@ -119,7 +119,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
         if self.kernel is not None:
-            return self.kernel(x, self.packed, self.scales_zeros, self.bias, self.out_features, 4)
+            return self.kernel(x, self.packed, self.scales_zeros, self.bias, self.out_features, group_quant.Q4)
         if in_prompt_pass() and self.wide is not None:
             wide: torch.Tensor = self.wide(x)
             return wide
@@ -133,12 +133,6 @@ class Int4Linear(nn.Module):
         kind = "lossless" if self.lossless else f"error {self.error:.2f} steps"
         kernel = f"w4a8 {self.kernel.isa}" if self.kernel is not None else "torch int4"
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{GROUP} ({kind}, {kernel})"
-
-
-def on_own_kernel(model: nn.Module) -> bool:
-    """Whether `model`'s int4 layers run the int4 x int8 kernel: the mode that is not token-exact anyway, where
-    the decode step and the cache may trade exactness for speed too."""
-    return any(isinstance(m, Int4Linear) and m.kernel is not None for m in model.modules())
 
 
 def dequantize(q: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:

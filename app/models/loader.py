@@ -160,7 +160,7 @@ def _load(settings: Settings) -> LoadedModel:
         eos_token_ids=eos_ids(model, tokenizer),
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
     )
-    kernel = group_quant.load() if mode.w4a8 else None  # its instruction set: avx2, avx512-vnni, +amx
+    kernel = group_quant.load() if mode.own_kernel else None  # its instruction set: avx2, avx512-vnni, +amx
     log.info(
         "loaded %s (%s, %.1fM parameters) on %s, numerics %s%s%s in %.1fs, %d torch threads",
         name, info.architecture, parameters / 1e6, info.device, info.numerics,

@@ -43,11 +43,11 @@ def _load() -> Any:
 
 
 def _product(module: Any) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None, int, int] | None:
-    """(bits, weights, scales, bias, K, N) of a product the kernel runs, or None."""
+    """(kind, weights, scales, bias, K, N) of a product the kernel runs, or None."""
     if isinstance(module, Int4Linear) and module.kernel is not None:
-        return 4, module.packed, module.scales_zeros, module.bias, module.in_features, module.out_features
+        return group_quant.Q4, module.packed, module.scales_zeros, module.bias, module.in_features, module.out_features
     if isinstance(module, Int8GroupLinear):
-        return 8, module.packed, module.scales, module.bias, module.in_features, module.out_features
+        return module.kind, module.packed, module.scales, module.bias, module.in_features, module.out_features
     return None
 
 
@@ -65,9 +65,9 @@ class NativeLayers:
         self.keep = [t for row in products for _, w, s, b, _, _ in row for t in (w, s, b) if t is not None]
         ptrs, dims, eps = [], [], []
         for row, (post, after) in zip(products, norms, strict=True):
-            for bits, w, s, b, k, n in row:
+            for kind, w, s, b, k, n in row:
                 ptrs += [w.data_ptr(), s.data_ptr(), 0 if b is None else b.data_ptr()]
-                dims += [bits, k, n]
+                dims += [kind, k, n]
             ptrs += [post.weight.data_ptr(), after.weight.data_ptr()]
             eps += [float(post.variance_epsilon), float(after.variance_epsilon)]
             self.keep += [post.weight, after.weight]
@@ -78,8 +78,8 @@ class NativeLayers:
         self.most_k = max(k for row in products for *_, k, _ in row)
         # seconds of linears, attention and elementwise work inside the loop, added to while set (profiles)
         self.times: torch.Tensor | None = None
-        self.fns = [_address(kernel.fns[4]), _address(kernel.fns[8]), _address(ops._norm), _address(ops._rope),
-                    _address(ops._swiglu), 0]  # fmt: skip
+        self.fns = [*(_address(kernel.fns[kind]) for kind in (group_quant.Q4, group_quant.Q8, group_quant.Q8Z)),
+                    _address(ops._norm), _address(ops._rope), _address(ops._swiglu)]  # the C file's order
         self._table: tuple[Any, torch.Tensor] | None = None  # (the attention kernel's function, the table with it)
 
     def __call__(self, x: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: float,
@@ -88,7 +88,7 @@ class NativeLayers:
         rows = x.shape[0]
         width, hq, hkv, dim, inner = self.shape
         if self._table is None or self._table[0] is not attention.fn:  # the same kernel every step: built once
-            self._table = (attention.fn, torch.tensor([*self.fns[:5], _address(attention.fn)], dtype=torch.int64))
+            self._table = (attention.fn, torch.tensor([*self.fns, _address(attention.fn)], dtype=torch.int64))
         fns = self._table[1]
         kv = torch.tensor([t.data_ptr() for pair in zip(keys, values, strict=True) for t in pair], dtype=torch.int64)
         work = torch.empty(rows * (self.most_n + 2 * hq * dim + 2 * hkv * dim + inner))

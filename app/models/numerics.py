@@ -4,14 +4,18 @@
 |---|---|---|
 | fp32 | fp32, prepacked for oneDNN (app/models/packing.py) | fp32 |
 | bf16 | bf16 weights, prepacked; inputs cast to bf16, outputs back to fp32 | fp32, K/V cached in bf16 |
-| int8 | int8 weights per output channel, activations per row, int32 sums, SmoothQuant (app/models/int8.py) | fp32 |
+| int8 | 8-bit weights in groups of 32 x int8 activations (app/models/group_quant.py), below | fp32, K/V bf16 |
 | int4 | 4-bit weights in groups of 32 (Q4_1) x int8 activations (app/models/group_quant.py), below | fp32, K/V bf16 |
 
-int4 on AVX512-VNNI or AVX2 runs our kernel for every pass, the output layer in Q8_0 on it too; without it,
-PyTorch's int4 kernel on bf16 activations, and a bf16 copy of the weights for prompt passes where oneDNN has bf16
-(app/models/int4.py). In the
-modes that are not token-exact anyway (`inexact`: int4 on our kernel, bf16) K/V are cached in bf16 and norms /
-rotary / SwiGLU run in C (app/models/elementwise.py).
+int8 and int4 run our kernel (AVX512-VNNI or AVX2; `Numerics.own_kernel`) for every pass. int8 takes every layer
+the kernel can, the output layer and the down projections too: 8-bit weights with a scale and a zero per group
+(a symmetric scale where the source is Q8_0 already), activations rounded per row and group of 32, int32 sums.
+int4 puts the output layer in Q8_0 on it. Without the kernel (no C compiler), int8 runs oneDNN's int8 product
+with one scale per output channel and per row, SmoothQuant, and leaves the output layer and the down
+projections in bf16 (app/models/int8.py); int4 runs PyTorch's int4 kernel on bf16 activations, and a bf16 copy
+of the weights for prompt passes where oneDNN has bf16 (app/models/int4.py). In the modes that are not
+token-exact anyway (`inexact`: int8 and int4 on our kernel, bf16) K/V are cached in bf16 and norms / rotary /
+SwiGLU run in C (app/models/elementwise.py).
 
 Only the matrix products change: PyTorch's bf16 norms and attention are slower than fp32 on this CPU (a
 stock `model.to(bfloat16)` decode step is slower than fp32), and they are a small part of the work. In
@@ -39,7 +43,7 @@ from app.models import elementwise, group_quant
 from app.models.calibration import calibration_ids, input_ranges, smoothing
 from app.models.fusion import as_linear, find_groups, fuse, linear_layers
 from app.models.group_quant import Int8GroupLinear
-from app.models.int4 import Int4Linear, is_four_bit, on_own_kernel, supports
+from app.models.int4 import Int4Linear, is_four_bit, supports
 from app.models.int4 import prompt_pass as prompt_pass  # the engine marks prompt passes; the layers act on it
 from app.models.int8 import Int8Linear
 from app.models.packing import PackedLinear, own_memory, pack_linears
@@ -64,7 +68,7 @@ AUTO_CPU_ORDER = ("int4", "bf16", "int8", "fp32")
 class Numerics:
     """What runs the model's products: `name` is what the log, /info and /metrics show."""
 
-    name: str  # e.g. "int8-w8a8-per-row", "bf16-packed", "fp32-packed", "fp32", "cuda-bfloat16"
+    name: str  # e.g. "int4-w4a8-g32+bf16", "int8-w8a8-g32+bf16", "bf16-packed", "fp32-packed", "cuda-bfloat16"
     mode: str  # "fp32" | "bf16" | "int8" on CPU; the dtype's name otherwise
     load_dtype: torch.dtype  # dtype the model is loaded (and its activations run) in
     fallback: str | None = None  # why a faster mode that was asked for does not run
@@ -73,8 +77,9 @@ class Numerics:
     # holds) also "int8"
     rest: str = "fp32"
     lossless_only: bool = False
-    # int4: its layers run app/models/group_quant.py's kernel (int8 activations; AVX512-VNNI or AVX2), not PyTorch's
-    w4a8: bool = False
+    # int4 / int8: their layers run app/models/group_quant.py's kernel (int8 activations per group; AVX512-VNNI or
+    # AVX2), not PyTorch's int4 one or oneDNN's int8 one
+    own_kernel: bool = False
 
 
 def cpu_features(override: str | None = None) -> set[str]:
@@ -123,27 +128,35 @@ def choose(
             fallback = "this CPU has none of " + ", ".join(need[m] for m in order if m != "fp32") + "; running fp32"
         if mode == "int4":
             rest = usable_order[1]
-            w4a8 = group_quant.usable(features)
-            return Numerics(_name("int4", rest, w4a8), "int4", torch.float32, rest=rest, lossless_only=True,
-                            w4a8=w4a8)  # fmt: skip
+            own = group_quant.usable(features)
+            return Numerics(_name("int4", rest, own), "int4", torch.float32, rest=rest, lossless_only=True,
+                            own_kernel=own)  # fmt: skip
     wide_bf16 = mode in ("int8", "int4") and usable["bf16"] and dtype != "float32"
     rest = "bf16" if wide_bf16 else "fp32"
-    w4a8 = mode == "int4" and group_quant.usable(features)
-    return Numerics(_name(mode, rest, w4a8), mode, torch.float32, fallback, rest=rest, w4a8=w4a8)
+    own = mode in ("int8", "int4") and group_quant.usable(features)
+    return Numerics(_name(mode, rest, own), mode, torch.float32, fallback, rest=rest, own_kernel=own)
 
 
-def _name(mode: str, rest: str, w4a8: bool = False) -> str:
-    """What /info shows for a mode; `rest`: what runs the layers int8 / int4 leave out; `w4a8`: int4 layers
-    on the int4 x int8 kernel."""
-    return {"fp32": "fp32-packed", "bf16": "bf16-packed", "int8": f"int8-w8a8-per-row+{rest}",
-            "int4": f"int4-{'w4a8' if w4a8 else 'w4'}-g32+{rest}"}[mode]  # fmt: skip
+def _name(mode: str, rest: str, own_kernel: bool = False) -> str:
+    """What /info shows for a mode; `rest`: what runs the layers int8 / int4 leave out; `own_kernel`: their
+    layers on the group-quantized kernel (int8 activations per row and group of 32)."""
+    return {"fp32": "fp32-packed", "bf16": "bf16-packed",
+            "int8": f"int8-w8a8-{'g32' if own_kernel else 'per-row'}+{rest}",
+            "int4": f"int4-{'w4a8' if own_kernel else 'w4'}-g32+{rest}"}[mode]  # fmt: skip
+
+
+def on_own_kernel(model: nn.Module) -> bool:
+    """Whether `model`'s quantized layers run the group-quantized kernel (int4 or int8 x int8 activations): the
+    modes that are not token-exact anyway, where the decode step and the cache may trade exactness for speed too."""
+    return any(isinstance(m, Int8GroupLinear) or (isinstance(m, Int4Linear) and m.kernel is not None)
+               for m in model.modules())  # fmt: skip
 
 
 def inexact(model: nn.Module) -> bool:
     """Whether `model` runs a mode that is not token-exact against transformers anyway, where the decode step
     and the cache may trade exactness in the last bits for speed too (norms, rotary and SwiGLU in C, prompts
-    through the written-out pass, K/V cached in bf16): the int4 x int8 kernel's, and bf16 (every product in
-    bf16, none in int8 or int4)."""
+    through the written-out pass, K/V cached in bf16): int4 and int8 on the group-quantized kernel, and bf16
+    (every product in bf16, none in int8 or int4)."""
     if on_own_kernel(model):
         return True
     products = [m for m in model.modules() if isinstance(m, (PackedLinear, Int8Linear, Int4Linear))]
@@ -157,8 +170,9 @@ def kv_cache_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 def keeps_int8(group: list[nn.Module], weight: torch.Tensor, output_layer: nn.Module | None) -> bool:
-    """Whether a layer (or fused group) runs in int8 in the int8 mode. Two kinds stay in bf16 (fp32 without
-    avx512_bf16), measured on SmolLM2, WikiText-2 valid, 40 x 512 tokens, fp32 20.241:
+    """Whether a layer (or fused group) runs in int8 in the int8 mode on oneDNN's kernel (where ours does not
+    run; on ours every layer does). Two kinds stay in bf16 (fp32 without avx512_bf16), measured on SmolLM2,
+    WikiText-2 valid, 40 x 512 tokens, fp32 20.241:
     - the output layer: plain int8 costs +3.8% perplexity (its input, the final norm's output, has a few
       channels of range ~50 against ~5 for the rest).
     - projections down to a smaller width (K > N: the MLP's down_proj / GPT-2's mlp.c_proj), whose input is
@@ -190,24 +204,29 @@ def apply(model: Any, tokenizer: Any, numerics: Numerics) -> Numerics:
     output_layer = model.get_output_embeddings()
     # int8 layers: the int8 mode's, and under auto those int4 does not take where the CPU runs int8 next
     with_int8 = numerics.mode == "int8" or (numerics.lossless_only and numerics.rest == "int8")
-    ranges = input_ranges(model, layers, calibration_ids(tokenizer)) if with_int8 else {}
+    kernel = group_quant.load() if numerics.own_kernel else None
+    # oneDNN's int8 (no kernel of ours) scales activations per row: SmoothQuant's ranges first
+    ranges = input_ranges(model, layers, calibration_ids(tokenizer)) if with_int8 and kernel is None else {}
     int8 = 0
     int4: list[Int4Linear] = []
 
     def make(group: list[nn.Module], weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
         nonlocal int8
-        # int4: every layer but the output layer, which stays bf16 (fp32): in int4 it costs +5.4% perplexity
-        # (SmolLM2, whose file holds it in 8 bits), and two int4 passes (~8 bits) ran 32 rows 5x slower.
-        # Under auto only the layers whose weights are 4-bit already.
-        takes_int4 = numerics.mode == "int4" and all(layer is not output_layer for layer in group)
-        if takes_int4 and supports(weight) and (not numerics.lossless_only or is_four_bit(weight)):
-            int4.append(Int4Linear(weight, bias, kernel=group_quant.load() if numerics.w4a8 else None))
+        output = any(layer is output_layer for layer in group)
+        # int4: every layer but the output layer, which stays 8-bit on the kernel (bf16 without it): in int4 it
+        # costs +5.4% perplexity (SmolLM2, whose file holds it in 8 bits). Under auto only the layers whose
+        # weights are 4-bit already.
+        if numerics.mode == "int4" and not output and supports(weight) and (
+                not numerics.lossless_only or is_four_bit(weight)):  # fmt: skip
+            int4.append(Int4Linear(weight, bias, kernel=kernel))
             return int4[-1]
-        if numerics.w4a8 and any(layer is output_layer for layer in group) and group_quant.supports(weight):
-            kernel = group_quant.load()
-            assert kernel is not None  # w4a8 is set only where it loads
-            return Int8GroupLinear(weight, bias, kernel)  # Q8_0 x int8: half bf16's bytes at one row
-        if with_int8 and keeps_int8(group, weight, output_layer):
+        if kernel is not None and (with_int8 or output) and group_quant.supports(weight):
+            # 8 bits per group x int8 activations: every layer of the int8 mode (the down projections and the output
+            # layer too: the per-group activation scales take their outlier channels, which one scale per row
+            # could not), and int4's output layer (Q8_0 in SmolLM2's file: half bf16's bytes, held exactly)
+            int8 += len(group)
+            return Int8GroupLinear(weight, bias, kernel)
+        if with_int8 and kernel is None and keeps_int8(group, weight, output_layer):
             int8 += len(group)
             # members of a group read the same input, so they saw the same ranges
             return Int8Linear(weight, bias, smooth=smoothing(ranges[id(group[0])], weight))
@@ -217,14 +236,15 @@ def apply(model: Any, tokenizer: Any, numerics: Numerics) -> Numerics:
         weight, bias = as_linear(layer)  # type: ignore[misc]
         setattr(parent, name, make([layer], weight, bias))
     fuse(model, groups, make)
-    if numerics.w4a8 or numerics.mode == "bf16":  # norms and SwiGLU in C too: these modes are not token-exact
-        elementwise.install(model)  # anyway (app/models/elementwise.py; `inexact`)
+    if on_own_kernel(model) or numerics.mode == "bf16":  # norms and SwiGLU in C too: these modes are not
+        elementwise.install(model)  # token-exact anyway (app/models/elementwise.py; `inexact`)
     own_memory(model)
     ran = numerics
     if numerics.lossless_only and not int4:
         # what int8 leaves out runs fp32 there: a CPU with avx512_bf16 would have had rest == "bf16"
-        ran = replace(numerics, name=_name(numerics.rest, "fp32"), mode=numerics.rest, lossless_only=False)
-    low = f"{int8} int8" + (f", {len(int4)} int4 ({sum(q.lossless for q in int4)} lossless)" if int4 else "")
+        ran = replace(numerics, name=_name(numerics.rest, "fp32", numerics.own_kernel), mode=numerics.rest,
+                      lossless_only=False)
+    low = f"{int8} 8-bit" + (f", {len(int4)} int4 ({sum(q.lossless for q in int4)} lossless)" if int4 else "")
     log.info("numerics %s: %d linear layers (%s), %d of them fused into %d products, in %.1fs", ran.name,
              len(layers), low, sum(len(g) for g in groups), len(groups), time.perf_counter() - started)  # fmt: skip
     return ran

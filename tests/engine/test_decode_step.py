@@ -65,8 +65,8 @@ def _assert_same(model: Any, kind: type) -> None:
     forward = _decode(model, False, prompts)
     # Modes that round activations to 8 bits turn float-rounding differences into a level now and then, and
     # that carries through the layers: SmolLM2 int4 x int8 and int8 measured up to 3.4% of the largest logit.
-    eight_bit = any(isinstance(m, Int8Linear) or (isinstance(m, Int4Linear) and m.kernel is not None)
-                    for m in model.modules())  # fmt: skip
+    eight_bit = any(isinstance(m, (Int8Linear, group_quant.Int8GroupLinear))
+                    or (isinstance(m, Int4Linear) and m.kernel is not None) for m in model.modules())  # fmt: skip
     for kernel in (False, True):
         for got, expected in zip(_decode(model, True, prompts, kernel=kernel, feed=forward), forward, strict=True):
             scale = expected.abs().max()
@@ -98,7 +98,8 @@ def test_tiny_gpt2(mode: dict[str, str]) -> None:
     _assert_same(_load(TINY_GPT2, **mode).model, Gpt2Step)
 
 
-@pytest.mark.parametrize("quantize", ["none", "int4"])  # int8 calibrates on a tokenizer this model lacks
+# int8 without our kernel calibrates on a tokenizer this model lacks
+@pytest.mark.parametrize("quantize", ["none", "int4", *(["int8"] if group_quant.usable(CPU_FEATURES) else [])])
 def test_tiny_llama_fused_and_not(quantize: str) -> None:
     _assert_same(_tiny_llama(quantize), LlamaStep)
     # fp32 does not fuse q/k/v: the step's other branch
@@ -173,20 +174,28 @@ def _assert_native_layers(model: Any) -> None:
     assert all(torch.equal(a, b) for a, b in zip(in_c, in_python, strict=True))
 
 
-@pytest.mark.skipif(not KERNEL, reason="the prompt pass runs with the int4 x int8 kernel")
-def test_prompts_in_one_pass_tiny_llama() -> None:
-    _assert_prompt_pass(_tiny_llama("int4"))
+# int8 and int4 on the group-quantized kernel: 8-bit layers with a zero per group (tiny: random weights), and
+# SmolLM2 int8's (4-bit weights held in 8 bits) beside its symmetric 8-bit output layer
+ON_KERNEL = ["int4", "int8"]
 
 
-@pytest.mark.skipif(not KERNEL, reason="the C layer loop runs with the int4 x int8 kernel")
-def test_layers_in_one_c_call_tiny_llama() -> None:
-    _assert_native_layers(_tiny_llama("int4"))
+@pytest.mark.skipif(not KERNEL, reason="the prompt pass runs with the group-quantized kernel")
+@pytest.mark.parametrize("quantize", ON_KERNEL)
+def test_prompts_in_one_pass_tiny_llama(quantize: str) -> None:
+    _assert_prompt_pass(_tiny_llama(quantize))
+
+
+@pytest.mark.skipif(not KERNEL, reason="the C layer loop runs with the group-quantized kernel")
+@pytest.mark.parametrize("quantize", ON_KERNEL)
+def test_layers_in_one_c_call_tiny_llama(quantize: str) -> None:
+    _assert_native_layers(_tiny_llama(quantize))
 
 
 @pytest.mark.smollm
-@pytest.mark.skipif(not KERNEL, reason="the C layer loop runs with the int4 x int8 kernel")
-def test_layers_in_one_c_call_smollm() -> None:
-    _assert_native_layers(_load(OFFLINE_DEFAULT, quantize="int4").model)
+@pytest.mark.skipif(not KERNEL, reason="the C layer loop runs with the group-quantized kernel")
+@pytest.mark.parametrize("quantize", ON_KERNEL)
+def test_layers_in_one_c_call_smollm(quantize: str) -> None:
+    _assert_native_layers(_load(OFFLINE_DEFAULT, quantize=quantize).model)
 
 
 @pytest.mark.smollm

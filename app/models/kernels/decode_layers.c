@@ -8,7 +8,8 @@
 
    Per layer l, ptrs[l * PTRS + ...]: for each product p in QKV, O, GATE_UP, DOWN its (weights, scales, bias or
    0), then the post-attention norm's weight and the next norm's weight (the next layer's input norm, after the
-   last layer the final norm); dims[l * 3 * PRODUCTS + 3 p + ...]: the product's bits (4 or 8), K, N; eps[2 l
+   last layer the final norm); dims[l * 3 * PRODUCTS + 3 p + ...]: the product's kind (group_quant.c's Q4 4, Q8 8,
+   Q8Z 9), K, N; eps[2 l
    + ...]: the two norms' epsilons; kv[2 l + ...]: the layer's K and V arena. */
 #include <stddef.h>
 #include <stdint.h>
@@ -23,6 +24,7 @@ typedef void (*attn_fn)(const float*, float, void*, void*, int, const float*, co
                         const int32_t*, int, const int32_t*, int, const int32_t*, float*, float*, float*, float*, int);
 
 enum { QKV, O, GATE_UP, DOWN, PRODUCTS };
+#define SLOT(kind) ((kind) == 4 ? 0 : (kind) == 8 ? 1 : 2)  /* a product's kind -> its function in `linear` */
 #define PTRS (3 * PRODUCTS + 2)
 
 static double now(void) {
@@ -37,7 +39,7 @@ static double now(void) {
   } while (0)
 enum { LINEARS, ATTENTION, ELEMENTWISE };
 
-/* fns: group_quant (4 bits), q8_linear (8 bits), add_rms_norm, rope_split, silu_mul, ragged_decode.
+/* fns: group_quant (Q4), q8_linear (Q8), q8z_linear (Q8Z), add_rms_norm, rope_split, silu_mul, ragged_decode.
    x (B, E): the residual stream, updated in place; h (B, E): the first layer's normed input on entry, the
    final norm's output on return. cos, sin (B, D). held ... pacc: the ragged kernel's plan and scratch.
    work: y (B, most N), q (B, HQ, D), k, v (B, HKV, D), a (B, HQ, D), m (B, I) one after another;
@@ -49,11 +51,11 @@ void decode_layers(const int64_t* fns, int layers, const int64_t* ptrs, const in
                    const int32_t* starts, const int32_t* jobs, int njobs, const int32_t* first, float* pm,
                    float* pl, float* pacc, float* work, int8_t* xq, float* dx, float* sx, int threads,
                    double* times) {
-  const linear_fn linear[2] = {(linear_fn)fns[0], (linear_fn)fns[1]};
-  const norm_fn norm = (norm_fn)fns[2];
-  const rope_fn rope = (rope_fn)fns[3];
-  const swiglu_fn swiglu = (swiglu_fn)fns[4];
-  const attn_fn attend = (attn_fn)fns[5];
+  const linear_fn linear[3] = {(linear_fn)fns[0], (linear_fn)fns[1], (linear_fn)fns[2]};  /* Q4, Q8, Q8Z */
+  const norm_fn norm = (norm_fn)fns[3];
+  const rope_fn rope = (rope_fn)fns[4];
+  const swiglu_fn swiglu = (swiglu_fn)fns[5];
+  const attn_fn attend = (attn_fn)fns[6];
   float* y = work;
   float* q = y + (size_t)B * most_n;
   float* k = q + (size_t)B * HQ * D;
@@ -63,9 +65,9 @@ void decode_layers(const int64_t* fns, int layers, const int64_t* ptrs, const in
   for (int l = 0; l < layers; l++) {
     const int64_t* p = ptrs + (size_t)l * PTRS;
     const int32_t* dm = dims + (size_t)l * 3 * PRODUCTS;
-#define PRODUCT(i, in) linear[dm[3 * (i)] == 8]((in), B, dm[3 * (i) + 1], dm[3 * (i) + 2], (const uint8_t*)p[3 * (i)], \
-                                              (const void*)p[3 * (i) + 1], (const float*)p[3 * (i) + 2], y, xq, dx, \
-                                              sx, threads)
+#define PRODUCT(i, in) linear[SLOT(dm[3 * (i)])]((in), B, dm[3 * (i) + 1], dm[3 * (i) + 2], \
+                                                (const uint8_t*)p[3 * (i)], (const void*)p[3 * (i) + 1], \
+                                                (const float*)p[3 * (i) + 2], y, xq, dx, sx, threads)
     TIMED(LINEARS, PRODUCT(QKV, h));
     TIMED(ELEMENTWISE, rope(y, cos_, sin_, B, HQ, HKV, D, q, k, v, threads));
     TIMED(ATTENTION, attend(q, scale, (void*)kv[2 * l], (void*)kv[2 * l + 1], nbt, k, v, held, starts, B, jobs, njobs,

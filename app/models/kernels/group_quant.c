@@ -1,7 +1,12 @@
 /* y = x @ W.T (+ bias) with W quantized in groups of 32 inputs, and x quantized to int8 per row and group of 32
    inputs at the start of each call, summed in int32 on AVX512-VNNI (llama.cpp's Q4_1 / Q8_0 x Q8 scheme):
-   - 4-bit weights (GGUF Q4_1's blocks): w = (q - 8) * d + z, q in [0, 15], d and z bf16 per output and group;
-   - 8-bit weights (GGUF Q8_0's blocks): w = (u - 128) * d, u in [1, 255], d fp32 per output and group.
+   - 4-bit weights (GGUF Q4_1's blocks; kind Q4): w = (q - 8) * d + z, q in [0, 15], d and z bf16 per output
+     and group;
+   - 8-bit weights, symmetric (GGUF Q8_0's blocks; kind Q8): w = (u - 128) * d, u in [1, 255], d fp32 per output
+     and group;
+   - 8-bit weights with a zero (kind Q8Z): w = (u - 128) * d + z, u in [0, 255], d and z fp32 per output and
+     group: 255 levels between a group's least and greatest weight, which hold a 4-bit source (Q4_0 / Q4_1:
+     u = 17 q) exactly, and any other within half a level.
 
    Why: PyTorch's int4 kernel computes in fp32 after unpacking, so at 32 rows it runs ~115 GOP/s; integer dot
    products (vpdpbusd: 16 lanes x 4 unsigned weight bytes x 4 signed activation bytes) do the same work in a
@@ -18,7 +23,7 @@
      without the -128 d term (the same value computed without its cancellation; not bit-identical to VNNI).
    Without either it does not build, and PyTorch's kernels run.
 
-   Per group g, with x ~ dx * xq, xq in [-127, 127], and w = (u - OFF) * d + z (OFF 8 or 128, z 0 for 8 bits):
+   Per group g, with x ~ dx * xq, xq in [-127, 127], and w = (u - OFF) * d + z (OFF 8 or 128, z 0 for Q8):
      sum_k w_k x_k ~ (d dx) * sum_k u_k xq_k + (z - OFF d) * (dx * sum_k xq_k)
    The integer sums are exact. Each row is computed by the same instructions in the same order whatever
    other rows share the call (row blocks differ only in how many rows they hold), so a row's result does not
@@ -29,7 +34,7 @@
    - 4 bits, 256 bytes: 4 vectors p = 0..3, lane n's byte i holding q[16t + n, 32g + 8p + i] in its low nibble
      and q[16t + n, 32g + 8p + 4 + i] in its high nibble. Scales (T, G, 2, 16) bf16: d then z.
    - 8 bits, 512 bytes: 8 vectors j = 0..7, lane n's byte i holding u[16t + n, 32g + 4j + i]. Scales (T, G, 16)
-     fp32. */
+     fp32 (Q8), or (T, G, 2, 16) fp32, d then z (Q8Z). */
 #include <immintrin.h>
 #include <stdint.h>
 
@@ -43,6 +48,7 @@
 #error "group_quant needs AVX512F, AVX512BW and AVX512-VNNI, or AVX2 and FMA"
 #endif
 
+enum { Q4 = 4, Q8 = 8, Q8Z = 9 };  /* the weights' kinds, above (app/models/group_quant.py names them alike) */
 #define GS 32   /* inputs per group */
 #define NT 16   /* outputs per tile */
 #define DYNAMIC_ROWS 64  /* calls with at least this many rows hand tiles out dynamically (see run) */
@@ -79,17 +85,21 @@ static void quantize_row(const float* x, int K, int8_t* xq, float* dx, float* sx
 /* group g's d and m = z - OFF d for a tile's 16 outputs; the VNNI and the AMX paths both take them from here, so
    they compute the same values */
 static inline void group_dm(const int bits, const void* restrict st, int g, __m512* d, __m512* m) {
-  if (bits == 4) {
+  if (bits == Q4) {
     const uint16_t* sg = (const uint16_t*)st + (size_t)g * 2 * NT;
     *d = bf16_to_f32(sg);
     *m = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), *d, bf16_to_f32(sg + NT));  /* z - 8 d */
+  } else if (bits == Q8Z) {
+    const float* sg = (const float*)st + (size_t)g * 2 * NT;
+    *d = _mm512_loadu_ps(sg);
+    *m = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), *d, _mm512_loadu_ps(sg + NT));  /* z - 128 d */
   } else {
     *d = _mm512_loadu_ps((const float*)st + (size_t)g * NT);
     *m = _mm512_mul_ps(_mm512_set1_ps(-128.0f), *d);  /* -128 d */
   }
 }
 
-/* rows [0, rb) of a row block against one tile; rb <= RB, bits 4 or 8 (constants where it is called, so the
+/* rows [0, rb) of a row block against one tile; rb <= RB, bits Q4, Q8 or Q8Z (constants where it is called, so the
    compiler specializes). The per-row arithmetic is the same for every rb. */
 static inline void tile_rows(const int bits, const int rb, const uint8_t* restrict wt, const void* restrict st,
                              int G, int K, const int8_t* restrict xq, const float* restrict dx,
@@ -100,7 +110,7 @@ static inline void tile_rows(const int bits, const int rb, const uint8_t* restri
   for (int g = 0; g < G; g++) {
     __m512i w[8];
     __m512 d, m;
-    if (bits == 4) {
+    if (bits == Q4) {
       const __m512i* wg = (const __m512i*)(wt + (size_t)g * 256);
       for (int p = 0; p < 4; p++) {
         __m512i packed = _mm512_loadu_si512(wg + p);
@@ -302,7 +312,7 @@ static inline void tile_rows(const int bits, const int rb, const uint8_t* restri
     for (int g = 0; g < G; g++) {
       __m256i s[RB];
       for (int r = 0; r < rb; r++) s[r] = _mm256_setzero_si256();
-      if (bits == 4) {
+      if (bits == Q4) {
         const uint8_t* wg = wt + (size_t)g * 256 + 32 * h;
         for (int p = 0; p < 4; p++) {
           __m256i packed = _mm256_loadu_si256((const __m256i*)(wg + 64 * p));
@@ -335,10 +345,12 @@ static inline void tile_rows(const int bits, const int rb, const uint8_t* restri
             s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xs), ones));
           }
         }
-        const __m256 d = _mm256_loadu_ps((const float*)st + (size_t)g * NT + 8 * h);
+        const float* sg = (const float*)st + (size_t)g * (bits == Q8Z ? 2 : 1) * NT + 8 * h;
+        const __m256 d = _mm256_loadu_ps(sg);
         for (int r = 0; r < rb; r++) {
           const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(dx[(size_t)r * G + g]));
           acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), scale, acc[r]);
+          if (bits == Q8Z) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(sg + NT), _mm256_set1_ps(sx[(size_t)r * G + g]), acc[r]);
         }
       }
     }
@@ -386,7 +398,7 @@ static int amx_wanted = 1;
 #if AMX
 #define AMX_BLOCKS(t) do { \
     const uint8_t* wb = wt; \
-    if (bits == 4) { unpack4(wt, G, wbuf); wb = wbuf; } \
+    if (bits == Q4) { unpack4(wt, G, wbuf); wb = wbuf; } \
     group_scales(bits, st, G, dmbuf); \
     for (; r0 + AR <= M; r0 += AR) amx_rows(wb, dmbuf, G, K, xq + (size_t)r0 * K, dx + (size_t)r0 * G, \
                                             sx + (size_t)r0 * G, bias, y + (size_t)r0 * N, N, (t) * NT, cbuf); \
@@ -414,8 +426,8 @@ static int amx_wanted = 1;
 static void run(const int bits, const float* x, int M, int K, int N, const uint8_t* weights, const void* scales,
                 const float* bias, float* y, int8_t* xq, float* dx, float* sx, int threads) {
   const int G = K / GS, T = N / NT;
-  const size_t tile_bytes = (size_t)G * (bits == 4 ? 256 : 512);
-  const size_t tile_scales = (size_t)G * (bits == 4 ? 2 * NT * 2 : NT * 4);  /* bytes */
+  const size_t tile_bytes = (size_t)G * (bits == Q4 ? 256 : 512);
+  const size_t tile_scales = (size_t)G * (bits == Q4 ? 2 * NT * 2 : bits == Q8 ? NT * 4 : 2 * NT * 4);  /* bytes */
 #if AMX
   const int amx_call = amx_wanted && M >= AMX_MIN_ROWS && amx_usable();
 #endif
@@ -427,10 +439,10 @@ static void run(const int bits, const float* x, int M, int K, int N, const uint8
     float* dmbuf = NULL;
 #if AMX
     if (amx_call) {
-      if (bits == 4) wbuf = aligned_alloc(64, (size_t)G * GS * NT);
+      if (bits == Q4) wbuf = aligned_alloc(64, (size_t)G * GS * NT);
       cbuf = aligned_alloc(64, (size_t)CHUNK * AR * NT * 4);
       dmbuf = aligned_alloc(64, (size_t)G * 2 * NT * 4);
-      amx = cbuf && dmbuf && (bits == 8 || wbuf);
+      amx = cbuf && dmbuf && (bits != Q4 || wbuf);
       if (amx) amx_configure();
       else { free(wbuf); free(cbuf); free(dmbuf); }
     }
@@ -475,10 +487,15 @@ int group_quant_amx(int on) {
    int8, dx and sx (M, K / 32) fp32. */
 void group_quant(const float* x, int M, int K, int N, const uint8_t* weights, const uint16_t* scales,
                const float* bias, float* y, int8_t* xq, float* dx, float* sx, int threads) {
-  run(4, x, M, K, N, weights, scales, bias, y, xq, dx, sx, threads);
+  run(Q4, x, M, K, N, weights, scales, bias, y, xq, dx, sx, threads);
 }
 
 void q8_linear(const float* x, int M, int K, int N, const uint8_t* weights, const float* scales,
                const float* bias, float* y, int8_t* xq, float* dx, float* sx, int threads) {
-  run(8, x, M, K, N, weights, scales, bias, y, xq, dx, sx, threads);
+  run(Q8, x, M, K, N, weights, scales, bias, y, xq, dx, sx, threads);
+}
+
+void q8z_linear(const float* x, int M, int K, int N, const uint8_t* weights, const float* scales,
+                const float* bias, float* y, int8_t* xq, float* dx, float* sx, int threads) {
+  run(Q8Z, x, M, K, N, weights, scales, bias, y, xq, dx, sx, threads);
 }
