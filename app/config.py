@@ -32,8 +32,8 @@ class Settings(BaseSettings):
         default="auto",
         description="CPU only. int4: 4-bit weights in groups of 32 (GGUF Q4's layout) times int8 activations per "
         "group of 32 on AVX512-VNNI or AVX2 + FMA (else PyTorch's kernel on bf16 activations; needs avx512_f or avx2). "
-        "int8: int8 weights and "
-        "per-row int8 activations (needs avx512_vnni, avx_vnni or AMX). "
+        "int8: 8-bit weights in groups of 32 times int8 activations per group of 32 on the same kernel (without it, "
+        "oneDNN's int8 with per-row activations; needs avx512_vnni, avx_vnni or AMX). "
         "auto (with dtype auto): int4 for the layers whose weights are 4-bit already (a Q4 GGUF), the rest in the "
         "fastest other mode the CPU has (bf16, else int8, else fp32). none: neither int4 nor int8.",
     )

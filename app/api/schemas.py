@@ -147,7 +147,7 @@ class InfoResponse(BaseModel):
     parameters: int
     device: str
     dtype: str
-    numerics: str = Field(description="What runs the model's matrix products, e.g. int8-w8a8-per-row+bf16, "
+    numerics: str = Field(description="What runs the model's matrix products, e.g. int4-w4a8-g32+bf16, "
                           "bf16-packed, fp32-packed (CPU), cuda-bfloat16.")  # fmt: skip
     context_length: int
     vocab_size: int

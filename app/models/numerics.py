@@ -56,11 +56,11 @@ INT8_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
 INT4_FEATURES = ("avx512_f", "avx2")  # PyTorch's int4 kernel is vectorized for AVX-512 and AVX2
 # What TEXTGEN_DTYPE=auto (with TEXTGEN_QUANTIZE=auto) runs on a CPU, first that the CPU has; each mode's
 # WikiText-2 perplexity is within 1% of fp32's (`textgen eval perplexity --modes ...`, test set: int4 on our
-# int4 x int8 kernel +0.31%, bf16 -0.03%, int8 +0.34%). int4 first, for the layers that are 4-bit already
+# kernel +0.31%, bf16 -0.03%, int8 on our kernel +0.24%). int4 first, for the layers that are 4-bit already
 # (see `Numerics.lossless_only`): it is the fastest on every row (`textgen bench --compare --systems engine
-# --modes fp32,int4` and `fp32,bf16`, README "Numeric modes side by side": W1 368-479 tokens/s against
-# bf16's 232-247 and fp32's 130-158; one stream 136-163 against 28-31 and 14-22). The rest of the layers:
-# bf16, else int8 (a CPU with VNNI but without avx512_bf16 still runs most products in int8), else fp32.
+# --modes fp32,bf16,int8,int4`, README "Numeric modes side by side", Zen 4 on 2026-12-07: W1 499 tokens/s
+# against int8's 456, bf16's 336 and fp32's 184; one stream 174 against 120, 45 and 25). The rest of the
+# layers: bf16, else int8 (a CPU with VNNI but without avx512_bf16 still runs its products in 8 bits), else fp32.
 AUTO_CPU_ORDER = ("int4", "bf16", "int8", "fp32")
 
 
