@@ -99,8 +99,8 @@ static inline void group_dm(const int bits, const void* restrict st, int g, __m5
   }
 }
 
-/* rows [0, rb) of a row block against one tile; rb <= RB, bits Q4, Q8 or Q8Z (constants where it is called, so the
-   compiler specializes). The per-row arithmetic is the same for every rb. */
+/* rows [0, rb) of a row block against one tile; rb <= RB, bits Q4, Q8 or Q8Z (constants where it is called, so
+   the compiler specializes). The per-row arithmetic is the same for every rb. */
 static inline void tile_rows(const int bits, const int rb, const uint8_t* restrict wt, const void* restrict st,
                              int G, int K, const int8_t* restrict xq, const float* restrict dx,
                              const float* restrict sx, const float* restrict bias, float* restrict y, int N, int n0) {
@@ -347,10 +347,11 @@ static inline void tile_rows(const int bits, const int rb, const uint8_t* restri
         }
         const float* sg = (const float*)st + (size_t)g * (bits == Q8Z ? 2 : 1) * NT + 8 * h;
         const __m256 d = _mm256_loadu_ps(sg);
+        const __m256 z = bits == Q8Z ? _mm256_loadu_ps(sg + NT) : _mm256_setzero_ps();  /* Q8: no zero term */
         for (int r = 0; r < rb; r++) {
           const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(dx[(size_t)r * G + g]));
           acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), scale, acc[r]);
-          if (bits == Q8Z) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(sg + NT), _mm256_set1_ps(sx[(size_t)r * G + g]), acc[r]);
+          if (bits == Q8Z) acc[r] = _mm256_fmadd_ps(z, _mm256_set1_ps(sx[(size_t)r * G + g]), acc[r]);
         }
       }
     }
