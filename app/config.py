@@ -70,6 +70,13 @@ class Settings(BaseSettings):
         default=512, ge=16,
         description="A longer prompt is prefilled this many tokens per step, between the other rows' decode steps.",
     )
+    kv_cache_dtype: Literal["auto", "model", "bfloat16", "int8"] = Field(
+        default="auto",
+        description="What the KV cache stores, on CPU with the attention kernels: int8 (a scale per token and head: "
+        "a quarter of fp32's bytes for a decode step to read), bfloat16 (half), or model (the model's own dtype). "
+        "auto: int8 where the model's products run our group kernel (int4 / int8 modes; bf16 for models with "
+        "sliding-window layers), bf16 in the bf16 mode, model in fp32 (token-exact against transformers).",
+    )
     prefix_cache_mb: int = Field(
         default=256, ge=0, description="Memory for K/V of recent prompts, reused by prompts that start alike; 0 = off."
     )

@@ -34,13 +34,14 @@ def cache_keyword(model: Any) -> str:
 
 
 class Batch:
-    def __init__(self, model: Any, max_rows: int, max_tokens: int | None = None, kernel: bool | None = None) -> None:
+    def __init__(self, model: Any, max_rows: int, max_tokens: int | None = None, kernel: bool | None = None,
+                 kv_cache: str = "auto") -> None:  # fmt: skip
         self.model = model
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         # the arena: the token budget (the scheduler charges each row whole blocks within it) and a token per row
         self.cache = RaggedCache(model.config.num_hidden_layers, max_tokens, max_rows, kernel=kernel,
-                                 kv_dtype=numerics.kv_cache_dtype(model))  # fmt: skip
+                                 kv_dtype=numerics.kv_cache_dtype(model, kv_cache))  # fmt: skip
         self.seqs: list[SequenceState] = []
         self.open: dict[int, tuple[RequestState, Segment]] = {}  # id(request) -> its prompt's segment, not joined
         # the model's decode written out without transformers' plumbing (same results), where there is one
@@ -117,7 +118,7 @@ class Batch:
         if step is None or not self.cache.transposed:
             return None
         return prompt_attention.load(step.kv_heads, step.q_heads // step.kv_heads, step.head_dim,
-                                     bf16=self.cache.store == torch.bfloat16)  # fmt: skip
+                                     self.cache.store)  # fmt: skip
 
     def prefill_group(self, group: list[tuple[RequestState, int, Hit | None]],
                       keep_kv: bool = True) -> list[tuple[torch.Tensor, KV]]:  # fmt: skip
@@ -205,6 +206,14 @@ class Batch:
         view = DecodeView(self.cache, [s.segment for s in self.seqs], [s.kv_len for s in self.seqs])  # type: ignore[misc]
         last = torch.tensor([s.tokens[-1] for s in self.seqs], device=self.device)  # (B,)
         kv_len = torch.tensor([s.kv_len for s in self.seqs], device=self.device)  # (B,): the new token's position
+        logits = self.forward_step(view, last, kv_len)
+        for s in self.seqs:
+            s.kv_len += 1
+        return logits
+
+    def forward_step(self, view: DecodeView, last: torch.Tensor, kv_len: torch.Tensor) -> torch.Tensor:
+        """Tokens last (B,) at positions kv_len (B,) through the model over `view` (which stores their K/V);
+        logits (B, V)."""
         if self.step is not None:
             logits: torch.Tensor = self.step(last, kv_len, view)  # (B, V)
         else:
@@ -215,8 +224,6 @@ class Batch:
             out = self.model(input_ids=last[:, None], attention_mask=mask, position_ids=kv_len[:, None],
                              **{self.cache_kw: view.as_cache()}, use_cache=True, logits_to_keep=1)  # fmt: skip
             logits = out.logits[:, -1, :]
-        for s in self.seqs:
-            s.kv_len += 1
         return logits
 
     def join(self, seq: SequenceState) -> None:

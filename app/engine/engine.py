@@ -72,7 +72,7 @@ class Engine:
             limits.max_batch_size, limits.max_batch_tokens, limits.max_prefill_tokens, limits.max_queued_requests,
             limits.max_queued_tokens, kv_block=BLOCK,
         )  # fmt: skip
-        self.batch = Batch(model, limits.max_batch_size, limits.max_batch_tokens)
+        self.batch = Batch(model, limits.max_batch_size, limits.max_batch_tokens, kv_cache=limits.kv_cache_dtype)
         self.prefix_cache = PrefixCache(limits.prefix_cache_bytes)
         self.running: dict[str, RequestState] = {}  # admitted, not finished; engine thread only
         self._wake = threading.Event()
@@ -271,6 +271,7 @@ class Engine:
             device_memory_reserved_bytes=memory.reserved_bytes,
             device_memory_peak_bytes=memory.peak_allocated_bytes,
             decode_attention="ragged-c-kernel" if self.batch.cache.kernel is not None else "torch",
+            kv_cache_dtype=str(self.batch.cache.store).removeprefix("torch."),
             prefix_cache_bytes=self.prefix_cache.nbytes,
             prefix_cache_entries=len(self.prefix_cache),
             prefix_hit_tokens=self.prefix_cache.hit_tokens,

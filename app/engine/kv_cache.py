@@ -2,7 +2,9 @@
 
 Layout, per layer: one arena of blocks of BLOCK (16) tokens, head-major, K transposed within a block (what
 the decode kernel reads fastest, app/models/ragged_attention.py):
-    keys (H, NB, D, 16), values (H, NB, 16, D).
+    keys (H, NB, D, 16), values (H, NB, 16, D);
+with int8 K/V (the kernels only) each head's block is one run of bytes, its 16 tokens' int8 values (keys
+transposed) then their 16 fp32 scales: keys and values (H, NB, D * 16 + 64) int8.
 A row (a sequence) holds a `Segment`: consecutive blocks, enough for its prompt and its max new tokens,
 taken when its prefill starts and given back when it leaves. Memory is therefore charged per row for what
 that row may hold, not rows x the longest row: one 6,000-token prompt takes its own 375 blocks and the short
@@ -118,13 +120,15 @@ class RaggedCache:
             return
         k, v = like[0]
         heads, dim = k.shape[1], k.shape[3]
-        bf16 = self.kv_dtype == torch.bfloat16 and k.dtype == torch.float32
+        # bf16 or int8 storage from fp32 K/V, through the kernels only
+        narrow = self.kv_dtype in (torch.bfloat16, torch.int8) and k.dtype == torch.float32
+        want = self.kv_dtype if narrow and self.kv_dtype is not None else torch.float32
         if (self.use_kernel is not False and q_heads is not None and k.device.type == "cpu"
                 and k.dtype == torch.float32 and v.shape[3] == dim and not q_heads % heads):  # fmt: skip
-            self.kernel = ragged_attention.load(heads, q_heads // heads, dim, bf16=bf16)
+            self.kernel = ragged_attention.load(heads, q_heads // heads, dim, want)
         self.transposed = self.kernel is not None
         self.compute = k.dtype
-        self.store = torch.bfloat16 if bf16 and self.kernel is not None else k.dtype
+        self.store = want if self.kernel is not None else k.dtype
         self._layout = [(k.shape[1], k.shape[3], v.shape[3], k.new_zeros((), dtype=self.store),
                          v.new_zeros((), dtype=self.store)) for k, v in like]  # fmt: skip
         tokens = self.max_tokens if self.max_tokens is not None else 64 * BLOCK
@@ -134,14 +138,14 @@ class RaggedCache:
         keys, values, flat = [], [], []
         for i, (heads, k_dim, v_dim, k, v) in enumerate(self._layout):  # k, v: 0-d tensors of the dtype/device
             if self.max_tokens is not None:  # one flat arena, its bytes exactly the configured budget
-                fk = k.new_zeros(self.max_tokens * heads * k_dim)
-                fv = v.new_zeros(self.max_tokens * heads * v_dim)
+                fk = k.new_zeros(self._flat_size(heads, k_dim))
+                fv = v.new_zeros(self._flat_size(heads, v_dim))
                 flat.append((fk, fv))
-                nk = fk[: heads * blocks * k_dim * BLOCK].view(self._key_shape(heads, blocks, k_dim))
-                nv = fv[: heads * blocks * BLOCK * v_dim].view(heads, blocks, BLOCK, v_dim)
+                nk = fk[: heads * blocks * self._block(k_dim)].view(self._key_shape(heads, blocks, k_dim))
+                nv = fv[: heads * blocks * self._block(v_dim)].view(self._value_shape(heads, blocks, v_dim))
             else:
                 nk = k.new_zeros(self._key_shape(heads, blocks, k_dim))
-                nv = v.new_zeros(heads, blocks, BLOCK, v_dim)
+                nv = v.new_zeros(self._value_shape(heads, blocks, v_dim))
                 if self.keys:
                     old = self.keys[i].shape[1]
                     nk[:, :old] = self.keys[i]
@@ -151,8 +155,36 @@ class RaggedCache:
         self.keys, self.values, self._flat = keys, values, flat
         self.space.capacity = blocks
 
-    def _key_shape(self, heads: int, blocks: int, dim: int) -> tuple[int, int, int, int]:
+    def _block(self, dim: int) -> int:
+        """Elements of one head's block."""
+        return ragged_attention.block_bytes(self.store, dim)
+
+    def _flat_size(self, heads: int, dim: int) -> int:
+        """Elements of the bounded arena for one of K, V (int8: whole blocks, each with its scales)."""
+        assert self.max_tokens is not None
+        if self.store == torch.int8:
+            return blocks_for(self.max_tokens) * heads * self._block(dim)
+        return self.max_tokens * heads * dim
+
+    def _key_shape(self, heads: int, blocks: int, dim: int) -> tuple[int, ...]:
+        if self.store == torch.int8:
+            return heads, blocks, self._block(dim)
         return (heads, blocks, dim, BLOCK) if self.transposed else (heads, blocks, BLOCK, dim)
+
+    def _value_shape(self, heads: int, blocks: int, dim: int) -> tuple[int, ...]:
+        return (heads, blocks, self._block(dim)) if self.store == torch.int8 else (heads, blocks, BLOCK, dim)
+
+    def _floats(self, blocks: torch.Tensor, dim: int, keys: bool) -> torch.Tensor:
+        """Blocks of the arena as `compute` floats, (H, n, 16, D) (keys: (H, n, D, 16)); int8 times its
+        tokens' scales (bit for bit what the kernels multiply)."""
+        if self.store != torch.int8:
+            return blocks
+        heads, n = blocks.shape[0], blocks.shape[1]
+        scales = blocks[..., dim * BLOCK :].contiguous().view(torch.float32)  # (H, n, 16)
+        u = blocks[..., : dim * BLOCK].to(torch.float32)
+        if keys:
+            return (u.view(heads, n, dim, BLOCK) * scales[:, :, None, :]).to(self.compute)
+        return (u.view(heads, n, BLOCK, dim) * scales[..., None]).to(self.compute)
 
     def capacity_bytes(self) -> int:
         """Bytes the bounded arena holds (0 without a bound)."""
@@ -217,6 +249,12 @@ class RaggedCache:
                 and blk.dtype == slot.dtype == torch.int64):  # fmt: skip
             self.kernel.put(self.keys[layer], self.values[layer], blk, slot, k, v)
             return
+        if self.store == torch.int8:  # only the kernel quantizes
+            assert self.kernel is not None
+            self.kernel.put(self.keys[layer], self.values[layer], blk.to(torch.int64).contiguous(),
+                            slot.to(torch.int64).contiguous(), k.to(torch.float32).contiguous(),
+                            v.to(torch.float32).contiguous())  # fmt: skip
+            return
         k, v = k.to(self.store), v.to(self.store)
         if self.transposed:
             self.keys[layer][:, blk, :, slot] = k  # (T, H, D)
@@ -234,11 +272,12 @@ class RaggedCache:
         """Tokens [0, tokens) of `seg`, contiguous copies (1, H, tokens, D); with `extra` (k, v (1, H, q, D)),
         followed by those: one copy of the prefix, not a read and a concatenation."""
         n = blocks_for(tokens)
-        k = self.keys[layer][:, seg.start : seg.start + n]  # (H, n, D, 16) or (H, n, 16, D)
-        v = self.values[layer][:, seg.start : seg.start + n]  # (H, n, 16, D)
+        heads, k_dim, v_dim = self._layout[layer][:3]
+        k = self._floats(self.keys[layer][:, seg.start : seg.start + n], k_dim, True)  # (H, n, D, 16) / (H, n, 16, D)
+        v = self._floats(self.values[layer][:, seg.start : seg.start + n], v_dim, False)  # (H, n, 16, D)
         if self.transposed:
             k = k.transpose(2, 3)
-        heads, more = k.shape[0], 0 if extra is None else extra[0].shape[2]
+        more = 0 if extra is None else extra[0].shape[2]
         keys = k.new_empty(1, heads, tokens + more, k.shape[3], dtype=self.compute)
         values = v.new_empty(1, heads, tokens + more, v.shape[3], dtype=self.compute)
         keys[0, :, :tokens] = k.reshape(heads, n * BLOCK, k.shape[3])[:, :tokens]
@@ -247,6 +286,20 @@ class RaggedCache:
             keys[:, :, tokens:] = extra[0]
             values[:, :, tokens:] = extra[1]
         return keys, values
+
+    def gather(self, layer: int, blk: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """An int8 arena's tokens at blocks and slots (B, W) as `compute` floats, keys and values (B, H, W, D):
+        int8 x the token's scale, as `read` hands them back (the torch path of the layers the kernel does not
+        run: Gemma's sliding window)."""
+        heads, k_dim, v_dim = self._layout[layer][:3]
+        out = []
+        for arena, dim, keys in ((self.keys[layer], k_dim, True), (self.values[layer], v_dim, False)):
+            d = torch.arange(dim, device=arena.device)
+            inner = d * BLOCK + slot[..., None] if keys else slot[..., None] * dim + d  # (B, W, D): in the block
+            u = arena.view(heads, -1)[:, blk[..., None] * arena.shape[2] + inner]  # (H, B, W, D)
+            scales = arena.view(torch.float32)[..., dim * BLOCK // 4 :][:, blk, slot]  # (H, B, W)
+            out.append((u.to(torch.float32) * scales[..., None]).transpose(0, 1).to(self.compute))
+        return out[0], out[1]
 
     def read_all(self, seg: Segment, tokens: int) -> KV:
         return [self.read(layer, seg, tokens) for layer in range(self.num_layers)]

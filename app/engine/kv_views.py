@@ -79,6 +79,8 @@ class DecodeView:
     def window(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's tokens gathered into right-aligned padded windows, (B, H, W, D)."""
         blk, slot, _ = self.window_index()
+        if self.cache.store == torch.int8:
+            return self.cache.gather(layer, blk, slot)
         if self.cache.transposed:
             keys = self.cache.keys[layer][:, blk, :, slot].permute(0, 2, 1, 3)  # (B, W, H, D) -> (B, H, W, D)
         else:

@@ -22,6 +22,7 @@ class EngineLimits:
     max_return_sequences: int = 8
     request_timeout: float = 300.0
     prefix_cache_bytes: int = 256 * 2**20  # K/V of recent prompts kept for reuse; 0 turns it off
+    kv_cache_dtype: str = "auto"  # what the KV cache stores: auto | model | bfloat16 | int8 (numerics.kv_cache_dtype)
 
 
 @dataclass
@@ -50,3 +51,4 @@ class EngineStats:
     device_memory_reserved_bytes: int = 0
     device_memory_peak_bytes: int = 0
     decode_attention: str = ""  # "ragged-c-kernel" (built for this CPU) or "torch" (no compiler, other dtypes)
+    kv_cache_dtype: str = ""  # what the KV cache stores: float32, bfloat16, int8 (with a scale per token and head)

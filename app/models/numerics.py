@@ -163,9 +163,21 @@ def inexact(model: nn.Module) -> bool:
     return bool(products) and all(isinstance(m, PackedLinear) and m.dtype == torch.bfloat16 for m in products)
 
 
-def kv_cache_dtype(model: nn.Module) -> torch.dtype | None:
-    """What the KV cache should store for `model`: bf16 in the inexact modes (a decode step's attention reads
-    every cached token of every row, and in bf16 half the bytes), None (the model's own dtype) elsewhere."""
+KV_CACHE_DTYPES = {"bfloat16": torch.bfloat16, "int8": torch.int8}
+
+
+def kv_cache_dtype(model: nn.Module, setting: str = "auto") -> torch.dtype | None:
+    """What the KV cache should store for `model` under TEXTGEN_KV_CACHE_DTYPE (`setting`); None: the model's own
+    dtype. A decode step's attention reads every cached token of every row: bf16 is half fp32's bytes, int8 (a
+    scale per token and head) a quarter. auto: int8 where the products run our group kernel (int4, int8),
+    bf16 in the other inexact mode (bf16), the model's own dtype where results are token-exact (fp32). Models
+    with sliding-window layers (Gemma 3) keep bf16 under auto: those layers attend on the torch path, which
+    gathers int8 tokens slower (a Gemma 3 decode through `python -m app.bench.kv_perplexity`: 3x as long)."""
+    if setting != "auto":
+        return KV_CACHE_DTYPES.get(setting)
+    sliding = "sliding_attention" in (getattr(getattr(model, "config", None), "layer_types", None) or ())
+    if on_own_kernel(model) and not sliding:
+        return torch.int8
     return torch.bfloat16 if inexact(model) else None
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional
 
-from app.models import kernel_build
+from app.models import kernel_build, ragged_attention
 
 SOURCE = "prompt_attention.c"
 PROFILE_NAME = "textgen::prompt_attention"
@@ -72,12 +72,12 @@ class Kernel:
 
 
 @cache
-def load(kv_heads: int, group: int, head_dim: int, bf16: bool = False) -> Kernel | None:
-    """The kernel for this attention shape, built if needed; None where it cannot run (then: sdpa). `bf16`: the
-    cache `cached` reads holds K/V in bf16."""
+def load(kv_heads: int, group: int, head_dim: int, kv_dtype: torch.dtype = torch.float32) -> Kernel | None:
+    """The kernel for this attention shape, built if needed; None where it cannot run (then: sdpa). `kv_dtype`:
+    what the cache `cached` reads holds (fp32, bf16, or int8 with a scale per token and head)."""
     if os.environ.get("TEXTGEN_PROMPT_KERNEL", "1") == "0" or head_dim % 16 or head_dim > 256:
         return None
-    defines = {"H": kv_heads, "G": group, "D": head_dim, "KV_BF16": int(bf16)}
+    defines = {"H": kv_heads, "G": group, "D": head_dim, **ragged_attention.kv_defines(kv_dtype)}
     return kernel_build.load(SOURCE, "prompt attention kernel", lambda path: Kernel(path, kv_heads, group, head_dim),
                              defines, extra_flags=("-ffast-math",), libs=("-lmvec",))  # fmt: skip
 

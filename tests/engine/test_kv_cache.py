@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from app.engine.kv_cache import BLOCK, RaggedCache, SegmentSpace
+from app.engine.kv_cache import BLOCK, RaggedCache, SegmentSpace, blocks_for
 from app.engine.kv_views import DecodeView
 
 
@@ -79,13 +79,15 @@ def test_an_unbounded_cache_grows_and_keeps_what_rows_hold() -> None:
     assert torch.equal(got_k, k) and torch.equal(got_v, -k)
 
 
-@pytest.mark.parametrize(("kernel", "kv_dtype"), [(False, None), (True, None), (True, torch.bfloat16)],
-                         ids=["torch", "kernel", "kernel-bf16"])  # fmt: skip
+@pytest.mark.parametrize(("kernel", "kv_dtype"), [(False, None), (True, None), (True, torch.bfloat16),
+                                                  (True, torch.int8)],
+                         ids=["torch", "kernel", "kernel-bf16", "kernel-int8"])  # fmt: skip
 @pytest.mark.parametrize(("heads", "group", "dim"), [(3, 3, 64), (2, 1, 32)])
 def test_decode_attention_equals_plain_attention_per_row(kernel: bool, kv_dtype: torch.dtype | None, heads: int,
                                                          group: int, dim: int) -> None:  # fmt: skip
     """Rows of 1 to 600 tokens (a long one spans jobs of the kernel), each attending to its own tokens only;
-    a bf16 cache attends over the bf16-rounded keys and values, new tokens included (widened exactly)."""
+    a bf16 or int8 cache attends over the keys and values as it holds them (what `read` hands back: rounded to
+    bf16, or int8 times the token's scale), new tokens included."""
     torch.manual_seed(0)
     lengths = [5, 17, 600, 0, 255]
     cache = RaggedCache(num_layers=1, max_tokens=2048, kernel=kernel, kv_dtype=kv_dtype)
@@ -99,31 +101,66 @@ def test_decode_attention_equals_plain_attention_per_row(kernel: bool, kv_dtype:
     q = torch.randn(len(lengths), heads * group, 1, dim)
     new_k, new_v = torch.randn(len(lengths), heads, 1, dim), torch.randn(len(lengths), heads, 1, dim)
     out = DecodeView(cache, segs, lengths).attend(0, nn.Module(), q, new_k, new_v, dim**-0.5)  # (B, 1, Hq, D)
-    stored = cache.store  # what the arena holds: bf16 where asked and the kernel runs
+    stored = cache.store  # what the arena holds: bf16 / int8 where asked and the kernel runs
+    if kv_dtype is not None and cache.kernel is not None:
+        assert stored == kv_dtype
 
-    def held(t: torch.Tensor) -> torch.Tensor:
-        return t.to(stored).float()
-
-    for row, (k, v) in enumerate(kv):
-        keys = held(torch.cat([k[0], new_k[row]], dim=1))  # (H, n + 1, D)
-        values = held(torch.cat([v[0], new_v[row]], dim=1))
+    for row, (seg, (k, v)) in enumerate(zip(segs, kv, strict=True)):
+        keys, values = (t[0] for t in cache.read(0, seg, lengths[row] + 1))  # (H, n + 1, D) as held
+        if stored != torch.int8:  # bf16 / fp32: rounded as a cast rounds
+            assert torch.equal(keys, torch.cat([k[0], new_k[row]], dim=1).to(stored).float())
+            assert torch.equal(values, torch.cat([v[0], new_v[row]], dim=1).to(stored).float())
         qr = q[row, :, 0].view(heads, group, dim)
         expected = (torch.softmax(qr @ keys.transpose(-1, -2) * dim**-0.5, -1) @ values).reshape(heads * group, dim)
         assert torch.allclose(out[row, 0], expected, atol=1e-5)
     # the new token was stored where the next step reads it
     for seg, n, row in zip(segs, lengths, range(len(lengths)), strict=True):
-        assert torch.equal(cache.read(0, seg, n + 1)[0][0, :, n], held(new_k[row, :, 0]))
+        back = cache.read(0, seg, n + 1)[0][0, :, n]  # (H, D)
+        if stored == torch.int8:  # within half a step (amax / 254) of each head's values
+            half_step = new_k[row, :, 0].abs().amax(-1, keepdim=True) / 254 * 1.001
+            assert ((back - new_k[row, :, 0]).abs() <= half_step).all()
+        else:
+            assert torch.equal(back, new_k[row, :, 0].to(stored).float())
 
 
-def test_a_bf16_cache_holds_half_the_bytes_and_reads_back_fp32() -> None:
-    """The fast modes' cache stores K/V in bf16 where the kernel runs; reads hand back fp32 (the rounded values)."""
-    cache = RaggedCache(num_layers=1, max_tokens=2048, kv_dtype=torch.bfloat16)
+def _narrow_and_plain(kv_dtype: torch.dtype) -> tuple[RaggedCache, RaggedCache]:
+    """A cache storing `kv_dtype` (skipped where no kernel builds) and a plain fp32 one, both allocated alike."""
+    cache = RaggedCache(num_layers=1, max_tokens=2048, kv_dtype=kv_dtype)
     cache.allocate(like(3, 64, 1), q_heads=9)
     plain = RaggedCache(num_layers=1, max_tokens=2048)
     plain.allocate(like(3, 64, 1), q_heads=9)
     if cache.kernel is None:
         pytest.skip("no kernel here: the cache keeps the model's dtype")
-    assert cache.store == torch.bfloat16 and cache.keys[0].dtype == torch.bfloat16
+    assert cache.store == kv_dtype and cache.keys[0].dtype == kv_dtype
+    return cache, plain
+
+
+def test_an_int8_cache_holds_a_quarter_of_the_bytes_and_reads_back_within_half_a_step() -> None:
+    """int8 K/V with one fp32 scale per token and head (D = 64: 64 + 4 bytes against fp32's 256); a read hands
+    back int8 x scale, each value within half a step of what was written, and storing what was read (the
+    prefix cache's round trip) stores the same bytes again."""
+    cache, plain = _narrow_and_plain(torch.int8)
+    assert cache.capacity_bytes() * 256 == plain.capacity_bytes() * 68
+    torch.manual_seed(0)
+    seg, k = cache.hold(40), torch.randn(1, 3, 40, 64) * torch.logspace(-3, 3, 40)[None, None, :, None]
+    k[0, 1, 7] = 0.0  # a token-head of zeros: scale 0
+    cache.write(0, seg, 0, k, -k)
+    back_k, back_v = cache.read(0, seg, 40)
+    step = k.abs().amax(-1, keepdim=True) / 127
+    assert back_k.dtype == torch.float32 and ((back_k - k).abs() <= step / 2 * 1.001).all()
+    assert torch.equal(back_v, -back_k) and torch.equal(back_k[0, 1, 7], torch.zeros(64))
+    again = cache.hold(40)
+    cache.write(0, again, 0, back_k, back_v)
+    blocks = blocks_for(40)
+    assert torch.equal(cache.keys[0][:, again.start : again.start + blocks],
+                       cache.keys[0][:, seg.start : seg.start + blocks])  # fmt: skip
+    assert torch.equal(cache.values[0][:, again.start : again.start + blocks],
+                       cache.values[0][:, seg.start : seg.start + blocks])  # fmt: skip
+
+
+def test_a_bf16_cache_holds_half_the_bytes_and_reads_back_fp32() -> None:
+    """The fast modes' cache stores K/V in bf16 where the kernel runs; reads hand back fp32 (the rounded values)."""
+    cache, plain = _narrow_and_plain(torch.bfloat16)
     assert 2 * cache.capacity_bytes() == plain.capacity_bytes()
     seg, k = cache.hold(40), torch.randn(1, 3, 40, 64)
     cache.write(0, seg, 0, k, -k)
@@ -161,3 +198,54 @@ def test_the_kernel_stores_prompt_tokens_as_the_torch_path_does(kv_dtype: torch.
     assert torch.equal(cache.keys[0].view(torch.int16 if kv_dtype else torch.int32),
                        keys.view(torch.int16 if kv_dtype else torch.int32))  # fmt: skip
     assert torch.equal(cache.values[0], values)
+
+
+@pytest.mark.skipif(not torch.cpu.get_capabilities().get("avx512_f"), reason="runs both builds: needs AVX-512")
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8], ids=["bf16", "int8"])
+def test_the_avx2_build_of_the_decode_kernel_gives_the_avx512_builds_outputs(kv_dtype: torch.dtype) -> None:
+    """Zen 2 runs the kernels built for AVX2 (8 floats a vector; int8 widened by its own intrinsic): an AVX-512
+    CPU runs that build too. Same bytes stored, outputs to float rounding."""
+    from app.models import kernel_build, ragged_attention
+
+    defines = {"H": 3, "G": 3, "D": 64, "CH": ragged_attention.CHUNK, **ragged_attention.kv_defines(kv_dtype)}
+    def build(off: tuple[str, ...]) -> ragged_attention.Kernel | None:
+        return kernel_build.load(ragged_attention.SOURCE, "decode kernel",
+                                 lambda p: ragged_attention.Kernel(p, 3, 3, 64), defines,
+                                 extra_flags=("-ffast-math", *off))  # fmt: skip
+
+    kernels = [build(()), build(("-mno-avx512f",))]
+    assert kernels[0] is not None and kernels[1] is not None
+    torch.manual_seed(5)
+    lengths = [3, 40, 300]
+    outs, arenas = [], []
+    for kernel in kernels:
+        cache = RaggedCache(num_layers=1, max_tokens=1024, kv_dtype=kv_dtype)
+        cache.allocate(like(3, 64, 1), q_heads=9)
+        cache.kernel = kernel
+        torch.manual_seed(5)
+        segs = [cache.hold(n + 1) for n in lengths]
+        for seg, n in zip(segs, lengths, strict=True):
+            cache.write(0, seg, 0, torch.randn(1, 3, n, 64), torch.randn(1, 3, n, 64))
+        q, new = torch.randn(3, 9, 1, 64), torch.randn(3, 3, 1, 64)
+        outs.append(DecodeView(cache, segs, lengths).attend(0, nn.Module(), q, new, -new, 0.125))
+        arenas.append((cache.keys[0].clone(), cache.values[0].clone()))
+    assert torch.equal(arenas[0][0], arenas[1][0]) and torch.equal(arenas[0][1], arenas[1][1])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16, torch.int8], ids=["fp32", "bf16", "int8"])
+def test_the_padded_window_holds_what_reads_hand_back(kv_dtype: torch.dtype | None) -> None:
+    """The torch path's padded windows (Gemma's sliding-window layers attend over them): each row's tokens
+    right-aligned, as `read` hands them back (int8: gathered token by token, times each token's scale)."""
+    cache = RaggedCache(num_layers=1, max_tokens=1024, kv_dtype=kv_dtype)
+    cache.allocate(like(3, 64, 1), q_heads=9)
+    torch.manual_seed(2)
+    lengths = [7, 40, 1]
+    segs = [cache.hold(n) for n in lengths]
+    for seg, n in zip(segs, lengths, strict=True):
+        cache.write(0, seg, 0, torch.randn(1, 3, n, 64), torch.randn(1, 3, n, 64))
+    keys, values = DecodeView(cache, segs, [n - 1 for n in lengths]).window(0)  # (B, H, W, D)
+    assert keys.shape == (3, 3, 40, 64) and keys.dtype == torch.float32
+    for row, (seg, n) in enumerate(zip(segs, lengths, strict=True)):
+        k, v = cache.read(0, seg, n)  # (1, H, n, D)
+        assert torch.equal(keys[row, :, 40 - n :], k[0]) and torch.equal(values[row, :, 40 - n :], v[0])

@@ -438,9 +438,26 @@ async def test_every_mode_serves_generate_and_sentiment(mode: dict[str, str]) ->
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
             info = (await client.get("/info")).json()
             assert info["numerics"] == model.info.numerics and info["numerics"] != "fp32-packed"
+            # the KV cache under auto: int8 where the products run our group kernel, else bf16
+            own = numerics.on_own_kernel(model.model)
+            assert info["engine"]["kv_cache_dtype"] == ("int8" if own else "bfloat16")
             metrics = (await client.get("/metrics")).text
             assert f'numerics="{info["numerics"]}"' in metrics
             r = await client.post("/generate", json={"prompt": "Hello", "max_new_tokens": 8, "ignore_eos": True})
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
             r = await client.post("/sentiment", json={"texts": ["I loved it.", "Awful."]})
             assert r.status_code == 200 and len(r.json()["results"]) == 2
+
+
+@pytest.mark.skipif(not HAS_INT4, reason="no AVX2 / AVX-512")
+@pytest.mark.parametrize(("quantize", "setting", "stored"),
+                         [("int4", "model", torch.float32), ("int4", "bfloat16", torch.bfloat16),
+                          ("none", "int8", torch.int8), ("none", "auto", torch.float32)])  # fmt: skip
+def test_the_kv_cache_stores_what_the_setting_asks(quantize: str, setting: str, stored: torch.dtype) -> None:
+    """TEXTGEN_KV_CACHE_DTYPE over the mode's default: fp32 stays exact under auto, and asks for any of them."""
+    from app.engine.batch import Batch
+
+    model = _load(TINY_GPT2, quantize=quantize, dtype="float32" if quantize == "none" else "auto")
+    batch = Batch(model.model, 4, 256, kv_cache=setting)
+    batch.allocate()
+    assert batch.cache.kernel is not None and batch.cache.store == stored

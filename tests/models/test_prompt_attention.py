@@ -36,17 +36,18 @@ def test_a_prompt_alone_and_among_others_is_bit_identical() -> None:
     assert torch.equal(together[rows], alone)
 
 
-@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.int8], ids=["fp32", "bf16", "int8"])
 @pytest.mark.parametrize(("held", "n"), [(16, 1), (20, 5), (37, 40), (300, 17)])
-def test_after_held_tokens_it_reads_the_cache_in_place(bf16: bool, held: int, n: int) -> None:
+def test_after_held_tokens_it_reads_the_cache_in_place(kv_dtype: torch.dtype, held: int, n: int) -> None:
     """A pass of n tokens after `held` that a segment of the ragged cache holds: each token attends over the
-    segment's tokens up to its own, as the cache holds them (bf16: rounded), read where they lie."""
+    segment's tokens up to its own, as the cache holds them (bf16: rounded; int8: times each token's scale), read
+    where they lie."""
     from app.engine.kv_cache import RaggedCache
 
-    kernel = prompt_attention.load(3, 3, 64, bf16=bf16)
+    kernel = prompt_attention.load(3, 3, 64, kv_dtype)
     assert kernel is not None
     torch.manual_seed(held + n)
-    cache = RaggedCache(1, 2048, kernel=True, kv_dtype=torch.bfloat16 if bf16 else None)
+    cache = RaggedCache(1, 2048, kernel=True, kv_dtype=kv_dtype)
     cache.allocate([(torch.zeros(1, 3, 1, 64), torch.zeros(1, 3, 1, 64))], q_heads=9)
     if cache.kernel is None:
         pytest.skip("the cache's kernel layout needs the ragged decode kernel")

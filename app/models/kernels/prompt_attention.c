@@ -7,7 +7,8 @@
    vector and every key vector loaded serves 8 query rows; the softmax is exact (two passes over a row's
    scores, which fit: a prompt here is at most a chunk). Built at run time with the model's shape as
    constants (app/models/prompt_attention.py): D (head dim, a multiple of 16), G (query heads per key-value
-   head), H (key-value heads), KV_BF16 (the cache's K/V dtype, for `prompt_attention_cached`).
+   head), H (key-value heads), KV_BF16 / KV_I8 (the cache's K/V dtype, for `prompt_attention_cached`; int8
+   blocks end with their tokens' scales, kv_type.h).
 
    `prompt_attention_cached` does the same for passes after tokens a prompt's segment already holds (chunks,
    reused prefixes), reading K/V where they lie in the cache.
@@ -35,6 +36,7 @@
 #define RP 1
 #endif
 #define HG (H * G)
+#define BLK KV_BLOCK(D, BS)  /* kv_t elements per block of the cache: its tokens' values, then any scales */
 
 /* Query rows [i0, i1) of one prompt's pass and head h; the pass's tokens sit at positions base + i, after
    `base` tokens the prompt's segment already holds (0: a prompt from its first token). Keys and values: with
@@ -58,13 +60,20 @@ static inline __attribute__((always_inline)) void tile(
     for (int j0 = 0; j0 <= last; j0 += BS) {
       vn acc[RQ][BS / VW];
       for (int r = 0; r < RQ; r++) for (int c = 0; c < BS / VW; c++) acc[r][c] = (vn){0};
-      const kv_t* kb = cached ? kc + (size_t)(j0 / BS) * D * BS : NULL;
+      const kv_t* kb = cached ? kc + (size_t)(j0 / BS) * BLK : NULL;
       for (int d = 0; d < D; d++) {
         for (int c = 0; c < BS / VW; c++) {
           const vn key = cached ? loadkv(kb + d * BS + c * VW) : loadn(kt + (size_t)d * npad + j0 + c * VW);
           for (int r = 0; r < RQ; r++) acc[r][c] += qs[r][d] * key;  /* rows past rq: unused */
         }
       }
+#if KV_I8
+      if (cached)  /* int8 keys: the scores times each token's scale */
+        for (int c = 0; c < BS / VW; c++) {
+          const vn ks = loadn((const float*)(kb + D * BS) + c * VW);
+          for (int r = 0; r < rq; r++) acc[r][c] *= ks;
+        }
+#endif
       for (int r = 0; r < rq; r++)
         for (int c = 0; c < BS / VW; c++) storen(s + (size_t)(r0 + r) * width + j0 + c * VW, acc[r][c]);
     }
@@ -78,6 +87,10 @@ static inline __attribute__((always_inline)) void tile(
     for (int j = 0; j < n; j++) { const float e = expf(sr[j] - m); sr[j] = e; l += e; }
     const float inv = 1.f / l;
     for (int j = 0; j < n; j++) sr[j] *= inv;
+#if KV_I8
+    if (cached)  /* int8 values: each weight times its token's scale */
+      for (int j = 0; j < n; j++) sr[j] *= ((const float*)(vc + (size_t)(j / BS) * BLK + D * BS))[j % BS];
+#endif
     for (int j = n; j < width; j++) sr[j] = 0.f;
   }
   /* values: out[row] = sum_j p[row][j] v[j] */
@@ -88,7 +101,8 @@ static inline __attribute__((always_inline)) void tile(
     for (int r = 0; r < RP; r++) for (int c = 0; c < D / VW; c++) o[r][c] = (vn){0};
     for (int j = 0; j < n; j++) {
       for (int c = 0; c < D / VW; c++) {
-        const vn val = cached ? loadkv(vc + (size_t)j * D + c * VW) : loadn(v + ((size_t)j * H + h) * D + c * VW);
+        const vn val = cached ? loadkv(vc + (size_t)(j / BS) * BLK + (size_t)(j % BS) * D + c * VW)
+                              : loadn(v + ((size_t)j * H + h) * D + c * VW);
         for (int r = 0; r < RP; r++) o[r][c] += (r < rp ? s[(size_t)(r0 + r) * width + j] : 0.f) * val;
       }
     }
@@ -171,7 +185,7 @@ void prompt_attention_cached(const float* restrict q, const kv_t* restrict K, co
       int p, h, i0, i1;
       item(off, it, &p, &h, &i0, &i1);
       const size_t seg = (size_t)h * nbt + starts[p];
-      tile(1, q + (size_t)off[p] * HG * D, NULL, 0, NULL, K + seg * D * BS, V + seg * BS * D, h, filled[p], i0, i1,
+      tile(1, q + (size_t)off[p] * HG * D, NULL, 0, NULL, K + seg * BLK, V + seg * BLK, h, filled[p], i0, i1,
            scale, s, out + (size_t)off[p] * HG * D);
     }
     free(s);
