@@ -157,7 +157,7 @@ class RaggedCache:
 
     def _block(self, dim: int) -> int:
         """Elements of one head's block."""
-        return ragged_attention.block_bytes(self.store, dim)
+        return ragged_attention.block_elements(self.store, dim)
 
     def _flat_size(self, heads: int, dim: int) -> int:
         """Elements of the bounded arena for one of K, V (int8: whole blocks, each with its scales)."""
@@ -173,18 +173,6 @@ class RaggedCache:
 
     def _value_shape(self, heads: int, blocks: int, dim: int) -> tuple[int, ...]:
         return (heads, blocks, self._block(dim)) if self.store == torch.int8 else (heads, blocks, BLOCK, dim)
-
-    def _floats(self, blocks: torch.Tensor, dim: int, keys: bool) -> torch.Tensor:
-        """Blocks of the arena as `compute` floats, (H, n, 16, D) (keys: (H, n, D, 16)); int8 times its
-        tokens' scales (bit for bit what the kernels multiply)."""
-        if self.store != torch.int8:
-            return blocks
-        heads, n = blocks.shape[0], blocks.shape[1]
-        scales = blocks[..., dim * BLOCK :].contiguous().view(torch.float32)  # (H, n, 16)
-        u = blocks[..., : dim * BLOCK].to(torch.float32)
-        if keys:
-            return (u.view(heads, n, dim, BLOCK) * scales[:, :, None, :]).to(self.compute)
-        return (u.view(heads, n, BLOCK, dim) * scales[..., None]).to(self.compute)
 
     def capacity_bytes(self) -> int:
         """Bytes the bounded arena holds (0 without a bound)."""
@@ -245,12 +233,7 @@ class RaggedCache:
 
     def put(self, layer: int, blk: torch.Tensor, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Tokens at blocks and slots (T,) (of any segments) from k, v (T, H, D)."""
-        if (self.kernel is not None and k.dtype == v.dtype == torch.float32 and k.is_contiguous() and v.is_contiguous()
-                and blk.dtype == slot.dtype == torch.int64):  # fmt: skip
-            self.kernel.put(self.keys[layer], self.values[layer], blk, slot, k, v)
-            return
-        if self.store == torch.int8:  # only the kernel quantizes
-            assert self.kernel is not None
+        if self.kernel is not None:  # the kernel stores (and, into int8, quantizes) what it is handed as it expects
             self.kernel.put(self.keys[layer], self.values[layer], blk.to(torch.int64).contiguous(),
                             slot.to(torch.int64).contiguous(), k.to(torch.float32).contiguous(),
                             v.to(torch.float32).contiguous())  # fmt: skip
@@ -271,17 +254,24 @@ class RaggedCache:
              ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Tokens [0, tokens) of `seg`, contiguous copies (1, H, tokens, D); with `extra` (k, v (1, H, q, D)),
         followed by those: one copy of the prefix, not a read and a concatenation."""
-        n = blocks_for(tokens)
-        heads, k_dim, v_dim = self._layout[layer][:3]
-        k = self._floats(self.keys[layer][:, seg.start : seg.start + n], k_dim, True)  # (H, n, D, 16) / (H, n, 16, D)
-        v = self._floats(self.values[layer][:, seg.start : seg.start + n], v_dim, False)  # (H, n, 16, D)
-        if self.transposed:
-            k = k.transpose(2, 3)
+        heads = self._layout[layer][0]
+        if self.store == torch.int8:  # int8 x scale, token by token
+            blk, slot = self.slots(seg, 0, tokens, self.keys[layer].device)
+            gk, gv = self.gather(layer, blk[None], slot[None])  # (1, H, tokens, D)
+            k, v = gk[0], gv[0]  # (H, tokens, D)
+        else:
+            n = blocks_for(tokens)
+            kb = self.keys[layer][:, seg.start : seg.start + n]  # (H, n, D, 16) or (H, n, 16, D)
+            vb = self.values[layer][:, seg.start : seg.start + n]  # (H, n, 16, D)
+            if self.transposed:
+                kb = kb.transpose(2, 3)
+            k = kb.reshape(heads, n * BLOCK, kb.shape[3])[:, :tokens]  # (H, tokens, D)
+            v = vb.reshape(heads, n * BLOCK, vb.shape[3])[:, :tokens]
         more = 0 if extra is None else extra[0].shape[2]
-        keys = k.new_empty(1, heads, tokens + more, k.shape[3], dtype=self.compute)
-        values = v.new_empty(1, heads, tokens + more, v.shape[3], dtype=self.compute)
-        keys[0, :, :tokens] = k.reshape(heads, n * BLOCK, k.shape[3])[:, :tokens]
-        values[0, :, :tokens] = v.reshape(heads, n * BLOCK, v.shape[3])[:, :tokens]
+        keys = k.new_empty(1, heads, tokens + more, k.shape[2], dtype=self.compute)
+        values = v.new_empty(1, heads, tokens + more, v.shape[2], dtype=self.compute)
+        keys[0, :, :tokens] = k
+        values[0, :, :tokens] = v
         if extra is not None:
             keys[:, :, tokens:] = extra[0]
             values[:, :, tokens:] = extra[1]
@@ -289,8 +279,8 @@ class RaggedCache:
 
     def gather(self, layer: int, blk: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """An int8 arena's tokens at blocks and slots (B, W) as `compute` floats, keys and values (B, H, W, D):
-        int8 x the token's scale, as `read` hands them back (the torch path of the layers the kernel does not
-        run: Gemma's sliding window)."""
+        int8 x the token's scale (`read`, and the torch path of the layers the kernel does not run: Gemma's
+        sliding window)."""
         heads, k_dim, v_dim = self._layout[layer][:3]
         out = []
         for arena, dim, keys in ((self.keys[layer], k_dim, True), (self.values[layer], v_dim, False)):

@@ -99,7 +99,7 @@ def kv_defines(kv_dtype: torch.dtype) -> dict[str, int]:
     return {"KV_BF16": int(kv_dtype == torch.bfloat16), "KV_I8": int(kv_dtype == torch.int8)}
 
 
-def block_bytes(kv_dtype: torch.dtype, head_dim: int) -> int:
+def block_elements(kv_dtype: torch.dtype, head_dim: int) -> int:
     """Elements (of `kv_dtype`) of one head's block of BLOCK tokens in the arena: their values, then (int8)
     their fp32 scales."""
     return head_dim * BLOCK + (4 * BLOCK if kv_dtype == torch.int8 else 0)
