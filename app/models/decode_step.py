@@ -84,6 +84,35 @@ class LlamaStep:
         # where every product is the group-quantized kernel's: the layers in one C call (app/models/native_step.py)
         shape = (config.hidden_size, self.q_heads, self.kv_heads, self.head_dim, config.intermediate_size)
         self.native = None if self.ops is None else native_step.build(self.layers, self.norms_after, self.ops, shape)
+        # the rotary cos / sin of positions [0, P), (P, D) each: a row's are looked up, not computed each step
+        # (the module's forward, ~100 us a call). Only where they depend on the position alone: not dynamic
+        # scaling, whose frequencies change with the sequence length.
+        rope_type = str(getattr(self.base.rotary_emb, "rope_type", "default"))
+        self._fixed_rope = "dynamic" not in rope_type and rope_type != "longrope"
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (N,) -> their embeddings (N, E) fp32 contiguous (a plain nn.Embedding's rows without its module
+        call; any other embedding module through its forward)."""
+        embed = self.base.embed_tokens
+        x = embed.weight.index_select(0, ids) if type(embed) is nn.Embedding else embed(ids)
+        return x.float().contiguous()
+
+    def _cos_sin(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary cos and sin, (N, D) fp32 contiguous each, of `positions` (N,) (x: the fp32 residual stream,
+        for the module's dtype and device): the module's own values, computed once per position."""
+        d = self.head_dim
+        if not self._fixed_rope:
+            cos, sin = self.base.rotary_emb(x[None], positions[None])  # (1, N, D) each
+            return cos.reshape(-1, d).float().contiguous(), sin.reshape(-1, d).float().contiguous()
+        need = int(positions.max()) + 1
+        if self._rope_table is None or self._rope_table[0].shape[0] < need:
+            held = 0 if self._rope_table is None else self._rope_table[0].shape[0]
+            span = torch.arange(max(need, 2 * held, 1024), device=positions.device)  # (P,)
+            cos, sin = self.base.rotary_emb(x[:1, None], span[None])  # (1, P, D) each
+            self._rope_table = (cos[0].float().contiguous(), sin[0].float().contiguous())
+        cos_table, sin_table = self._rope_table
+        return cos_table.index_select(0, positions), sin_table.index_select(0, positions)  # (N, D) each
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: Attend) -> torch.Tensor:
         if self.ops is not None:
@@ -125,9 +154,8 @@ class LlamaStep:
                   cache: Attend) -> torch.Tensor:  # fmt: skip
         """The same step with its norms, residual adds, rotary and SwiGLU in C: a dozen ops fewer per layer."""
         rows, hq, hkv, d = ids.shape[0], self.q_heads, self.kv_heads, self.head_dim
-        x = self.base.embed_tokens(ids).float().contiguous()  # (B, E): the residual stream, updated in place
-        cos, sin = self.base.rotary_emb(x[:, None], positions[:, None])  # (B, 1, D) each
-        cos, sin = cos.reshape(rows, d).float().contiguous(), sin.reshape(rows, d).float().contiguous()
+        x = self._embed(ids)  # (B, E): the residual stream, updated in place
+        cos, sin = self._cos_sin(x, positions)  # (B, D) each
         first = self.layers[0][0].input_layernorm
         h = ops.add_rms_norm(x, None, first.weight, first.variance_epsilon)  # (B, E)
         ragged = None if self.native is None else cache.ragged()
@@ -159,10 +187,9 @@ class LlamaStep:
         only: nothing else reads them."""
         ops = self.ops
         assert ops is not None, "the prompt pass runs where the elementwise ops do"
-        tokens, hq, hkv, d = ids.shape[0], self.q_heads, self.kv_heads, self.head_dim
-        x = self.base.embed_tokens(ids).float().contiguous()  # (T, E)
-        cos, sin = self.base.rotary_emb(x[None], positions[None])  # (1, T, D) each
-        cos, sin = cos.reshape(tokens, d).float().contiguous(), sin.reshape(tokens, d).float().contiguous()
+        hq, hkv, d = self.q_heads, self.kv_heads, self.head_dim
+        x = self._embed(ids)  # (T, E)
+        cos, sin = self._cos_sin(x, positions)  # (T, D) each
         first = self.layers[0][0].input_layernorm
         h = ops.add_rms_norm(x, None, first.weight, first.variance_epsilon)  # (T, E)
         final = len(self.layers) - 1

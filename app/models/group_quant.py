@@ -128,15 +128,15 @@ class _Scratch(threading.local):
     def __init__(self) -> None:
         self.buffer = torch.empty(0, dtype=torch.uint8)
 
-    def get(self, rows: int, in_features: int) -> tuple[int, int, int]:
-        """Addresses of xq (M, K) int8, dx and sx (M, K / 32) fp32."""
+    def get(self, rows: int, in_features: int) -> tuple[int, int, int, int]:
+        """Addresses of xq (M, K) int8, dx and sx (M, K / 32) fp32, so (M, K / 32) int32."""
         groups = in_features // GROUP
         offset = (rows * in_features + 63) // 64 * 64  # the scales after the int8 rows, aligned
-        size = offset + 2 * 4 * rows * groups
+        size = offset + 3 * 4 * rows * groups
         if self.buffer.numel() < size:
             self.buffer = torch.empty(max(size, 2 * self.buffer.numel()), dtype=torch.uint8)
         base = self.buffer.data_ptr()
-        return base, base + offset, base + offset + 4 * rows * groups
+        return base, base + offset, base + offset + 4 * rows * groups, base + offset + 8 * rows * groups
 
 
 class Kernel:
@@ -155,7 +155,7 @@ class Kernel:
         if self.amx:
             self.isa += "+amx"
         for fn in self.fns.values():
-            fn.argtypes = [p, i, i, i, p, p, p, p, p, p, p, i]
+            fn.argtypes = [p, i, i, i, p, p, p, p, p, p, p, p, i]
             fn.restype = None
         self.scratch = _Scratch()
 
@@ -172,9 +172,9 @@ class Kernel:
         flat = x if plain else x.reshape(-1, x.shape[-1]).float().contiguous()  # (M, K)
         rows, in_features = flat.shape
         y = torch.empty(rows, out_features)
-        xq, dx, sx = self.scratch.get(rows, in_features)
+        xq, dx, sx, so = self.scratch.get(rows, in_features)
         args = (flat.data_ptr(), rows, in_features, out_features, weights.data_ptr(), scales.data_ptr(),
-                None if bias is None else bias.data_ptr(), y.data_ptr(), xq, dx, sx, torch.get_num_threads())
+                None if bias is None else bias.data_ptr(), y.data_ptr(), xq, dx, sx, so, torch.get_num_threads())
         kernel_build.call(PROFILE_NAME, self.fns[kind], *args)
         return y if plain else y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 

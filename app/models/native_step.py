@@ -35,7 +35,7 @@ def _load() -> Any:
     def bind(path: Path) -> Any:
         fn = ctypes.CDLL(str(path)).decode_layers
         p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-        fn.argtypes = [p, i, p, p, p, p, *[i] * 7, p, p, p, p, f, i, p, p, p, i, *[p] * 8, i, p]
+        fn.argtypes = [p, i, p, p, p, p, *[i] * 7, p, p, p, p, f, i, p, p, p, i, *[p] * 9, i, p]
         fn.restype = None
         return fn
 
@@ -92,13 +92,13 @@ class NativeLayers:
         fns = self._table[1]
         kv = torch.tensor([t.data_ptr() for pair in zip(keys, values, strict=True) for t in pair], dtype=torch.int64)
         work = torch.empty(rows * (self.most_n + 2 * hq * dim + 2 * hkv * dim + inner))
-        xq, dx, sx = self.kernel.scratch.get(rows, self.most_k)
+        xq, dx, sx, so = self.kernel.scratch.get(rows, self.most_k)
         pm, pl, pacc = plan.scratch(hq, dim)
         self.fn(fns.data_ptr(), self.layers, self.ptrs.data_ptr(), self.dims.data_ptr(), self.eps.data_ptr(),
                 kv.data_ptr(), rows, width, hq, hkv, dim, inner, self.most_n, x.data_ptr(), h.data_ptr(),
                 cos.data_ptr(), sin.data_ptr(), scale, keys[0].shape[1], plan.held.data_ptr(), plan.starts.data_ptr(),
                 plan.jobs.data_ptr(), plan.njobs, plan.first.data_ptr(), pm.data_ptr(), pl.data_ptr(),
-                pacc.data_ptr(), work.data_ptr(), xq, dx, sx, torch.get_num_threads(),
+                pacc.data_ptr(), work.data_ptr(), xq, dx, sx, so, torch.get_num_threads(),
                 None if self.times is None else self.times.data_ptr())  # fmt: skip
         return h
 

@@ -204,6 +204,21 @@ def test_prompts_in_one_pass_smollm() -> None:
     _assert_prompt_pass(_load(OFFLINE_DEFAULT, quantize="int4").model)
 
 
+def test_rotary_lookups_are_the_modules_own_values() -> None:
+    """The step looks cos / sin up by position (a table, grown as positions pass its end) instead of running the
+    rotary module each step: the same values, bit for bit, as the module gives for those positions."""
+    model = _tiny_llama("none")
+    step = for_model(model)
+    assert isinstance(step, LlamaStep) and step._fixed_rope
+    x = torch.zeros(3, model.config.hidden_size)
+    with torch.inference_mode():
+        for positions in (torch.tensor([0, 7, 1023]), torch.tensor([5, 2500, 1024, 3])):  # the second grows it
+            cos, sin = step._cos_sin(x, positions)
+            own_cos, own_sin = model.model.rotary_emb(x[None], positions[None])  # (1, N, D)
+            assert torch.equal(cos, own_cos[0]) and torch.equal(sin, own_sin[0])
+    assert step._rope_table is not None and step._rope_table[0].shape[0] >= 2501
+
+
 def test_models_it_does_not_know_keep_their_forward(tiny: LoadedModel) -> None:
     stock = _load(TINY_GPT2, pack_weights=False)  # sdpa attention: the stock model, as baselines run it
     assert for_model(stock.model) is None

@@ -215,8 +215,9 @@ AVX512 = W4A8 and group_quant.load().isa.startswith("avx512")  # type: ignore[un
 
 @pytest.mark.skipif(not AVX512, reason="runs both builds: needs a CPU with AVX512-VNNI")
 def test_the_avx2_build_gives_the_avx512_builds_outputs() -> None:
-    """Zen 2 / Haswell run the AVX2 build; an AVX-512 CPU runs it too, built without AVX-512: 4-bit outputs bit for
-    bit, 8-bit ones (summed as (u - 128) x there, llama.cpp's sign trick) to float rounding."""
+    """Zen 2 / Haswell run the AVX2 build; an AVX-512 CPU runs it too, built without AVX-512: 4-bit and symmetric
+    8-bit (Q8) outputs bit for bit (both sum (u - 128) x exactly before any float step), 8-bit with zeros (Q8Z:
+    summed as (u - 128) x there, llama.cpp's sign trick, without the -128 d term VNNI cancels) to float rounding."""
     avx512 = group_quant.load()
     off = ("-mno-avx512f", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16")
     avx2 = kernel_build.load("group_quant.c", "AVX2 build of the group-quantized kernel", group_quant.Kernel,
@@ -228,7 +229,14 @@ def test_the_avx2_build_gives_the_avx512_builds_outputs() -> None:
     with torch.inference_mode():
         four = [int4.Int4Linear(weight, bias, kernel=k)(x) for k in (avx512, avx2)]
         eight = [group_quant.Int8GroupLinear(weight, bias, k)(x) for k in (avx512, avx2)]  # Q8Z
+        levels = torch.randint(-127, 128, (208, 3, 32))
+        levels[..., 0] = 127
+        q8_source = (levels * (torch.rand(208, 3, 1) * 0.01 + 1e-3)).reshape(208, 96)  # on Q8_0's grid
+        symmetric = [group_quant.Int8GroupLinear(q8_source, bias, k) for k in (avx512, avx2)]
+        assert all(layer.kind == group_quant.Q8 for layer in symmetric)
+        eight_symmetric = [layer(x) for layer in symmetric]
     assert torch.equal(four[0], four[1])
+    assert torch.equal(eight_symmetric[0], eight_symmetric[1])
     torch.testing.assert_close(eight[1], eight[0], rtol=1e-5, atol=1e-5)
 
 

@@ -16,7 +16,7 @@
 #include <time.h>
 
 typedef void (*linear_fn)(const float*, int, int, int, const uint8_t*, const void*, const float*, float*, int8_t*,
-                          float*, float*, int);
+                          float*, float*, int32_t*, int);
 typedef void (*norm_fn)(float*, const float*, const float*, float, int, int, float*, int);
 typedef void (*rope_fn)(const float*, const float*, const float*, int, int, int, int, float*, float*, float*, int);
 typedef void (*swiglu_fn)(const float*, int, int, float*, int);
@@ -43,13 +43,13 @@ enum { LINEARS, ATTENTION, ELEMENTWISE };
    x (B, E): the residual stream, updated in place; h (B, E): the first layer's normed input on entry, the
    final norm's output on return. cos, sin (B, D). held ... pacc: the ragged kernel's plan and scratch.
    work: y (B, most N), q (B, HQ, D), k, v (B, HKV, D), a (B, HQ, D), m (B, I) one after another;
-   xq (B, most K) int8, dx, sx (B, most K / 32): the products' scratch. times: NULL, or seconds per kind of
-   work (linears, attention, elementwise) to add to. */
+   xq (B, most K) int8, dx, sx (B, most K / 32) fp32, so (B, most K / 32) int32: the products' scratch.
+   times: NULL, or seconds per kind of work (linears, attention, elementwise) to add to. */
 void decode_layers(const int64_t* fns, int layers, const int64_t* ptrs, const int32_t* dims, const float* eps,
                    const int64_t* kv, int B, int E, int HQ, int HKV, int D, int I, int most_n, float* x, float* h,
                    const float* cos_, const float* sin_, float scale, int nbt, const int32_t* held,
                    const int32_t* starts, const int32_t* jobs, int njobs, const int32_t* first, float* pm,
-                   float* pl, float* pacc, float* work, int8_t* xq, float* dx, float* sx, int threads,
+                   float* pl, float* pacc, float* work, int8_t* xq, float* dx, float* sx, int32_t* so, int threads,
                    double* times) {
   const linear_fn linear[3] = {(linear_fn)fns[0], (linear_fn)fns[1], (linear_fn)fns[2]};  /* Q4, Q8, Q8Z */
   const norm_fn norm = (norm_fn)fns[3];
@@ -67,7 +67,7 @@ void decode_layers(const int64_t* fns, int layers, const int64_t* ptrs, const in
     const int32_t* dm = dims + (size_t)l * 3 * PRODUCTS;
 #define PRODUCT(i, in) linear[SLOT(dm[3 * (i)])]((in), B, dm[3 * (i) + 1], dm[3 * (i) + 2], \
                                                 (const uint8_t*)p[3 * (i)], (const void*)p[3 * (i) + 1], \
-                                                (const float*)p[3 * (i) + 2], y, xq, dx, sx, threads)
+                                                (const float*)p[3 * (i) + 2], y, xq, dx, sx, so, threads)
     TIMED(LINEARS, PRODUCT(QKV, h));
     TIMED(ELEMENTWISE, rope(y, cos_, sin_, B, HQ, HKV, D, q, k, v, threads));
     TIMED(ATTENTION, attend(q, scale, (void*)kv[2 * l], (void*)kv[2 * l + 1], nbt, k, v, held, starts, B, jobs, njobs,
