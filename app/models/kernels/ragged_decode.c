@@ -71,7 +71,9 @@ static void job(const float* restrict q, float scale, const kv_t* restrict K, co
       pm[h * G + g] = m;
       pl[h * G + g] = l;
 #if KV_I8
-      for (int t = 0; t < n; t++) sg[t] *= scales_of(vh + (size_t)(t / BS) * BLK)[t % BS];  /* the values' */
+      for (int b = 0; b < nb; b++)  /* the values' scales, a block at a time (s holds whole blocks) */
+        for (int c = 0; c < BS / VW; c++)
+          storen(sg + b * BS + c * VW, loadn(sg + b * BS + c * VW) * loadn(scales_of(vh + (size_t)b * BLK) + c * VW));
 #endif
     }
     const kv_t* nk = kh + (size_t)nbt * BLK;  /* the next head's keys */
@@ -152,15 +154,17 @@ void ragged_decode(const float* restrict q, float scale, kv_t* restrict K, kv_t*
                    const int32_t* restrict starts, int rows, const int32_t* restrict jobs, int njobs,
                    const int32_t* restrict first, float* restrict pm, float* restrict pl, float* restrict pacc,
                    float* restrict out, int threads) {
-  for (int r = 0; r < rows; r++) {
-    put_token(k_new + (size_t)r * H * D, v_new + (size_t)r * H * D, (size_t)starts[r] + held[r] / BS, held[r] % BS,
-              K, V, nbt);
-  }
   #pragma omp parallel num_threads(threads)
   {
     #pragma omp for schedule(dynamic, 1)
     for (int j = 0; j < njobs; j++) {
       const int r = jobs[3 * j];
+      /* a row's new token sits in its last job's last block, which no other job reads: written here, by the
+         thread that reads it next, rather than by one thread for every row before the jobs (one token's key
+         bytes land on 16 lines of a cold block: rows one after another waited on those stores) */
+      if (j == first[r + 1] - 1)
+        put_token(k_new + (size_t)r * H * D, v_new + (size_t)r * H * D, (size_t)starts[r] + held[r] / BS,
+                  held[r] % BS, K, V, nbt);
       job(q + (size_t)r * HG * D, scale, K, V, nbt, starts[r], jobs[3 * j + 1], jobs[3 * j + 2],
           pm + (size_t)j * HG, pl + (size_t)j * HG, pacc + (size_t)j * HG * D);
     }
