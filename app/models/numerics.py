@@ -4,8 +4,8 @@
 |---|---|---|
 | fp32 | fp32, prepacked for oneDNN (app/models/packing.py) | fp32 |
 | bf16 | bf16 weights, prepacked; inputs cast to bf16, outputs back to fp32 | fp32, K/V cached in bf16 |
-| int8 | 8-bit weights in groups of 32 x int8 activations (app/models/group_quant.py), below | fp32, K/V bf16 |
-| int4 | 4-bit weights in groups of 32 (Q4_1) x int8 activations (app/models/group_quant.py), below | fp32, K/V bf16 |
+| int8 | 8-bit weights in groups of 32 x int8 activations (app/models/group_quant.py), below | fp32, K/V int8 |
+| int4 | 4-bit weights in groups of 32 (Q4_1) x int8 activations (app/models/group_quant.py), below | fp32, K/V int8 |
 
 int8 and int4 run our kernel (AVX512-VNNI or AVX2; `Numerics.own_kernel`) for every pass. int8 takes every layer
 the kernel can, the output layer and the down projections too: 8-bit weights with a scale and a zero per group
@@ -14,8 +14,8 @@ int4 puts the output layer in Q8_0 on it. Without the kernel (no C compiler), in
 with one scale per output channel and per row, SmoothQuant, and leaves the output layer and the down
 projections in bf16 (app/models/int8.py); int4 runs PyTorch's int4 kernel on bf16 activations, and a bf16 copy
 of the weights for prompt passes where oneDNN has bf16 (app/models/int4.py). In the modes that are not
-token-exact anyway (`inexact`: int8 and int4 on our kernel, bf16) K/V are cached in bf16 and norms / rotary /
-SwiGLU run in C (app/models/elementwise.py).
+token-exact anyway (`inexact`: int8 and int4 on our kernel, bf16) K/V are cached in int8 (int8, int4) or bf16
+(bf16; `kv_cache_dtype`) and norms / rotary / SwiGLU run in C (app/models/elementwise.py).
 
 Only the matrix products change: PyTorch's bf16 norms and attention are slower than fp32 on this CPU (a
 stock `model.to(bfloat16)` decode step is slower than fp32), and they are a small part of the work. In
