@@ -89,8 +89,8 @@ static void quantize_row(const float* x, int K, int8_t* xq, float* dx, float* sx
   }
 }
 
-/* group g's d and m = z - OFF d for a tile's 16 outputs; the VNNI and the AMX paths both take them from here, so
-   they compute the same values */
+/* group g's d and m = z - OFF d for a tile's 16 outputs (Q8's m goes unread: its offset is taken in the
+   integers); the VNNI and the AMX paths both take them from here, so they compute the same values */
 static inline void group_dm(const int bits, const void* restrict st, int g, __m512* d, __m512* m) {
   if (bits == Q4) {
     const uint16_t* sg = (const uint16_t*)st + (size_t)g * 2 * NT;
@@ -209,11 +209,10 @@ static void amx_configure(void) {
    (G, 2, 16) its d and m = z - OFF d as tile_rows computes them (Q8: the offset in the integers, as there).
    Per chunk of groups, first the tile unit writes each group's sums to cb (chunk, 16, 16) int32, two sums
    registers alternating so one group's products start while the other's are stored; then tile_rows' float
-   steps, four rows at a time. Measured
-   here (Xeon with AMX, one thread, 256 rows, 576 -> 3072), us per call: VNNI path 2900, this 1870; other
-   orders were slower: all 16 rows' accumulators at once (GCC spills them) 2570, the next block's sums issued
-   among these float steps 2150, the float steps alone take ~900 and the sums alone ~900 (load and store
-   ports: a tile load or store is 16 rows of them). */
+   steps, four rows at a time. Measured here (Xeon with AMX, one thread, 256 rows, 576 -> 3072), us per call:
+   VNNI path 2900, this 1870; other orders were slower: all 16 rows' accumulators at once (GCC spills them)
+   2570, the next block's sums issued among these float steps 2150, the float steps alone take ~900 and the
+   sums alone ~900 (load and store ports: a tile load or store is 16 rows of them). */
 static inline void amx_rows(const int bits, const uint8_t* restrict wb, const float* restrict dm, int G, int K,
                             const int8_t* restrict xq, const float* restrict dx, const float* restrict sx,
                             const int32_t* restrict so, const float* restrict bias, float* restrict y, int N,

@@ -146,7 +146,7 @@ static inline void put_token(const float* restrict k, const float* restrict v, s
 }
 
 /* q (rows, H*G, D); k_new, v_new (rows, H, D): each row's new token, written at position `held[r]` of its segment
-   first (rows, the token it attends with); starts, held (rows,); jobs (njobs, 3): row, t0, t1, a row's jobs
+   before that position is read (rows, the token it attends with); starts, held (rows,); jobs (njobs, 3): row, t0, t1, a row's jobs
    consecutive and in order, first (rows + 1,): row r's jobs are [first[r], first[r + 1]); pm, pl (njobs, H*G),
    pacc (njobs, H*G, D) scratch; out (rows, H*G, D). */
 void ragged_decode(const float* restrict q, float scale, kv_t* restrict K, kv_t* restrict V, int nbt,
