@@ -174,7 +174,7 @@ def test_the_int4_by_int8_kernel_computes_its_formula_and_each_row_alone() -> No
         with int4.prompt_pass():
             prompt = layer(x)  # one kernel for every pass
         alone = torch.cat([layer(x[i : i + 1]) for i in range(37)])
-        edges = [0, 1, 6, 14, 25, 37]  # calls of 1, 5, 8, 11 and 12 rows: whole row blocks of 8 and leftovers
+        edges = [0, 1, 6, 14, 31, 37]  # calls of 1, 5, 8, 17 and 6 rows: a whole row block (16; AVX2 6) and leftovers
         mixed = torch.cat([layer(x[a:b]) for a, b in itertools.pairwise(edges)])
     torch.testing.assert_close(got, _q4_reference(x, q, scales_zeros) + bias, rtol=1e-5, atol=1e-5)
     assert torch.equal(got[3], bias)
