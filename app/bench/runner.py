@@ -3,7 +3,8 @@
 Workload (defaults): 64 requests, prompts of 20-200 tokens, max_new_tokens 16-128, 32 in flight, greedy
 with ignore_eos so every system generates exactly the same number of tokens.
 `--compare` starts each system itself (textgen's engine and the two baselines in app/bench/baselines.py)
-on the same model, one after the other, and reads each server's peak RSS from /proc.
+on the same model, one after the other, and reads each server's peak RSS from /proc. With `--modes` the engine
+runs once per numeric mode, the modes side by side in rounds (`compare_modes`).
 """
 
 from __future__ import annotations
@@ -237,18 +238,31 @@ def mode_env(mode: str) -> dict[str, str]:
 
 
 @contextmanager
+def serving_all(servers: list[tuple[list[str], dict[str, str], str]]) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Server processes, each (command, env, url), started together and ready at their urls; stopped (Ctrl-C,
+    then kill) on the way out."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for command, env, _ in servers:
+            procs.append(subprocess.Popen(command, env=env))
+        for proc, (_, _, url) in zip(procs, servers, strict=True):
+            _wait_ready(url, proc)
+        yield procs
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@contextmanager
 def serving(command: list[str], env: dict[str, str], url: str) -> Iterator[subprocess.Popen[bytes]]:
     """A server process started with `command`, ready at `url`; stopped (Ctrl-C, then kill) on the way out."""
-    proc = subprocess.Popen(command, env=env)
-    try:
-        _wait_ready(url, proc)
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with serving_all([(command, env, url)]) as procs:
+        yield procs[0]
 
 
 def engine_command(model: str | None, port: int) -> list[str]:
@@ -271,6 +285,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default="",
                         help="with --compare: run the engine once per numeric mode, e.g. fp32,bf16,int8 "
                         "(each also gets a one-stream row)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="with --modes: rounds of every mode side by side, each on fresh servers and a fresh "
+                        "workload (seed, seed + 1, ...), the order rotated each round; rows pool the rounds "
+                        "(default 3)")  # fmt: skip
     parser.add_argument("--model", help="with --compare: model for every system (default: the server's default)")
     parser.add_argument(
         "--packed-baselines", action="store_true", help="with --compare: baselines use prepacked CPU weights too"
@@ -289,26 +307,92 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --compare: each engine also runs the same jobs held to a small JSON schema")
 
 
+def _constrained_row(system: str, url: str, jobs: list[Job], concurrency: int, rss: float | None
+                     ) -> dict[str, object]:  # fmt: skip
+    """The same jobs held to BENCH_SCHEMA, and what the token masks took."""
+    before = _engine_counters(url)
+    held, wall = asyncio.run(drive(url, jobs, concurrency, stream=True,
+                                   constraint={"type": "json_schema", "schema": BENCH_SCHEMA}))  # fmt: skip
+    after = _engine_counters(url)
+    steps = after["constraint_mask_steps"] - before["constraint_mask_steps"]
+    spent = after["constraint_mask_seconds"] - before["constraint_mask_seconds"]
+    print(f"{system} json-schema: token masks {1000 * spent / max(steps, 1):.2f} ms per step over "
+          f"{steps} steps ({100 * spent / wall:.1f}% of the wall time)")  # fmt: skip
+    return summarize(f"{system} json-schema", held, wall, rss, peak_gpu_mb(url))
+
+
+def compare_modes(args: argparse.Namespace, modes: list[str]) -> tuple[list[dict[str, object]], dict[str, list[float]]]:
+    """The engine once per numeric mode, in `args.rounds` rounds: each round starts every mode's server afresh and
+    all together (so no round finds another's prompts cached), runs the workload of seed `args.seed` + round on
+    each in turn, the order rotated a place per round, then each one's one stream. On a shared machine whose speed
+    drifts within minutes, modes measured minutes apart compare the drift as much as the modes; interleaved and
+    repeated, each round's ratio is taken over a few seconds. The rows pool every round's requests (tokens over
+    summed wall time, percentiles over all requests); also returned: each row's tokens/s per round."""
+    pooled: dict[str, tuple[list[Result], list[float]]] = {}
+    memory: dict[str, tuple[float | None, float | None]] = {}  # row -> (peak RSS MB, peak GPU MB), worst round
+    rates: dict[str, list[float]] = {}
+
+    def record(name: str, results: list[Result], wall: float, proc: subprocess.Popen[bytes], url: str) -> None:
+        kept, walls = pooled.setdefault(name, ([], []))
+        kept.extend(results)
+        walls.append(wall)
+        rates.setdefault(name, []).append(sum(r.completion_tokens for r in results if r.ok) / wall)
+        rss, gpu = peak_rss_mb(proc.pid), peak_gpu_mb(url)
+        seen = memory.get(name, (None, None))
+        memory[name] = (max(filter(None, (rss, seen[0])), default=None),
+                        max(filter(None, (gpu, seen[1])), default=None))  # fmt: skip
+
+    urls = [f"http://127.0.0.1:{args.port + i}" for i in range(len(modes))]
+    for r in range(args.rounds):
+        seed = args.seed + r
+        jobs = workload(args.requests, seed, tuple(args.prompt_tokens), tuple(args.new_tokens))
+        order = [(i + r) % len(modes) for i in range(len(modes))]
+        servers = [(engine_command(args.model, args.port + i), mode_env(m), urls[i]) for i, m in enumerate(modes)]
+        with serving_all(servers) as procs:
+            if r == 0:
+                for m, url in zip(modes, urls, strict=True):
+                    print(f"engine {m}: numerics {httpx.get(f'{url}/info', timeout=10).json().get('numerics')}")
+            for i in order:
+                system, url = f"engine {modes[i]}", urls[i]
+                results, wall = asyncio.run(drive(url, jobs, args.concurrency, stream=True))
+                print(f"round {r + 1}/{args.rounds} (seed {seed}) {system}: ", end="")
+                print_engine_time(url, wall)
+                record(system, results, wall, procs[i], url)
+                if args.constrained:
+                    row = _constrained_row(system, url, jobs, args.concurrency, peak_rss_mb(procs[i].pid))
+                    rates.setdefault(str(row["system"]), []).append(float(row["tok/s"]))  # type: ignore[arg-type]
+            for i in order:
+                system, url = f"engine {modes[i]} 1-stream", urls[i]
+                results, wall = asyncio.run(drive(url, one_stream_jobs(seed), 1, stream=True))
+                record(system, results, wall, procs[i], url)
+        print(f"round {r + 1}/{args.rounds} tokens/s: " + ", ".join(f"{name} {v[-1]:.1f}" for name, v in rates.items()))
+    rows = [summarize(name, results, sum(walls), *memory[name]) for name, (results, walls) in pooled.items()]
+    return rows, rates
+
+
 def run_bench(args: argparse.Namespace) -> int:
     jobs = workload(args.requests, args.seed, tuple(args.prompt_tokens), tuple(args.new_tokens))
     print(f"workload: {len(jobs)} requests, {args.concurrency} concurrent, prompts {args.prompt_tokens[0]}-"
           f"{args.prompt_tokens[1]} tokens, max_new_tokens {args.new_tokens[0]}-{args.new_tokens[1]}, greedy, "
           f"ignore_eos; {os.cpu_count()} CPUs")  # fmt: skip
     rows = []
+    rounds: dict[str, list[float]] = {}  # with --modes: each row's tokens/s per round
+    if args.rounds is None:
+        args.rounds = 3 if args.modes else 1
     if not args.compare:
         results, wall = asyncio.run(drive(args.url, jobs, args.concurrency, stream=True))
         rows.append(summarize(args.url, results, wall, peak_rss_mb(args.pid) if args.pid else None))
     else:
         url = f"http://127.0.0.1:{args.port}"
-        systems = args.systems.split(",")
-        if args.modes:  # the engine once per numeric mode, in place of the one engine row
-            modes = [f"engine {m}" for m in args.modes.split(",")]
-            systems = [x for s in systems for x in (modes if s == "engine" else [s])]
-        for system in systems:
-            mode = system.removeprefix("engine ") if system.startswith("engine ") else "auto"
+        for system in args.systems.split(","):
+            if system == "engine" and args.modes:  # the engine once per numeric mode, in place of the one engine row
+                mode_rows, rounds = compare_modes(args, args.modes.split(","))
+                rows.extend(mode_rows)
+                print_table(rows)
+                continue
             command = _command(system, args.model, args.port, args.concurrency, args.packed_baselines)
-            with serving(command, mode_env(mode), url) as proc:
-                engine = system.startswith("engine")
+            with serving(command, mode_env("auto"), url) as proc:
+                engine = system == "engine"
                 if engine:
                     print(f"{system}: numerics {httpx.get(f'{url}/info', timeout=10).json().get('numerics')}")
                 load = jobs[: args.sequential_requests] if system == "sequential" and args.sequential_requests else jobs
@@ -317,20 +401,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 if engine:
                     print_engine_time(url, wall)
                 if args.constrained and engine:
-                    before = _engine_counters(url)
-                    held, held_wall = asyncio.run(drive(url, jobs, args.concurrency, stream=True,
-                                                        constraint={"type": "json_schema", "schema": BENCH_SCHEMA}))
-                    rows.append(summarize(f"{system} json-schema", held, held_wall, peak_rss_mb(proc.pid),
-                                          peak_gpu_mb(url)))  # fmt: skip
-                    after = _engine_counters(url)
-                    steps = after["constraint_mask_steps"] - before["constraint_mask_steps"]
-                    spent = after["constraint_mask_seconds"] - before["constraint_mask_seconds"]
-                    print(f"{system} json-schema: token masks {1000 * spent / max(steps, 1):.2f} ms per step over "
-                          f"{steps} steps ({100 * spent / held_wall:.1f}% of the wall time)")  # fmt: skip
-                if args.modes and engine:
-                    one, one_wall = asyncio.run(drive(url, one_stream_jobs(args.seed), 1, stream=True))
-                    rows.append(summarize(f"{system} 1-stream", one, one_wall, peak_rss_mb(proc.pid),
-                                          peak_gpu_mb(url)))  # fmt: skip
+                    rows.append(_constrained_row(system, url, jobs, args.concurrency, peak_rss_mb(proc.pid)))
             print_table(rows)  # as it goes: the sequential run is long
     print()
     print_table(rows)
@@ -342,7 +413,10 @@ def run_bench(args: argparse.Namespace) -> int:
     for name in by:  # each mode against fp32, the W1 rows and the one-stream rows apart
         ref = "engine fp32 1-stream" if name.endswith(" 1-stream") else "engine fp32"
         if name.startswith("engine ") and name != ref and not name.endswith(" json-schema") and by.get(ref):
-            print(f"{name} / {ref}: {by[name] / by[ref]:.2f}x tokens/s")
+            each = [a / b for a, b in zip(rounds.get(name, []), rounds.get(ref, []), strict=True)]
+            spread = (f" (by round: {', '.join(f'{x:.2f}x' for x in each)}; median {statistics.median(each):.2f}x)"
+                      if len(each) > 1 else "")  # fmt: skip
+            print(f"{name} / {ref}: {by[name] / by[ref]:.2f}x tokens/s{spread}")
     ratios = {}
     for other in ("static", "sequential"):
         if "engine" in by and other in by and by[other]:
@@ -351,6 +425,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.json:
         workload_info = {"requests": len(jobs), "concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens,
                          "new_tokens": args.new_tokens, "sequential_requests": args.sequential_requests or None,
-                         "model": args.model, "cpus": os.cpu_count()}  # fmt: skip
-        Path(args.json).write_text(json.dumps({"workload": workload_info, "rows": rows, "ratios": ratios}, indent=1))
+                         "model": args.model, "cpus": os.cpu_count(), "rounds": args.rounds if args.modes else 1}
+        Path(args.json).write_text(json.dumps({"workload": workload_info, "rows": rows, "ratios": ratios,
+                                               "tokens_per_s_by_round": rounds}, indent=1))  # fmt: skip
     return 0
