@@ -171,15 +171,18 @@ def print_table(rows: list[dict[str, object]]) -> None:
         print("  ".join(str(r.get(c)).rjust(widths[c]) for c in cols))
 
 
-def print_engine_time(url: str, wall: float) -> None:
-    """Where the engine's time went, from its own counters in /info (they start at the warm-up)."""
+def print_engine_time(url: str, wall: float, before: dict[str, float] | None = None) -> None:
+    """Where the engine's time went, from its own counters in /info: since `before` (what `_engine_counters` read
+    then), or since the server's warm-up."""
     try:
-        e = httpx.get(f"{url}/info", timeout=10).json()["engine"]
+        e = _engine_counters(url)
     except (httpx.HTTPError, KeyError, ValueError):
         return
-    print(f"engine time: decode {e['decode_seconds']:.1f} s, prefill {e['prefill_seconds']:.1f} s, "
-          f"busy {e['busy_seconds']:.1f} s of {wall:.1f} s wall; {e['steps']} steps, "
-          f"{e['prompt_tokens']} prompt tokens")  # fmt: skip
+    d = {k: e[k] - (before or {}).get(k, 0) for k in ("decode_seconds", "prefill_seconds", "busy_seconds", "steps",
+                                                      "prompt_tokens")}  # fmt: skip
+    print(f"engine time: decode {d['decode_seconds']:.1f} s, prefill {d['prefill_seconds']:.1f} s, "
+          f"busy {d['busy_seconds']:.1f} s of {wall:.1f} s wall; {d['steps']:.0f} steps, "
+          f"{d['prompt_tokens']:.0f} prompt tokens")  # fmt: skip
 
 
 def _engine_counters(url: str) -> dict[str, float]:
@@ -354,9 +357,10 @@ def compare_modes(args: argparse.Namespace, modes: list[str]) -> tuple[list[dict
                     print(f"engine {m}: numerics {httpx.get(f'{url}/info', timeout=10).json().get('numerics')}")
             for i in order:
                 system, url = f"engine {modes[i]}", urls[i]
+                before = _engine_counters(url)  # the servers warmed up together: count this run's time only
                 results, wall = asyncio.run(drive(url, jobs, args.concurrency, stream=True))
                 print(f"round {r + 1}/{args.rounds} (seed {seed}) {system}: ", end="")
-                print_engine_time(url, wall)
+                print_engine_time(url, wall, before)
                 record(system, results, wall, procs[i], url)
                 if args.constrained:
                     row = _constrained_row(system, url, jobs, args.concurrency, peak_rss_mb(procs[i].pid))
