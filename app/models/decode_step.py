@@ -79,6 +79,9 @@ class LlamaStep:
         # bf16: numerics.inexact) and every layer has its fused products
         fused = all(qkv is not None and gate_up is not None for _, qkv, gate_up in self.layers)
         self.ops = elementwise.load() if numerics.inexact(model) and fused and config.hidden_act == "silu" else None
+        # per layer h -> silu(gate) * up: in the gate/up product's store where it runs the group-quantized kernel
+        ops, gate_ups = self.ops, [g for _, _, g in self.layers if g is not None]
+        self.swiglu = [] if ops is None else [elementwise.swiglu_product(g, ops) for g in gate_ups]
         # the norm that follows each layer: the next layer's input norm, after the last one the final norm
         self.norms_after = [layer.input_layernorm for layer, _, _ in self.layers[1:]] + [self.base.norm]
         # where every product is the group-quantized kernel's: the layers in one C call (app/models/native_step.py)
@@ -168,7 +171,7 @@ class LlamaStep:
             q, k, v = ops.rope_split(qkv(h), cos, sin, hq, hkv, d)  # (B, Hq, D), (B, Hkv, D) x 2
             a = cache.attend(i, attn, q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), attn.scaling)  # (B, 1, Hq, D)
             h = ops.add_rms_norm(x, attn.o_proj(a.reshape(rows, hq * d)), post.weight, post.variance_epsilon)
-            m = ops.silu_mul(gate_up(h))  # (B, I)
+            m = self.swiglu[i](h)  # (B, I)
             h = ops.add_rms_norm(x, layer.mlp.down_proj(m), after.weight, after.variance_epsilon)
         logits: torch.Tensor = self.model.lm_head(h)  # (B, V)
         return logits
@@ -201,7 +204,7 @@ class LlamaStep:
             if i == final:
                 a, x = a[last].contiguous(), x[last].contiguous()  # (P, Hq D), (P, E)
             h = ops.add_rms_norm(x, attn.o_proj(a), post.weight, post.variance_epsilon)
-            m = ops.silu_mul(gate_up(h))  # (., I)
+            m = self.swiglu[i](h)  # (., I)
             h = ops.add_rms_norm(x, layer.mlp.down_proj(m), after.weight, after.variance_epsilon)
         logits: torch.Tensor = self.model.lm_head(h)  # (P, V)
         return logits

@@ -13,6 +13,7 @@ the first index of each row's largest value, as torch's).
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from torch import nn
 
 from app.models import kernel_build
 from app.models.fusion import fused_product
+from app.models.group_quant import Int8GroupLinear
+from app.models.int4 import Int4Linear
 
 
 class Elementwise:
@@ -75,6 +78,15 @@ class Elementwise:
         return m
 
 
+def swiglu_product(gate_up: nn.Module, ops: Elementwise) -> Callable[[torch.Tensor], torch.Tensor]:
+    """h (M, E) -> silu(gate) * up (M, I) of a fused gate/up product (M, 2 I): in the product's store where it runs
+    the group-quantized kernel (one pass over the (M, 2 I) sums fewer: ~10% of a prompt's gate/up product, and
+    the kernel's own exp, the same on AVX-512 and AVX2), else `ops.silu_mul` after it."""
+    if isinstance(gate_up, Int8GroupLinear) or (isinstance(gate_up, Int4Linear) and gate_up.kernel is not None):
+        return gate_up.swiglu
+    return lambda h: ops.silu_mul(gate_up(h))
+
+
 @cache
 def load() -> Elementwise | None:
     """The ops, built if needed; None without a compiler (then the step runs the modules' own ops)."""
@@ -99,8 +111,9 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """LlamaMLP (down(silu(gate(x)) * up(x))) with gate/up as one product and `Elementwise.silu_mul`; keeps the
-    members (`gate_proj`, `up_proj`, `down_proj`) so code that reads them still finds them."""
+    """LlamaMLP (down(silu(gate(x)) * up(x))) with gate/up as one product, SwiGLU in its store where it runs the
+    group-quantized kernel (`swiglu_product`), else `Elementwise.silu_mul`; keeps the members (`gate_proj`,
+    `up_proj`, `down_proj`) so code that reads them still finds them."""
 
     def __init__(self, mlp: Any, gate_up: nn.Module, ops: Elementwise) -> None:
         super().__init__()
@@ -108,13 +121,18 @@ class SwiGLU(nn.Module):
         self.act_fn = mlp.act_fn
         self.gate_up: nn.Module = gate_up
         self.ops = ops
+        self.fused = swiglu_product(gate_up, ops) if isinstance(gate_up, (Int4Linear, Int8GroupLinear)) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., E) -> (..., E)
         rows = x.reshape(-1, x.shape[-1])
-        g = self.gate_up(rows)  # (M, 2 I)
-        if g.dtype != torch.float32 or not g.is_contiguous():
-            g = g.float().contiguous()
-        out: torch.Tensor = self.down_proj(self.ops.silu_mul(g))  # (M, E)
+        if self.fused is not None and rows.dtype == torch.float32:
+            m = self.fused(rows.contiguous())  # (M, I)
+        else:
+            g = self.gate_up(rows)  # (M, 2 I)
+            if g.dtype != torch.float32 or not g.is_contiguous():
+                g = g.float().contiguous()
+            m = self.ops.silu_mul(g)
+        out: torch.Tensor = self.down_proj(m)  # (M, E)
         return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
 
 

@@ -146,6 +146,8 @@ class Kernel:
         lib = ctypes.CDLL(str(path))
         p, i = ctypes.c_void_p, ctypes.c_int
         self.fns = {Q4: lib.group_quant, Q8: lib.q8_linear, Q8Z: lib.q8z_linear}
+        # a fused gate/up product with SwiGLU at its store: y (M, N / 2) = silu(gate) * up
+        self.swiglu_fns = {Q4: lib.group_quant_swiglu, Q8: lib.q8_linear_swiglu, Q8Z: lib.q8z_linear_swiglu}
         lib.group_quant_isa.restype = ctypes.c_int
         lib.group_quant_amx.restype = ctypes.c_int
         lib.group_quant_amx.argtypes = [ctypes.c_int]
@@ -154,7 +156,7 @@ class Kernel:
         self.isa = "avx512-vnni" if lib.group_quant_isa() == 512 else "avx2"  # what this build runs on
         if self.amx:
             self.isa += "+amx"
-        for fn in self.fns.values():
+        for fn in (*self.fns.values(), *self.swiglu_fns.values()):
             fn.argtypes = [p, i, i, i, p, p, p, p, p, p, p, p, i]
             fn.restype = None
         self.scratch = _Scratch()
@@ -165,18 +167,20 @@ class Kernel:
         return self.amx
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                 out_features: int, kind: int) -> torch.Tensor:  # fmt: skip
-        """x (..., K) -> y (..., N) in x's dtype (computed from fp32 rows); `kind`: the weights' (Q4, Q8, Q8Z)."""
+                 out_features: int, kind: int, swiglu: bool = False) -> torch.Tensor:  # fmt: skip
+        """x (..., K) -> y (..., N) in x's dtype (computed from fp32 rows); `kind`: the weights' (Q4, Q8, Q8Z).
+        With `swiglu` (a fused gate/up product, N = 2 I): silu(gate) * up (..., I), in the product's store."""
         # the decode step's calls (2-D, fp32, contiguous) skip the reshapes: ~150 calls a step, each ~1 us a view
         plain = x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous()
         flat = x if plain else x.reshape(-1, x.shape[-1]).float().contiguous()  # (M, K)
         rows, in_features = flat.shape
-        y = torch.empty(rows, out_features)
+        width = out_features // 2 if swiglu else out_features
+        y = torch.empty(rows, width)
         xq, dx, sx, so = self.scratch.get(rows, in_features)
         args = (flat.data_ptr(), rows, in_features, out_features, weights.data_ptr(), scales.data_ptr(),
                 None if bias is None else bias.data_ptr(), y.data_ptr(), xq, dx, sx, so, torch.get_num_threads())
-        kernel_build.call(PROFILE_NAME, self.fns[kind], *args)
-        return y if plain else y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+        kernel_build.call(PROFILE_NAME, (self.swiglu_fns if swiglu else self.fns)[kind], *args)
+        return y if plain else y.to(x.dtype).reshape(*x.shape[:-1], width)
 
 
 class Int8GroupLinear(nn.Module):
@@ -203,6 +207,10 @@ class Int8GroupLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
         return self.kernel(x, self.packed, self.scales, self.bias, self.out_features, self.kind)
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N / 2)
+        """As a fused gate/up product (gate's N / 2 outputs, then up's): silu(gate) * up, in the product's store."""
+        return self.kernel(x, self.packed, self.scales, self.bias, self.out_features, self.kind, swiglu=True)
 
     def extra_repr(self) -> str:
         kind = "symmetric" if self.kind == Q8 else "with zeros"

@@ -129,6 +129,13 @@ class Int4Linear(nn.Module):
             y = y + self.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N / 2)
+        """As a fused gate/up product (gate's N / 2 outputs, then up's): silu(gate) * up, in the kernel's store.
+        Only with `kernel`."""
+        assert self.kernel is not None, "SwiGLU in the product needs the group-quantized kernel"
+        return self.kernel(x, self.packed, self.scales_zeros, self.bias, self.out_features, group_quant.Q4,
+                           swiglu=True)  # fmt: skip
+
     def extra_repr(self) -> str:
         kind = "lossless" if self.lossless else f"error {self.error:.2f} steps"
         kernel = f"w4a8 {self.kernel.isa}" if self.kernel is not None else "torch int4"

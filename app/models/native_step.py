@@ -78,8 +78,9 @@ class NativeLayers:
         self.most_k = max(k for row in products for *_, k, _ in row)
         # seconds of linears, attention and elementwise work inside the loop, added to while set (profiles)
         self.times: torch.Tensor | None = None
-        self.fns = [*(_address(kernel.fns[kind]) for kind in (group_quant.Q4, group_quant.Q8, group_quant.Q8Z)),
-                    _address(ops._norm), _address(ops._rope), _address(ops._swiglu)]  # the C file's order
+        kinds = (group_quant.Q4, group_quant.Q8, group_quant.Q8Z)
+        self.fns = [*(_address(kernel.fns[kind]) for kind in kinds), _address(ops._norm), _address(ops._rope),
+                    *(_address(kernel.swiglu_fns[kind]) for kind in kinds)]  # the C file's order (attention last)
         self._table: tuple[Any, torch.Tensor] | None = None  # (the attention kernel's function, the table with it)
 
     def __call__(self, x: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: float,

@@ -210,6 +210,38 @@ def test_the_int4_by_int8_kernel_computes_its_formula_and_each_row_alone() -> No
     assert float((got8 - exact).norm() / exact.norm()) < 0.01
 
 
+def _swiglu_layers(kernel: group_quant.Kernel) -> list[torch.nn.Module]:
+    """A fused gate/up product (gate's 112 outputs, then up's: 7 tiles each) in each of the kernel's kinds."""
+    weight, bias = _four_bit(224, 96), torch.randn(224)
+    levels = torch.randint(-127, 128, (224, 3, 32))
+    levels[..., 0] = 127
+    q8_source = (levels * (torch.rand(224, 3, 1) * 0.01 + 1e-3)).reshape(224, 96)  # on Q8_0's grid
+    layers = [int4.Int4Linear(weight, bias, kernel=kernel), group_quant.Int8GroupLinear(weight, None, kernel),
+              group_quant.Int8GroupLinear(q8_source, bias, kernel)]  # fmt: skip
+    assert [layer.kind for layer in layers[1:]] == [group_quant.Q8Z, group_quant.Q8]  # type: ignore[union-attr]
+    return layers
+
+
+@pytest.mark.skipif(not W4A8, reason="this CPU has neither AVX512-VNNI nor AVX2")
+def test_swiglu_in_the_products_store_is_silu_gate_times_up_and_each_row_alone() -> None:
+    kernel = group_quant.load()
+    assert kernel is not None
+    torch.manual_seed(4)
+    x = torch.randn(37, 96) * torch.rand(37, 1) * 4  # (M, K)
+    x[5] *= 300  # gates far out on both sides: e^-gate clamped, never inf or NaN
+    for layer in _swiglu_layers(kernel):
+        with torch.inference_mode():
+            y = layer(x)  # (M, 224)
+            got = layer.swiglu(x)  # type: ignore[operator]  # (M, 112)
+            alone = torch.cat([layer.swiglu(x[i : i + 1]) for i in range(37)])  # type: ignore[operator]
+            edges = [0, 1, 6, 14, 31, 37]
+            mixed = torch.cat([layer.swiglu(x[a:b]) for a, b in itertools.pairwise(edges)])  # type: ignore[operator]
+        assert got.shape == (37, 112) and bool(torch.isfinite(got).all())
+        # the kernel's exp against torch's: a few ulp; the sums are the plain product's own
+        torch.testing.assert_close(got, torch.nn.functional.silu(y[:, :112]) * y[:, 112:], rtol=1e-5, atol=1e-6)
+        assert torch.equal(got, alone) and torch.equal(got, mixed)
+
+
 AVX512 = W4A8 and group_quant.load().isa.startswith("avx512")  # type: ignore[union-attr]
 
 
@@ -235,9 +267,14 @@ def test_the_avx2_build_gives_the_avx512_builds_outputs() -> None:
         symmetric = [group_quant.Int8GroupLinear(q8_source, bias, k) for k in (avx512, avx2)]
         assert all(layer.kind == group_quant.Q8 for layer in symmetric)
         eight_symmetric = [layer(x) for layer in symmetric]
+        four_swiglu, eight_swiglu, symmetric_swiglu = zip(*[[layer.swiglu(x) for layer in _swiglu_layers(k)]
+                                                             for k in (avx512, avx2)], strict=True)  # fmt: skip
     assert torch.equal(four[0], four[1])
     assert torch.equal(eight_symmetric[0], eight_symmetric[1])
     torch.testing.assert_close(eight[1], eight[0], rtol=1e-5, atol=1e-5)
+    # SwiGLU in the store: the same exp step for step, so the same bits where the sums are
+    assert torch.equal(four_swiglu[0], four_swiglu[1]) and torch.equal(symmetric_swiglu[0], symmetric_swiglu[1])
+    torch.testing.assert_close(eight_swiglu[1], eight_swiglu[0], rtol=1e-5, atol=1e-5)
 
 
 AMX = W4A8 and group_quant.load().amx  # type: ignore[union-attr]

@@ -19,7 +19,6 @@ typedef void (*linear_fn)(const float*, int, int, int, const uint8_t*, const voi
                           float*, float*, int32_t*, int);
 typedef void (*norm_fn)(float*, const float*, const float*, float, int, int, float*, int);
 typedef void (*rope_fn)(const float*, const float*, const float*, int, int, int, int, float*, float*, float*, int);
-typedef void (*swiglu_fn)(const float*, int, int, float*, int);
 typedef void (*attn_fn)(const float*, float, void*, void*, int, const float*, const float*, const int32_t*,
                         const int32_t*, int, const int32_t*, int, const int32_t*, float*, float*, float*, float*, int);
 
@@ -39,7 +38,8 @@ static double now(void) {
   } while (0)
 enum { LINEARS, ATTENTION, ELEMENTWISE };
 
-/* fns: group_quant (Q4), q8_linear (Q8), q8z_linear (Q8Z), add_rms_norm, rope_split, silu_mul, ragged_decode.
+/* fns: group_quant (Q4), q8_linear (Q8), q8z_linear (Q8Z), add_rms_norm, rope_split, group_quant_swiglu,
+   q8_linear_swiglu, q8z_linear_swiglu (the gate/up product with SwiGLU in its store), ragged_decode.
    x (B, E): the residual stream, updated in place; h (B, E): the first layer's normed input on entry, the
    final norm's output on return. cos, sin (B, D). held ... pacc: the ragged kernel's plan and scratch.
    work: y (B, most N), q (B, HQ, D), k, v (B, HKV, D), a (B, HQ, D), m (B, I) one after another;
@@ -54,8 +54,8 @@ void decode_layers(const int64_t* fns, int layers, const int64_t* ptrs, const in
   const linear_fn linear[3] = {(linear_fn)fns[0], (linear_fn)fns[1], (linear_fn)fns[2]};  /* Q4, Q8, Q8Z */
   const norm_fn norm = (norm_fn)fns[3];
   const rope_fn rope = (rope_fn)fns[4];
-  const swiglu_fn swiglu = (swiglu_fn)fns[5];
-  const attn_fn attend = (attn_fn)fns[6];
+  const linear_fn swiglu[3] = {(linear_fn)fns[5], (linear_fn)fns[6], (linear_fn)fns[7]};  /* Q4, Q8, Q8Z */
+  const attn_fn attend = (attn_fn)fns[8];
   float* y = work;
   float* q = y + (size_t)B * most_n;
   float* k = q + (size_t)B * HQ * D;
@@ -65,18 +65,17 @@ void decode_layers(const int64_t* fns, int layers, const int64_t* ptrs, const in
   for (int l = 0; l < layers; l++) {
     const int64_t* p = ptrs + (size_t)l * PTRS;
     const int32_t* dm = dims + (size_t)l * 3 * PRODUCTS;
-#define PRODUCT(i, in) linear[SLOT(dm[3 * (i)])]((in), B, dm[3 * (i) + 1], dm[3 * (i) + 2], \
-                                                (const uint8_t*)p[3 * (i)], (const void*)p[3 * (i) + 1], \
-                                                (const float*)p[3 * (i) + 2], y, xq, dx, sx, so, threads)
-    TIMED(LINEARS, PRODUCT(QKV, h));
+#define PRODUCT(fn, i, in, out) fn[SLOT(dm[3 * (i)])]((in), B, dm[3 * (i) + 1], dm[3 * (i) + 2], \
+                                                     (const uint8_t*)p[3 * (i)], (const void*)p[3 * (i) + 1], \
+                                                     (const float*)p[3 * (i) + 2], (out), xq, dx, sx, so, threads)
+    TIMED(LINEARS, PRODUCT(linear, QKV, h, y));
     TIMED(ELEMENTWISE, rope(y, cos_, sin_, B, HQ, HKV, D, q, k, v, threads));
     TIMED(ATTENTION, attend(q, scale, (void*)kv[2 * l], (void*)kv[2 * l + 1], nbt, k, v, held, starts, B, jobs, njobs,
                             first, pm, pl, pacc, a, threads));
-    TIMED(LINEARS, PRODUCT(O, a));
+    TIMED(LINEARS, PRODUCT(linear, O, a, y));
     TIMED(ELEMENTWISE, norm(x, y, (const float*)p[3 * PRODUCTS], eps[2 * l], B, E, h, threads));
-    TIMED(LINEARS, PRODUCT(GATE_UP, h));
-    TIMED(ELEMENTWISE, swiglu(y, B, I, m, threads));
-    TIMED(LINEARS, PRODUCT(DOWN, m));
+    TIMED(LINEARS, PRODUCT(swiglu, GATE_UP, h, m));  /* m (B, I) = silu(gate) * up */
+    TIMED(LINEARS, PRODUCT(linear, DOWN, m, y));
     TIMED(ELEMENTWISE, norm(x, y, (const float*)p[3 * PRODUCTS + 1], eps[2 * l + 1], B, E, h, threads));
 #undef PRODUCT
   }
