@@ -174,6 +174,8 @@ class Kernel:
         plain = x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous()
         flat = x if plain else x.reshape(-1, x.shape[-1]).float().contiguous()  # (M, K)
         rows, in_features = flat.shape
+        if swiglu and out_features % (2 * TILE):
+            raise ValueError(f"SwiGLU in the store needs halves of whole tiles of {TILE}, not {out_features} / 2")
         width = out_features // 2 if swiglu else out_features
         y = torch.empty(rows, width)
         xq, dx, sx, so = self.scratch.get(rows, in_features)

@@ -114,7 +114,7 @@ def build(step_layers: list[tuple[Any, Any, Any]], norms_after: list[Any], ops: 
     products = []
     for layer, qkv, gate_up in step_layers:
         row = [_product(m) for m in (qkv, layer.self_attn.o_proj, gate_up, layer.mlp.down_proj)]
-        if any(p is None for p in row):
+        if any(p is None for p in row) or elementwise.swiglu_in_store(gate_up) is None:  # the loop's SwiGLU is there
             return None
         products.append([p for p in row if p is not None])
     scales = {float(layer.self_attn.scaling) for layer, _, _ in step_layers}

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from app.config import Settings
 from app.engine.types import GenerationRequest
-from app.models import group_quant, int4, kernel_build, numerics
+from app.models import elementwise, group_quant, int4, kernel_build, numerics
 from app.models.fusion import FusedMember, find_groups, fuse, linear_layers
 from app.models.int8 import Int8Linear, quantize_rows
 from app.models.loader import LoadedModel, load_model
@@ -240,6 +240,11 @@ def test_swiglu_in_the_products_store_is_silu_gate_times_up_and_each_row_alone()
         # the kernel's exp against torch's: a few ulp; the sums are the plain product's own
         torch.testing.assert_close(got, torch.nn.functional.silu(y[:, :112]) * y[:, 112:], rtol=1e-5, atol=1e-6)
         assert torch.equal(got, alone) and torch.equal(got, mixed)
+    # halves that are not whole tiles (208 / 2 = 6.5 tiles) stay with the separate pass
+    odd = int4.Int4Linear(_four_bit(208, 96), None, kernel=kernel)
+    assert elementwise.swiglu_in_store(odd) is None
+    with pytest.raises(ValueError, match="whole tiles"):
+        odd.swiglu(x)
 
 
 AVX512 = W4A8 and group_quant.load().isa.startswith("avx512")  # type: ignore[union-attr]

@@ -1,6 +1,7 @@
 /* A Llama-style decode step's layers in one call: the same kernels the written-out step calls from Python
-   (group_quant.c's products, elementwise.c's norms / rotary / SwiGLU, ragged_decode.c's attention), called
-   here in the same order on the same buffers, through the function pointers the caller hands over.
+   (group_quant.c's products, gate/up with SwiGLU in its store, elementwise.c's norms / rotary, ragged_decode.c's
+   attention), called here in the same order on the same buffers, through the function pointers the caller hands
+   over.
 
    Why: at one row a SmolLM2 int4 step is ~4 ms of arithmetic and ~5 ms of Python between the ~270 kernel
    calls (argument conversion, tensor allocation, shape checks: ~10-15 us each). Here a call is a C call.
