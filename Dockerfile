@@ -39,7 +39,7 @@ RUN mkdir -p /models && if [ "$BAKE_DEFAULT_MODEL" = "true" ]; then \
 # ---- runtime: the environment, the model, a non-root user ------------------------------------
 FROM ${BASE_IMAGE} AS runtime
 # A C compiler: the CPU kernels (decode and prompt attention, the int4 x int8 products, the elementwise ops, the
-# decode step's layer loop) are built on first start for the CPU the container runs on (app/models/kernel_build.py,
+# decode step's layer loop) are built on first start for the CPU the container runs on (app/models/kernels/compiled.py,
 # cc -march=native; without one the torch paths run: ~5x slower attention, PyTorch's int4 kernel). libc6-dev
 # brings libmvec for the vector exp.
 RUN apt-get update \

@@ -25,8 +25,8 @@ def _settings(command: str, **overrides: object) -> Settings:
 
 def _serve(args: argparse.Namespace) -> int:
     from app.main import create_app
-    from app.models.loader import load_model
-    from app.models.store import StoreError
+    from app.models.loading.loader import load_model
+    from app.models.loading.store import StoreError
     from app.server import serve
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("model", args.model)) if v is not None}
@@ -43,7 +43,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from app.models.store import ModelStore, StoreError
+    from app.models.loading.store import ModelStore, StoreError
 
     store = ModelStore(_settings("pull").model_store)
     try:
@@ -58,7 +58,7 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _models(_: argparse.Namespace) -> int:
-    from app.models.store import BUILTIN, ModelStore
+    from app.models.loading.store import BUILTIN, ModelStore
 
     store = ModelStore(_settings("models").model_store)
     manifests = store.list()
@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.set_defaults(func=_bench)
 
     evaluate = sub.add_parser("eval", help="measure a running server's task endpoints on public data")
-    from app.evaluate import add_arguments as eval_arguments
-    from app.evaluate import run_eval
+    from app.eval.endpoints import add_arguments as eval_arguments
+    from app.eval.endpoints import run_eval
 
     eval_arguments(evaluate)
     evaluate.set_defaults(func=run_eval)

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     pack_weights: bool = Field(
         default=True,
         description="On CPU: the fast numeric modes (prepacked fp32 / bf16 / int8 linears, see quantize) and the "
-        "single-token decode attention kernel (app/models/attention.py). False = the stock transformers model.",
+        "single-token decode attention kernel (app/models/layers/attention.py). False = the stock transformers model.",
     )
 
     # HTTP

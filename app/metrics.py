@@ -13,7 +13,7 @@ from app.engine.memory import device_memory
 
 if TYPE_CHECKING:
     from app.engine.engine import Engine
-    from app.models.loader import ModelInfo
+    from app.models.loading.loader import ModelInfo
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
@@ -68,13 +68,13 @@ class Metrics:
     def bind(self, engine: Engine) -> None:
         """Gauges read the engine when scraped."""
         self.queue_length.set_function(lambda: engine.scheduler.queued)
-        self.running.set_function(lambda: len(engine.batch.seqs))
-        self.kv_bytes.set_function(lambda: engine.batch.cache.nbytes())
-        self.kv_capacity.set_function(lambda: engine.batch.cache.capacity_bytes())
-        self.device_reserved.set_function(lambda: device_memory(engine.batch.device).reserved_bytes)
-        self.device_peak.set_function(lambda: device_memory(engine.batch.device).peak_allocated_bytes)
-        self.mask_seconds.set_function(lambda: engine.runner.stats.constraint_mask_seconds)
-        self.mask_steps.set_function(lambda: engine.runner.stats.constraint_mask_steps)
+        self.running.set_function(lambda: len(engine.model_runner.seqs))
+        self.kv_bytes.set_function(lambda: engine.model_runner.cache.nbytes())
+        self.kv_capacity.set_function(lambda: engine.model_runner.cache.capacity_bytes())
+        self.device_reserved.set_function(lambda: device_memory(engine.model_runner.device).reserved_bytes)
+        self.device_peak.set_function(lambda: device_memory(engine.model_runner.device).peak_allocated_bytes)
+        self.mask_seconds.set_function(lambda: engine.executor.stats.constraint_mask_seconds)
+        self.mask_steps.set_function(lambda: engine.executor.stats.constraint_mask_steps)
 
     def http(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

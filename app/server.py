@@ -40,7 +40,7 @@ class DrainingServer(uvicorn.Server):
 
     def _idle(self) -> bool:
         engine = getattr(self.fastapi_app.state, "engine", None)
-        return engine is None or (not engine.running and not engine.scheduler.queued)
+        return engine is None or (not engine.scheduler.running and not engine.scheduler.queued)
 
     async def on_tick(self, counter: int) -> bool:
         engine = getattr(self.fastapi_app.state, "engine", None)

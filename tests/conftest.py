@@ -18,8 +18,8 @@ import uvicorn
 from app.config import Settings
 from app.engine.memory import release_free_memory
 from app.main import create_app
-from app.models.loader import LoadedModel, load_model
-from app.models.store import OFFLINE_DEFAULT, TINY_GPT2, ModelStore
+from app.models.loading.loader import LoadedModel, load_model
+from app.models.loading.store import OFFLINE_DEFAULT, TINY_GPT2, ModelStore
 
 # Tests use the project's model store (pulled once; CI pulls on its first run) unless told otherwise.
 STORE = Path(os.environ.get("TEXTGEN_TEST_STORE", Path(__file__).resolve().parent.parent / "model_store"))
@@ -36,7 +36,7 @@ def _loaded(name: str, device: str = "cpu", dtype: str = "float32") -> LoadedMod
     store = ModelStore(STORE)
     if not store.has(name):
         store.pull(name)
-    # fp32: the reference path, token-exact against transformers (the faster modes: tests/models/test_numerics.py)
+    # fp32: the reference path, token-exact against transformers (the faster modes: tests/models/numerics/)
     settings = Settings(model=name, model_store=STORE, threads=2, dtype=dtype, device=device)  # type: ignore[arg-type]
     return load_model(settings)
 

@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.errors import EngineStopped
-from app.models.loader import ModelInfo
+from app.models.loading.loader import ModelInfo
 
 
 async def get_engine(request: Request) -> Engine:

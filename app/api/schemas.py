@@ -152,7 +152,7 @@ class InfoResponse(BaseModel):
     context_length: int
     vocab_size: int
     has_chat_template: bool
-    limits: EngineLimits  # the engine's own limits, one source of truth (app/main.py: engine_limits)
+    limits: EngineLimits  # the engine's own limits, one source of truth (app/startup.py: engine_limits)
     engine: EngineStats  # what the engine reports about itself (app/engine/limits.py)
 
 
@@ -177,7 +177,7 @@ class SentimentRequest(StrictModel):
     labels: list[str] = Field(default=["negative", "positive"], min_length=2, max_length=20,
                               description="Candidate labels (each may be several tokens).")  # fmt: skip
     calibrate: bool | None = Field(default=None, description="Contextual calibration against content-free inputs. "
-                                   "Unset: what cross-validation chose for the model's family (README: Tasks).")
+                                   "Unset: what cross-validation chose for the model's family (docs/tasks.md).")
 
     def items(self, limit: int) -> list[str]:
         return _texts(self.text, self.texts, limit)

@@ -1,4 +1,5 @@
-"""`textgen bench`: a fixed mixed workload against HTTP servers; prints a table, asserts nothing."""
+"""`textgen bench` and the profiles: a fixed mixed workload against HTTP servers, kernel and step timings.
+Prints tables, asserts nothing; imported by the CLI alone."""
 
 from app.bench.runner import add_arguments, run_bench
 

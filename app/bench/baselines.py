@@ -5,7 +5,7 @@
 
 Both speak the subset of /generate the benchmark uses (prompt, max_new_tokens, ignore_eos) and answer
 non-streaming. They load the stock transformers model, as such a server would; `--packed` gives them
-textgen's prepacked CPU weights too (app/models/packing.py), to compare the scheduling alone.
+textgen's prepacked CPU weights too (app/models/numerics/packing.py), to compare the scheduling alone.
 Run: python -m app.bench.baselines.
 """
 
@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from app.config import Settings
 from app.engine.memory import device_memory
-from app.models.loader import LoadedModel, load_model
+from app.models.loading.loader import LoadedModel, load_model
 
 
 class Body(BaseModel):

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from app.config import Settings
-from app.engine.batch import Batch
 from app.engine.kv_views import DecodeView
-from app.models.loader import load_model
+from app.engine.model_runner import ModelRunner
+from app.models.loading.loader import load_model
 
 
-def decode_nll(batch: Batch, windows: torch.Tensor) -> float:
+def decode_nll(batch: ModelRunner, windows: torch.Tensor) -> float:
     """Summed negative log-likelihood (nats) of windows (B, W) [:, 1:], each token fed through a decode step."""
     rows, width = windows.shape
     cache = batch.cache
@@ -58,7 +58,7 @@ def main() -> None:
     print(f"{'KV cache':10} {'stores':>8} {'perplexity':>10} {'seconds':>8}")
     with torch.inference_mode():
         for kv in args.kv.split(","):
-            batch = Batch(loaded.model, count, count * args.window, kv_cache=kv)
+            batch = ModelRunner(loaded.model, count, count * args.window, kv_cache=kv)
             batch.allocate()
             started = time.perf_counter()
             nll = decode_nll(batch, windows)

@@ -21,8 +21,8 @@ from dataclasses import replace
 from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.types import GenerationRequest, TokenDelta
-from app.main import engine_limits, warm_up
-from app.models.loader import load_model
+from app.models.loading.loader import load_model
+from app.startup import engine_limits, warm_up
 
 
 async def timed(engine: Engine, request: GenerationRequest, delay: float) -> tuple[float, float]:

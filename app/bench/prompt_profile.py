@@ -20,12 +20,13 @@ from typing import Any
 
 from app.bench.runner import workload
 from app.bench.step_profile import start_engine
-from app.engine import runner as runner_module
-from app.engine.batch import Batch
+from app.engine import executor as executor_module
 from app.engine.kv_cache import RaggedCache
+from app.engine.model_runner import ModelRunner
 from app.engine.prefix_cache import PrefixCache
 from app.engine.types import GenerationRequest
-from app.models import elementwise, kernel_build
+from app.models.kernels import compiled
+from app.models.numerics import elementwise
 
 seconds: defaultdict[str, float] = defaultdict(float)
 
@@ -44,20 +45,20 @@ def _timed(owner: Any, name: str, label: str) -> None:
 
 
 def _instrument() -> None:
-    call = kernel_build.call
+    call = compiled.call
 
     def timed_call(name: str, fn: Callable[..., None], *args: object) -> None:
         started = time.perf_counter()
         call(name, fn, *args)
         seconds[name] += time.perf_counter() - started
 
-    kernel_build.call = timed_call  # the kernels' modules call it through the module: every C kernel
+    compiled.call = timed_call  # the kernels' modules call it through the module: every C kernel
     for op in ("add_rms_norm", "rope_split", "silu_mul"):
         _timed(elementwise.Elementwise, op, "elementwise")
     _timed(RaggedCache, "put", "cache writes")
     _timed(PrefixCache, "store", "prefix cache")
-    _timed(runner_module.Runner, "_start", "first tokens")
-    _timed(Batch, "prefill_group", "prompt groups")
+    _timed(executor_module.StepExecutor, "_start", "first tokens")
+    _timed(ModelRunner, "prefill_group", "prompt groups")
 
 
 async def main(args: argparse.Namespace) -> None:

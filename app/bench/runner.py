@@ -116,7 +116,7 @@ async def drive(url: str, jobs: list[Job], concurrency: int, stream: bool,
                 constraint: dict[str, Any] | None = None) -> tuple[list[Result], float]:  # fmt: skip
     """`jobs` against `url`, `concurrency` at a time. The client is aiohttp: on two cores it shares the CPU with
     the server it measures, and per W1 run (~5,000 token events) httpx's client took 0.63-0.72 s of CPU, aiohttp's
-    0.21-0.25 s (README "Benchmark")."""
+    0.21-0.25 s (docs/benchmarks.md)."""
     try:
         import aiohttp
     except ImportError:
@@ -226,7 +226,7 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) -
     raise RuntimeError("server did not become ready")
 
 
-# TEXTGEN_DTYPE / TEXTGEN_QUANTIZE per numeric mode (app/models/numerics.py), for `--modes`
+# TEXTGEN_DTYPE / TEXTGEN_QUANTIZE per numeric mode (app/models/numerics/modes.py), for `--modes`
 MODES = {
     "auto": {},
     "fp32": {"TEXTGEN_DTYPE": "float32", "TEXTGEN_QUANTIZE": "none"},

@@ -8,7 +8,7 @@ linear layers (the matrix-product kernels of every numeric mode), attention (the
 torch path's matmuls and softmax), sampling, output (detokenization, stop strings, events), and the rest (small
 tensor ops between them, Python, scheduling). Elementwise: the model's own arithmetic between the products
 (norms, rotary, SwiGLU, residual adds: the torch ops of ELEMENTWISE_OPS). Where the step runs its layers in one
-C call (the int4 x int8 mode: app/models/native_step.py) the profiler sees none of that loop, which times its
+C call (the int4 x int8 mode: app/models/layers/native_step.py) the profiler sees none of that loop, which times its
 own linears, attention and elementwise work.
 """
 
@@ -26,13 +26,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from app.config import Settings
-from app.engine import runner as runner_module
+from app.engine import executor as executor_module
 from app.engine.engine import Engine
 from app.engine.types import GenerationRequest
-from app.main import engine_limits
-from app.models.group_quant import PROFILE_NAME as GROUP_PROFILE_NAME
-from app.models.loader import load_model
-from app.models.ragged_attention import PROFILE_NAME
+from app.models.layers.ragged_attention import PROFILE_NAME
+from app.models.loading.loader import load_model
+from app.models.numerics.group_quant import PROFILE_NAME as GROUP_PROFILE_NAME
+from app.startup import engine_limits
 
 LINEAR_OPS = ("_linear_pointwise", "qlinear_pointwise", "_int_mm", "_weight_int4pack_mm", "aten::mm", "aten::addmm",
               GROUP_PROFILE_NAME)  # fmt: skip
@@ -75,9 +75,9 @@ def _wait_for_rows(engine: Engine, rows: int, timeout: float = 300) -> None:
 def _time_steps(engine: Engine, steps: int) -> tuple[float, Any, float, list[float]]:
     """On the engine's own thread: the mean seconds of its next `steps` steps, then a profile of `steps` more
     (profiling adds a little to every op) and their mean seconds; and where the step runs its layers in one C
-    call (app/models/native_step.py), that loop's own seconds of linears, attention and elementwise work over
+    call (app/models/layers/native_step.py), that loop's own seconds of linears, attention and elementwise work over
     the profiled steps (the profiler sees none of it)."""
-    native = getattr(engine.batch.step, "native", None)
+    native = getattr(engine.model_runner.step, "native", None)
     times = torch.zeros(3, dtype=torch.float64)
     original = engine.step
     plain: list[float] = []
@@ -155,7 +155,7 @@ def start_engine() -> tuple[Any, Engine]:
 
 async def main(args: argparse.Namespace) -> None:
     loaded, engine = start_engine()
-    runner_module.sample = _labelled("sampling", runner_module.sample)  # type: ignore[attr-defined]
+    executor_module.sample = _labelled("sampling", executor_module.sample)  # type: ignore[attr-defined]
     engine.output.accept = _labelled("output", engine.output.accept)  # type: ignore[method-assign]
     try:
         tasks = await _fill(engine, args.rows, args.steps + 200, args.seed)

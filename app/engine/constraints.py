@@ -2,7 +2,7 @@
 
 A request may carry a Constraint (a JSON Schema, any JSON object, a regular expression, or a choice among
 strings). It is compiled once per distinct constraint on the input thread (llguidance: a Rust parser over
-the served tokenizer's vocabulary; chosen by measurement, README "Constrained output"), and each sequence
+the served tokenizer's vocabulary; chosen by measurement, docs/api.md "Constrained output"), and each sequence
 gets its own matcher. Each step, the rows that have one get a token mask computed from their matcher alone,
 applied to their own logits before any sampling control, so a constrained row never moves an unconstrained
 one and a seeded draw stays batch-invariant. A row ends with "stop" when its grammar is complete.

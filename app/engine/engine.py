@@ -1,11 +1,12 @@
 """The engine: one thread runs schedule -> run -> postprocess; the asyncio side only submits and reads.
 
 The request path, one module each: `submit` has the input stage (app/engine/input.py) validate and tokenize
-the request on its own thread, then queues it in the scheduler (scheduler.py: waiting, admission by rows and
-KV tokens); each step applies cancellations and timeouts at one point, then the runner (runner.py) decodes
-one token for every row of the batch (batch.py over the ragged KV cache, kv_cache.py), computes a chunk of a
-long prompt and the newly admitted prompts; the sampler (sampling.py) draws the tokens and the output stage
-(output.py) turns them into text and events, and retires what ends. The step's events reach the caller's
+the request on its own thread, then queues it in the scheduler (scheduler.py: the owner of every request's
+status and of the waiting / prefilling / running containers; admission by rows and KV tokens); each step
+applies cancellations and timeouts at one point, then the step executor (executor.py) has the model runner
+(model_runner.py, over the ragged KV cache of kv_cache.py) decode one token for every row of the batch, compute
+a chunk of a long prompt and the newly admitted prompts; the sampler (sampling.py) draws the tokens and the
+output stage (output.py) turns them into text and events, and retires what ends. The step's events reach the caller's
 RequestStream (stream.py) together. Continuous batching: a prompt's sequences join the batch for the next
 step; finished rows leave at once.
 """
@@ -24,22 +25,22 @@ from typing import Any, TypeVar
 
 import torch
 
-from app.engine.batch import Batch
 from app.engine.constraints import Grammars
 from app.engine.errors import (
     EngineStopped,
     RequestTimeout,
 )
+from app.engine.executor import StepExecutor
 from app.engine.input import Input
 from app.engine.kv_cache import BLOCK
 from app.engine.limits import EngineLimits, EngineStats
 from app.engine.memory import TRIM_INTERVAL_S, device_memory, release_free_memory
+from app.engine.model_runner import ModelRunner
 from app.engine.observer import EngineObserver, NullObserver
 from app.engine.output import Output
 from app.engine.prefix_cache import PrefixCache
-from app.engine.runner import Runner
 from app.engine.scheduler import Scheduler
-from app.engine.state import RequestState, Status, collected
+from app.engine.state import RequestState, collected
 from app.engine.stream import RequestStream
 from app.engine.types import (
     GenerationRequest,
@@ -70,23 +71,21 @@ class Engine:
         self.max_prompt_tokens = self.input.max_prompt_tokens
         self.scheduler = Scheduler(
             limits.max_batch_size, limits.max_batch_tokens, limits.max_prefill_tokens, limits.max_queued_requests,
-            limits.max_queued_tokens, kv_block=BLOCK,
+            limits.max_queued_tokens, kv_block=BLOCK, chunk_tokens=limits.prefill_chunk_tokens,
         )  # fmt: skip
-        self.batch = Batch(model, limits.max_batch_size, limits.max_batch_tokens, kv_cache=limits.kv_cache_dtype)
+        self.model_runner = ModelRunner(model, limits.max_batch_size, limits.max_batch_tokens,
+                                        kv_cache=limits.kv_cache_dtype)  # fmt: skip
         self.prefix_cache = PrefixCache(limits.prefix_cache_bytes)
-        self.running: dict[str, RequestState] = {}  # admitted, not finished; engine thread only
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._allocated = threading.Event()
         self._thread: threading.Thread | None = None
         self._stats = EngineStats()
         # tokens -> text and events, and every way a request ends
-        self.output = Output(self.batch, self.scheduler, self._stats, self.observer, frozenset(eos_token_ids),
-                             self.running)  # fmt: skip
+        self.output = Output(self.model_runner, self.scheduler, self._stats, self.observer, frozenset(eos_token_ids))
         # the step's forward passes: decode, a chunk of a long prompt, the newly admitted prompts
-        self.runner = Runner(self.batch, self.scheduler, self.prefix_cache, self.output, self._stats, limits,
-                             self.running, self.grammars)  # fmt: skip
-        self.prefilling = self.runner.prefilling  # admitted prompts longer than a chunk, first in first out
+        self.executor = StepExecutor(self.model_runner, self.scheduler, self.prefix_cache, self.output, self._stats,
+                                     limits, self.grammars)  # fmt: skip
         self._tokens_per_s = 0.0  # smoothed decode throughput, for Retry-After
         self.fatal: BaseException | None = None
 
@@ -106,7 +105,7 @@ class Engine:
         With `threads`, the model's multi-threaded work runs on the engine's thread only: the caller's thread
         is set to one torch thread, so it never starts a pool of OpenMP workers of its own (two live pools
         on a machine with as many cores as one of them stop spin-waiting, which made a one-row decode step
-        38 ms instead of 26: app/models/loader.py)."""
+        38 ms instead of 26: app/models/loading/loader.py)."""
         if self._thread is not None:
             return
         if self.threads is not None:
@@ -120,8 +119,8 @@ class Engine:
     def _allocate(self) -> None:
         # The KV arena and the prefix cache's pool are allocated before any request: zero-filling hundreds of
         # MB inside the first prefill would count against that request's timeout.
-        example = self.batch.kv_example()
-        self.batch.allocate(example)
+        example = self.model_runner.kv_example()
+        self.model_runner.allocate(example)
         self.prefix_cache.reserve(example)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -139,7 +138,7 @@ class Engine:
             log.warning("the engine is still inside a step after %.0fs; stopping without it", timeout)
         for state in self._all_requests():
             if not state.done:
-                state.status = Status.FAILED  # the engine's thread, should it come back, sends nothing more
+                self.scheduler.abandon(state)  # the engine's thread, should it come back, sends nothing more
                 state.channel.put(RequestFailed(EngineStopped("the server is shutting down")))
 
     @property
@@ -168,8 +167,7 @@ class Engine:
         return stream
 
     def _all_requests(self) -> list[RequestState]:
-        waiting = [s for s in list(self.scheduler.waiting) if isinstance(s, RequestState)]
-        return list(self.running.values()) + waiting
+        return [s for s in self.scheduler.requests() if isinstance(s, RequestState)]
 
     def abort(self, state: RequestState) -> None:
         """Thread-safe: the engine frees the request's rows at its next step."""
@@ -192,7 +190,7 @@ class Engine:
                 self._run_until_stopped()
                 for state in self._all_requests():  # stopped: what is left fails here, on this thread
                     self.output.fail(state, EngineStopped("the server is shutting down"))
-                self.batch.clear()  # rows of requests `stop` told while this thread was still in a step
+                self.model_runner.clear()  # rows of requests `stop` told while this thread was still in a step
         except BaseException as exc:  # the loop must never die silently
             log.exception("engine loop died")
             self.fatal = exc
@@ -202,11 +200,11 @@ class Engine:
                 self.output.fail(state, EngineStopped("the engine stopped after an internal error"))
 
     def _run_until_stopped(self) -> None:
-        trim = self.batch.device.type == "cpu"  # the heap holds the tensors only there (app/engine/memory.py)
+        trim = self.model_runner.device.type == "cpu"  # the heap holds the tensors only there (app/engine/memory.py)
         busy = False
         trimmed = time.monotonic()
         while not self._stop.is_set():
-            if not self.running and not self.scheduler.queued:
+            if not self.scheduler.running and not self.scheduler.queued:
                 if busy and trim:  # just went idle: hand what the burst freed back to the OS
                     release_free_memory()
                     busy = False
@@ -228,18 +226,16 @@ class Engine:
     def _step(self) -> None:
         now = time.monotonic()
         self._drop_cancelled_and_late(now)
-        # a chunk of a long prompt runs this step: newcomers' prompts get what is left of the prefill budget
-        chunk = self.limits.prefill_chunk_tokens if self.prefilling else 0
-        budget = max(0, self.limits.max_prefill_tokens - chunk)
-        plan = self.scheduler.schedule(now, prefill_budget=budget, defer_longer_than=chunk or None)
+        plan = self.scheduler.schedule(now)
         for state in plan.expired:
             self.output.fail(state, RequestTimeout(f"request waited {now - state.arrival:.1f}s in the queue; "
                                                    f"its timeout is {self.input.timeout(state.request):g}s"))
         for state in plan.cancelled:
             self.output.close(state)
         started = time.perf_counter()
-        rows = len(self.batch.seqs)
-        produced = self.runner.decode() + self.runner.prefill_chunk() + self.runner.prefill(plan.admitted, now)
+        rows = len(self.model_runner.seqs)
+        run = self.executor
+        produced = run.decode() + run.prefill_chunk() + run.prefill(plan.admitted)
         elapsed = time.perf_counter() - started
         if rows or plan.admitted:
             self.observer.step(rows, elapsed)
@@ -250,28 +246,31 @@ class Engine:
         self._stats.steps += 1
 
     def _drop_cancelled_and_late(self, now: float) -> None:
-        for state in list(self.running.values()):
+        for state in self._running():
             if state.cancelled:
                 self.output.close(state)
             elif now > state.deadline:
                 self.output.fail(state, RequestTimeout(
                     f"request ran past its timeout of {self.input.timeout(state.request):g}s"))  # fmt: skip
 
+    def _running(self) -> list[RequestState]:
+        return [s for s in self.scheduler.running.values() if isinstance(s, RequestState)]
+
     # ---- introspection ------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         s = self._stats
-        memory = device_memory(self.batch.device)
+        memory = device_memory(self.model_runner.device)
         return replace(
             s,
-            running_requests=len(self.running),
-            running_rows=len(self.batch.seqs),
+            running_requests=len(self.scheduler.running),
+            running_rows=len(self.model_runner.seqs),
             waiting=self.scheduler.queued,
-            kv_cache_bytes=self.batch.cache.nbytes(),
-            kv_cache_capacity_bytes=self.batch.cache.capacity_bytes(),
+            kv_cache_bytes=self.model_runner.cache.nbytes(),
+            kv_cache_capacity_bytes=self.model_runner.cache.capacity_bytes(),
             device_memory_reserved_bytes=memory.reserved_bytes,
             device_memory_peak_bytes=memory.peak_allocated_bytes,
-            decode_attention="ragged-c-kernel" if self.batch.cache.kernel is not None else "torch",
-            kv_cache_dtype=str(self.batch.cache.store).removeprefix("torch."),
+            decode_attention="ragged-c-kernel" if self.model_runner.cache.kernel is not None else "torch",
+            kv_cache_dtype=str(self.model_runner.cache.store).removeprefix("torch."),
             prefix_cache_bytes=self.prefix_cache.nbytes,
             prefix_cache_entries=len(self.prefix_cache),
             prefix_hit_tokens=self.prefix_cache.hit_tokens,

@@ -1,7 +1,7 @@
 """The ragged KV cache: each row holds its own tokens in one segment of a shared arena, nothing padded.
 
 Layout, per layer: one arena of blocks of BLOCK (16) tokens, head-major, K transposed within a block (what
-the decode kernel reads fastest, app/models/ragged_attention.py):
+the decode kernel reads fastest, app/models/layers/ragged_attention.py):
     keys (H, NB, D, 16), values (H, NB, 16, D);
 with int8 K/V (the kernels only) each head's block is one run of bytes, its 16 tokens' int8 values (keys
 transposed) then their 16 fp32 scales: keys and values (H, NB, D * 16 + 64) int8.
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from app.models import ragged_attention
+from app.models.layers import ragged_attention
 
 BLOCK = ragged_attention.BLOCK
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, H, P, D) keys and values
@@ -93,7 +93,7 @@ class RaggedCache:
         # rounded up to a block, within max_tokens); None: no bound, it grows
         self.max_tokens = None if max_tokens is None else max_tokens + slack_tokens
         self.use_kernel = kernel  # None: where it builds and the shape allows; False: always the torch path
-        self.kernel: ragged_attention.Kernel | None = None
+        self.kernel: ragged_attention.DecodeAttentionKernel | None = None
         self.transposed = False  # keys (H, NB, D, 16) for the kernel; else (H, NB, 16, D) like the values
         # what the arena stores: `kv_dtype` (bf16: half the bytes a decode step reads) where the kernel runs,
         # else the model's own K/V dtype, `compute`, which reads hand back

@@ -1,7 +1,7 @@
 """What a forward pass sees of the ragged KV cache (app/engine/kv_cache.py).
 
 - `DecodeView`: one decode step over the batch's rows. Per layer, `attend` stores each row's new token in its
-  segment and returns the attention over that row's own tokens: the C kernel (app/models/ragged_attention.py)
+  segment and returns the attention over that row's own tokens: the C kernel (app/models/layers/ragged_attention.py)
   where it runs, else row by row over views of each segment. `window` gathers right-aligned padded windows
   for a model's own forward (`as_cache`, with `window_index`'s mask).
 - `PrefillCache`: a transformers Cache a prompt's forward writes through, into its segment.
@@ -19,8 +19,8 @@ from torch.nn import functional
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from app.engine.kv_cache import BLOCK, KV, RaggedCache, Segment, blocks_for
-from app.models import native_step, prompt_attention, ragged_attention
-from app.models.attention import decode_attention
+from app.models.layers import native_step, prompt_attention, ragged_attention
+from app.models.layers.attention import decode_attention
 
 
 class DecodeView:
@@ -31,7 +31,7 @@ class DecodeView:
         self.starts = [s.start for s in segments]
         self.lengths = [n + 1 for n in lengths]  # with the new token
         # the kernel's split of the rows into jobs; it stores the new tokens itself
-        self.plan = ragged_attention.Plan(self.starts, self.lengths) if cache.kernel else None
+        self.plan = ragged_attention.DecodeJobs(self.starts, self.lengths) if cache.kernel else None
         self._slots: tuple[torch.Tensor, torch.Tensor] | None = None
         self._window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._distance: torch.Tensor | None = None  # (B, W): how far back each window column is
@@ -112,7 +112,7 @@ class DecodeView:
 
     def ragged(self) -> native_step.Ragged | None:
         """The C kernel, this step's plan and the arena's K/V per layer, for a step that runs its layers in C
-        (app/models/native_step.py); None on the torch path."""
+        (app/models/layers/native_step.py); None on the torch path."""
         kernel = self.cache.kernel
         if kernel is None or self.plan is None:
             return None
@@ -218,7 +218,7 @@ class PromptView:
     it (the kernel reads it in place; the torch path reads it back, as a `PrefillCache` does)."""
 
     def __init__(self, cache: RaggedCache, prompts: list[tuple[Segment, int, int]], device: torch.device,
-                 kernel: prompt_attention.Kernel | None = None) -> None:  # fmt: skip
+                 kernel: prompt_attention.PromptAttentionKernel | None = None) -> None:  # fmt: skip
         """prompts: (segment, filled, n) each; `kernel`: the prompt attention kernel (None: sdpa)."""
         self.cache = cache
         self.prompts = prompts

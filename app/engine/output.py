@@ -15,12 +15,12 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from app.engine.batch import Batch
 from app.engine.errors import EngineError, StepFailed
 from app.engine.limits import EngineStats
+from app.engine.model_runner import ModelRunner
 from app.engine.observer import EngineObserver
-from app.engine.scheduler import Scheduler
-from app.engine.state import RequestState, SequenceState, Status
+from app.engine.scheduler import Scheduler, Status
+from app.engine.state import RequestState, SequenceState
 from app.engine.types import PromptLogprobs, RequestFailed, RequestFinished, SequenceFinished, TokenDelta, TokenLogprob
 
 T = TypeVar("T")
@@ -28,19 +28,18 @@ log = logging.getLogger(__name__)
 
 
 class Output:
-    def __init__(self, batch: Batch, scheduler: Scheduler, stats: EngineStats, observer: EngineObserver,
-                 eos_token_ids: frozenset[int], running: dict[str, RequestState]) -> None:  # fmt: skip
-        self.batch = batch
+    def __init__(self, model_runner: ModelRunner, scheduler: Scheduler, stats: EngineStats, observer: EngineObserver,
+                 eos_token_ids: frozenset[int]) -> None:  # fmt: skip
+        self.model_runner = model_runner
         self.scheduler = scheduler
         self.stats = stats
         self.observer = observer
         self.eos_token_ids = eos_token_ids
-        self.running = running  # the engine's admitted, unfinished requests
 
     def begin(self, state: RequestState, tokens: list[int], first: list[TokenLogprob | None],
                scored: list[TokenLogprob] | None) -> int:  # fmt: skip
-        """A prompt is computed into its segment: emit its first tokens; its sequences join."""
-        state.status = Status.RUNNING
+        """A prompt is computed into its segment (the scheduler has it running): emit its first tokens; its
+        sequences join."""
         self.stats.prompt_tokens += state.prompt_len
         if scored is not None:
             state.channel.put(PromptLogprobs((None, *scored)))
@@ -84,7 +83,7 @@ class Output:
             seq.logprobs.append(logprob)
         self.stats.generated_tokens += 1
         finish = None
-        if token in self.eos_token_ids and not getattr(state.request, "ignore_eos", False):
+        if token in self.eos_token_ids and not state.ignore_eos:
             finish = "eos"
         elif seq.guide is not None and (not seq.guide.accept(token) or seq.guide.complete):
             finish = "stop"  # the grammar is complete (or, never under its mask, broken)
@@ -99,7 +98,7 @@ class Output:
             seq.logprobs_sent = len(seq.logprobs)
         if finish is None:
             if prefilled:
-                self.batch.join(seq)
+                self.model_runner.join(seq)
             return
         self.end(seq, finish)
         if not state.live_sequences():
@@ -111,7 +110,7 @@ class Output:
         finish event, unless its request is failing or cancelled (`announce=False`)."""
         state = seq.request
         if seq.segment is not None:
-            self.batch.leave(seq)
+            self.model_runner.leave(seq)
         if state.admitted:
             self.scheduler.release(state)
         seq.finish_reason = reason
@@ -122,14 +121,13 @@ class Output:
 
     def retire(self, state: RequestState, status: Status, error: EngineError | None = None) -> None:
         """The one way a request ends, finished, failed or cancelled: its unfinished sequences end ("aborted"), a
-        prompt that never joined frees its segment, it leaves `running`, and its last event goes out."""
+        prompt that never joined frees its segment, the scheduler marks it ended, and its last event goes out."""
         if state.done:
             return
         for seq in state.live_sequences():
             self.end(seq, "aborted", announce=False)
-        self.batch.discard(state)
-        self.running.pop(state.id, None)
-        state.status = status
+        self.model_runner.discard(state)
+        self.scheduler.retire(state, status)
         if status is Status.FINISHED:
             self.stats.completed_requests += 1
             now = time.monotonic()

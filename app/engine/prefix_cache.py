@@ -22,10 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
+from app.engine.kv_cache import BLOCK
+
 PrefillKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, H, P, D) keys and values
 
 KEY_TOKENS = 8  # entries are indexed by their first tokens; shorter prompts are not kept
-BLOCK_TOKENS = 16  # pool granularity: an entry wastes at most BLOCK_TOKENS - 1 tokens of it
+BLOCK_TOKENS = BLOCK  # pool granularity, the KV cache's block: an entry wastes at most BLOCK_TOKENS - 1 tokens of it
 
 
 @dataclass

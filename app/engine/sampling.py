@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from app.engine.types import SamplingParams
-from app.models import elementwise
+from app.models.numerics import elementwise
 
 
 @dataclass

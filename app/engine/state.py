@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import torch
 from app.engine.constraints import Guide
 from app.engine.detokenize import IncrementalText
 from app.engine.kv_cache import Segment
+from app.engine.scheduler import FINAL, Status
 from app.engine.stopping import StreamText
 from app.engine.types import Event, GenerationRequest, SamplingParams, ScoreRequest, TokenLogprob
 
@@ -101,22 +101,8 @@ class SequenceState:
 
     @property
     def wants_logprobs(self) -> int | None:
-        return getattr(self.request.request, "logprobs", None)
+        return self.request.logprobs
 
-
-
-class Status(enum.Enum):
-    """Where a request is in its life; the last three are final (`RequestState.done`)."""
-
-    WAITING = "waiting"  # queued in the scheduler
-    PREFILLING = "prefilling"  # admitted: its prompt is being computed (a long one: a chunk per step)
-    RUNNING = "running"  # its sequences decode in the batch
-    FINISHED = "finished"
-    FAILED = "failed"
-    CANCELLED = "cancelled"  # the client went away
-
-
-FINAL = frozenset({Status.FINISHED, Status.FAILED, Status.CANCELLED})
 
 
 @dataclass(eq=False)
@@ -133,7 +119,27 @@ class RequestState:
     admitted_at: float | None = None
     prefilled: int = 0  # prompt tokens whose K/V are computed (a long prompt: chunk by chunk)
     cancelled: bool = False  # set by the asyncio side when the client leaves; applied at the next step
-    status: Status = Status.WAITING
+    status: Status = Status.WAITING  # written by the scheduler alone
+
+    # What a generation request asks beyond its tokens; a scoring request asks none of it.
+    @property
+    def logprobs(self) -> int | None:
+        """Log-probabilities of each drawn token and this many alternatives (None: none)."""
+        return self.request.logprobs if isinstance(self.request, GenerationRequest) else None
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        """Log-probabilities of the prompt's own tokens (None: none): every position is computed, none reused."""
+        return self.request.prompt_logprobs if isinstance(self.request, GenerationRequest) else None
+
+    @property
+    def ignore_eos(self) -> bool:
+        return isinstance(self.request, GenerationRequest) and self.request.ignore_eos
+
+    @property
+    def chunkable(self) -> bool:
+        """Its prompt may be computed a chunk per step: a generation that needs no prompt log-probabilities."""
+        return not self.scoring and self.prompt_logprobs is None
 
     @property
     def done(self) -> bool:

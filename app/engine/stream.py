@@ -22,7 +22,7 @@ class RequestStream:
 
     @property
     def wants_prompt_logprobs(self) -> bool:
-        return getattr(self._state.request, "prompt_logprobs", None) is not None
+        return self._state.prompt_logprobs is not None
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self

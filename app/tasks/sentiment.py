@@ -10,7 +10,7 @@
   (films, products, restaurants; full sentences and SST-style fragments), never taken from an evaluation
   set, in three orders.
 - Which prompts, and whether to calibrate, was chosen per model family by 5-fold cross-validation on
-  SST-2 dev (app/tasks/choose.py): chosen on four folds, scored on the fifth, rotated. SmolLM2-135M-Instruct
+  SST-2 dev (app/eval/choose.py): chosen on four folds, scored on the fifth, rotated. SmolLM2-135M-Instruct
   (chat): 83.7% cross-validated (folds 80.5-88.5%), four prompts uncalibrated; gemma-3-270m (base): 89.7%
   (folds 85.1-92.0%), one few-shot prompt, calibrated. An earlier choice, made and checked on dev rows,
   gave 81.7% there and 76.6% on SST-2 rows the project had not seen.
@@ -75,7 +75,7 @@ def _demos(labels: tuple[str, ...]) -> list[tuple[str, str]]:
 ORDERS = {"a": (0, 1, 2, 3, 4, 5, 6, 7), "b": (7, 6, 5, 4, 3, 2, 1, 0), "c": (3, 0, 6, 1, 4, 7, 2, 5)}
 
 # The prompts ensembled by default, and whether their distributions are calibrated, per model family:
-# chosen by 5-fold cross-validation on SST-2 dev (app/tasks/choose.py; README "Tasks" has the figures).
+# chosen by 5-fold cross-validation on SST-2 dev (app/eval/choose.py; docs/tasks.md has the figures).
 ENSEMBLE: dict[Family, tuple[str, ...]] = {
     "chat": ("instruction", "few-shot-a", "few-shot-list-a", "few-shot-b"),  # SmolLM2-135M-Instruct
     "base": ("few-shot-b",),  # gemma-3-270m

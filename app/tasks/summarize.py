@@ -3,8 +3,8 @@ style): the article followed by a cue ("TL;DR:" as in the GPT-2 paper, or others
 their lead.
 
 Each family has a few candidate prompts (TEMPLATES); the one served (CHOSEN) was chosen by 5-fold
-cross-validation of ROUGE-L on the FRANK articles (python -m app.tasks.choose --task summarize; README
-"Tasks"): SmolLM2 (chat) 15.8 cross-validated, gemma-3-270m (base) 14.8 ("TL;DR:" 10.7 in-sample). A base
+cross-validation of ROUGE-L on the FRANK articles (python -m app.eval.choose --task summarize;
+docs/tasks.md): SmolLM2 (chat) 15.8 cross-validated, gemma-3-270m (base) 14.8 ("TL;DR:" 10.7 in-sample). A base
 model's summary ends at its first line break: after it, gemma-3-270m's continuations repeat themselves;
 chat models write a paragraph, which may hold single line breaks.
 """

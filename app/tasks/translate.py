@@ -2,7 +2,7 @@
 style): a few-shot "English: ... / French: ..." pattern, as in the GPT-2 paper.
 
 Each family has a few candidate prompts (TEMPLATES); the one served (CHOSEN) was chosen by 5-fold
-cross-validation of chrF on NTREX dev (python -m app.tasks.choose --task translate; README "Tasks"):
+cross-validation of chrF on NTREX dev (python -m app.eval.choose --task translate; docs/tasks.md):
 gemma-3-270m (base) chrF 31.7 en->fr / 28.5 en->de cross-validated, above copying the source (24.5 / 24.0).
 """
 

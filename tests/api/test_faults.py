@@ -12,7 +12,7 @@ import uvicorn
 
 from app.config import Settings
 from app.main import create_app
-from app.models.loader import LoadedModel
+from app.models.loading.loader import LoadedModel
 from app.server import DrainingServer
 from tests.conftest import STORE, live_server, wait_until
 
@@ -50,18 +50,18 @@ def test_disconnect_while_queued_frees_the_request(tiny: LoadedModel) -> None:
 def test_disconnect_during_prefill_frees_the_row(tiny: LoadedModel) -> None:
     with live_server(tiny) as server:
         engine = server.engine
-        real = engine.batch.prefill
+        real = engine.model_runner.prefill
 
         def slow_prefill(*args: Any, **kwargs: Any) -> Any:  # a prefill long enough to hang up during
             time.sleep(0.6)
             return real(*args, **kwargs)
 
-        engine.batch.prefill = slow_prefill
+        engine.model_runner.prefill = slow_prefill
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{server.url}/generate", json=LONG, timeout=0.2)
         assert wait_until(lambda: idle(engine), timeout=5)
         assert engine.stats().generated_tokens < 600
-        engine.batch.prefill = real
+        engine.model_runner.prefill = real
         assert httpx.post(f"{server.url}/generate", json={"prompt": "Hi", "max_new_tokens": 3}).status_code == 200
         assert wait_until(lambda: idle(engine), timeout=5)
 
@@ -82,7 +82,7 @@ def test_disconnect_mid_decode_returns_the_kv_memory(tiny: LoadedModel) -> None:
 def test_a_failed_step_fails_only_its_rows_over_http(tiny: LoadedModel) -> None:
     with live_server(tiny) as server:
         engine = server.engine
-        real = engine.batch.decode
+        real = engine.model_runner.decode
         calls = {"n": 0}
 
         def flaky() -> Any:
@@ -91,7 +91,7 @@ def test_a_failed_step_fails_only_its_rows_over_http(tiny: LoadedModel) -> None:
                 raise RuntimeError("injected fault")
             return real()
 
-        engine.batch.decode = flaky
+        engine.model_runner.decode = flaky
         r = httpx.post(f"{server.url}/generate", json={"prompt": "Hello", "max_new_tokens": 20})
         assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error"
         assert "RuntimeError" in r.json()["error"]["message"]

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from app.models.loader import LoadedModel
+from app.models.loading.loader import LoadedModel
 from tests.conftest import DEVICE, TINY, LiveServer, live_server, wait_until
 from tests.engine.helpers import reference_greedy
 

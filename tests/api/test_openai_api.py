@@ -11,8 +11,8 @@ import openai
 import pytest
 import torch
 
-from app import perplexity
-from app.models.loader import LoadedModel
+from app.eval import perplexity
+from app.models.loading.loader import LoadedModel
 from tests.conftest import LiveServer, live_server
 from tests.engine.helpers import reference_greedy
 

@@ -11,7 +11,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.models.loader import LoadedModel
+from app.models.loading.loader import LoadedModel
 from tests.conftest import LiveServer, live_server, wait_until
 
 

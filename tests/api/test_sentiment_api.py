@@ -6,7 +6,7 @@ import httpx
 import pytest
 import torch
 
-from app.models.loader import LoadedModel
+from app.models.loading.loader import LoadedModel
 from app.tasks import sentiment
 from app.tasks.family import family_of
 from tests.conftest import LiveServer

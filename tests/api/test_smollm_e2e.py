@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from app.models.loader import LoadedModel
+from app.models.loading.loader import LoadedModel
 from tests.conftest import live_server
 from tests.engine.helpers import reference_greedy
 

@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from app.models.loader import LoadedModel
+from app.models.loading.loader import LoadedModel
 from tests.conftest import live_server
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from app.config import Settings
-from app.models.loader import LoadedModel
-from app.tasks import summarize, translate, trials
+from app.eval import trials
+from app.models.loading.loader import LoadedModel
+from app.tasks import summarize, translate
 from app.tasks.family import family_of
 from tests.conftest import LiveServer
 
@@ -95,7 +96,7 @@ def test_sampling_overrides_are_reproducible(tiny_server: LiveServer) -> None:
 
 def test_the_prompt_choice_measures_what_the_endpoints_serve(tiny_server: LiveServer, tiny: LoadedModel,
                                                              tmp_path: Path) -> None:  # fmt: skip
-    """app/tasks/trials.py runs each candidate as /translate and /summarize run the chosen one: the served
+    """app/eval/trials.py runs each candidate as /translate and /summarize run the chosen one: the served
     template's outputs there are the endpoints' answers, so a cross-validated figure is a figure of the API."""
     sources = ["Good morning.", "The museum opens at nine.", "Prices rose by two percent in May."]
     articles = ["A cat was rescued from a tree by firefighters in the town centre on Sunday.",

@@ -13,7 +13,7 @@ import torch
 from app.engine.engine import Engine
 from app.engine.limits import EngineLimits
 from app.engine.types import GenerationRequest, RequestFailed, RequestFinished, SequenceFinished, TokenDelta
-from app.models.loader import LoadedModel
+from app.models.loading.loader import LoadedModel
 
 PROMPTS = [
     "Hello world",

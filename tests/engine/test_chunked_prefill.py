@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from app.engine.types import GenerationRequest
-from app.models.loader import LoadedModel
+from app.models.loading.loader import LoadedModel
 from tests.engine.helpers import PROMPTS, eventually, make_engine, reference_greedy, run_request
 
 LONG = " ".join(f"Item {i} is a {['red', 'blue', 'green'][i % 3]} box." for i in range(40))  # ~280 tokens
@@ -26,9 +26,9 @@ async def test_a_short_request_finishes_while_a_long_prompt_is_still_prefilling(
             finished.append(name)
 
         long = asyncio.create_task(one("long", long_ids, 0))
-        assert await eventually(lambda: engine.prefilling and engine.prefilling[0].prefilled > 0)
+        assert await eventually(lambda: engine.scheduler.prefilling and engine.scheduler.prefilling[0].prefilled > 0)
         await one("short", "Hello there", 0)
-        assert engine.prefilling and engine.prefilling[0].prefilled < 900  # still at it
+        assert engine.scheduler.prefilling and engine.scheduler.prefilling[0].prefilled < 900  # still at it
         await long
     finally:
         engine.stop()
@@ -48,7 +48,7 @@ async def test_a_second_long_prompt_waits_without_holding_kv_budget_from_short_o
 
     try:
         first = asyncio.create_task(one("long 1", [(i * 37) % 900 + 50 for i in range(900)]))
-        assert await eventually(lambda: engine.prefilling and engine.prefilling[0].prefilled > 0)
+        assert await eventually(lambda: engine.scheduler.prefilling and engine.scheduler.prefilling[0].prefilled > 0)
         second = asyncio.create_task(one("long 2", [(i * 31) % 900 + 50 for i in range(900)]))
         await asyncio.sleep(0.05)
         await one("short", "Hello there")
@@ -98,9 +98,9 @@ async def test_cancelling_a_long_prompt_mid_prefill_frees_it(tiny: LoadedModel) 
     try:
         long = GenerationRequest(prompt=[(i * 7) % 500 + 10 for i in range(900)], max_new_tokens=4)
         stream = await engine.submit(long)
-        assert await eventually(lambda: engine.prefilling and engine.prefilling[0].prefilled > 0)
+        assert await eventually(lambda: engine.scheduler.prefilling and engine.scheduler.prefilling[0].prefilled > 0)
         await stream.aclose()
-        assert await eventually(lambda: engine.stats().running_requests == 0 and not engine.prefilling)
+        assert await eventually(lambda: engine.stats().running_requests == 0 and not engine.scheduler.prefilling)
         assert engine.scheduler.running_tokens == 0 and engine.scheduler.running_rows == 0
         out = await run_request(engine, GenerationRequest(prompt="Hello", max_new_tokens=3))
         assert out.error is None and len(out.tokens) == 3
@@ -116,7 +116,7 @@ async def test_short_rows_decode_beside_a_long_one_in_one_batch(tiny: LoadedMode
     try:
         long = asyncio.create_task(run_request(engine, GenerationRequest(prompt=long_ids, max_new_tokens=40,
                                                                          ignore_eos=True)))  # fmt: skip
-        assert await eventually(lambda: len(engine.batch.seqs) == 1)
+        assert await eventually(lambda: len(engine.model_runner.seqs) == 1)
         shorts = [run_request(engine, GenerationRequest(prompt=p, max_new_tokens=20, ignore_eos=True))
                   for p in (PROMPTS * 4)[:12]]  # fmt: skip
         outs = await asyncio.gather(long, *shorts)

@@ -9,7 +9,7 @@ from app.engine import constraints
 from app.engine.constraints import Grammars, unpack
 from app.engine.errors import InvalidRequest
 from app.engine.types import Constraint
-from app.models.loader import LoadedModel
+from app.models.loading.loader import LoadedModel
 
 
 def test_unpack_reads_bit_j_of_word_w_as_token_32w_plus_j() -> None:

@@ -23,7 +23,7 @@ from app.engine.types import (
     SequenceFinished,
     TokenDelta,
 )
-from app.models.loader import LoadedModel
+from app.models.loading.loader import LoadedModel
 from tests.engine.helpers import eventually, make_engine, reference_greedy, run_request
 
 
@@ -169,7 +169,7 @@ async def test_timeouts_while_running_and_while_queued(tiny: LoadedModel) -> Non
 
 
 async def test_a_failed_step_fails_its_rows_and_the_engine_goes_on(engine: Engine, tiny: LoadedModel) -> None:
-    original = engine.batch.decode
+    original = engine.model_runner.decode
     calls = {"n": 0}
 
     def flaky():  # type: ignore[no-untyped-def]
@@ -178,7 +178,7 @@ async def test_a_failed_step_fails_its_rows_and_the_engine_goes_on(engine: Engin
             raise RuntimeError("injected")
         return original()
 
-    engine.batch.decode = flaky  # type: ignore[method-assign]
+    engine.model_runner.decode = flaky  # type: ignore[method-assign]
     out = await run_request(engine, GenerationRequest(prompt="Hello", max_new_tokens=10))
     assert isinstance(out.error, StepFailed)
     assert engine.stats().running_rows == 0 and engine.scheduler.running_rows == 0
@@ -189,14 +189,14 @@ async def test_a_failed_step_fails_its_rows_and_the_engine_goes_on(engine: Engin
 async def test_a_failed_postprocess_fails_that_request_only(engine: Engine, tiny: LoadedModel) -> None:
     """A join that raises (the cache finding no room: kv_cache.reserve's "an error for this step") used to
     escape the step and kill the loop, and with it every request and the server."""
-    original = engine.batch.join
+    original = engine.model_runner.join
 
     def join(seq):  # type: ignore[no-untyped-def]
         if seq.request.prompt_ids == tiny.tokenizer.encode("Doomed"):
             raise RuntimeError("the KV cache has no room for this row")
         return original(seq)
 
-    engine.batch.join = join  # type: ignore[method-assign]
+    engine.model_runner.join = join  # type: ignore[method-assign]
     doomed, fine = await asyncio.gather(
         run_request(engine, GenerationRequest(prompt="Doomed", max_new_tokens=8)),
         run_request(engine, GenerationRequest(prompt="Hello", max_new_tokens=8)),
@@ -214,7 +214,8 @@ async def test_stop_during_a_long_step_leaves_the_batch_to_the_engine_thread(tin
     was still inside a step: two threads changing the batch."""
     engine = make_engine(tiny)
     entered, release = threading.Event(), threading.Event()
-    original_decode, original_leave, original_clear = engine.batch.decode, engine.batch.leave, engine.batch.clear
+    runner = engine.model_runner
+    original_decode, original_leave, original_clear = runner.decode, runner.leave, runner.clear
     leavers: list[str] = []
 
     def slow_decode():  # type: ignore[no-untyped-def]
@@ -230,9 +231,9 @@ async def test_stop_during_a_long_step_leaves_the_batch_to_the_engine_thread(tin
         leavers.append(threading.current_thread().name)
         return original_clear()
 
-    engine.batch.decode = slow_decode  # type: ignore[method-assign]
-    engine.batch.leave = leave  # type: ignore[method-assign]
-    engine.batch.clear = clear  # type: ignore[method-assign]
+    engine.model_runner.decode = slow_decode  # type: ignore[method-assign]
+    engine.model_runner.leave = leave  # type: ignore[method-assign]
+    engine.model_runner.clear = clear  # type: ignore[method-assign]
     task = asyncio.ensure_future(run_request(engine, GenerationRequest(prompt="Hello", max_new_tokens=50)))
     assert await eventually(entered.is_set)
     engine.stop(timeout=0.2)  # the step is still running
@@ -323,8 +324,8 @@ async def test_a_request_goes_through_one_lifecycle(tiny: LoadedModel) -> None:
     try:
         task = asyncio.create_task(run_request(engine, GenerationRequest(
             prompt=[(i * 37) % 900 + 50 for i in range(300)], max_new_tokens=30, ignore_eos=True)))  # fmt: skip
-        assert await eventually(lambda: bool(engine.running))
-        state = next(iter(engine.running.values()))
+        assert await eventually(lambda: bool(engine.scheduler.running))
+        state = next(iter(engine.scheduler.running.values()))
         while not state.done:
             if not seen or seen[-1] is not state.status:
                 seen.append(state.status)
@@ -335,14 +336,15 @@ async def test_a_request_goes_through_one_lifecycle(tiny: LoadedModel) -> None:
         async for event in stream:
             if isinstance(event, TokenDelta):
                 break
-        other = engine.batch.seqs[0].request
+        other = engine.model_runner.seqs[0].request
         await stream.aclose()
         assert await eventually(lambda: other.done)
         assert other.status is Status.CANCELLED
     finally:
         engine.stop()
     assert seen == [Status.PREFILLING, Status.RUNNING, Status.FINISHED]
-    assert (engine.scheduler.running_rows, engine.scheduler.running_tokens, engine.batch.cache.space.held) == (0, 0, 0)
+    held = engine.model_runner.cache.space.held
+    assert (engine.scheduler.running_rows, engine.scheduler.running_tokens, held) == (0, 0, 0)
 
 
 async def test_scoring_is_a_prefill_into_the_kv_cache_and_is_charged_for_it(tiny: LoadedModel) -> None:
@@ -358,4 +360,4 @@ async def test_scoring_is_a_prefill_into_the_kv_cache_and_is_charged_for_it(tiny
         assert info.value.field == "prompt" and "max_batch_tokens is 64" in info.value.message
     finally:
         engine.stop()
-    assert (engine.scheduler.running_tokens, engine.batch.cache.space.held) == (0, 0)
+    assert (engine.scheduler.running_tokens, engine.model_runner.cache.space.held) == (0, 0)

@@ -205,12 +205,13 @@ def test_the_kernel_stores_prompt_tokens_as_the_torch_path_does(kv_dtype: torch.
 def test_the_avx2_build_of_the_decode_kernel_gives_the_avx512_builds_outputs(kv_dtype: torch.dtype) -> None:
     """Zen 2 runs the kernels built for AVX2 (8 floats a vector; int8 widened by its own intrinsic): an AVX-512
     CPU runs that build too. Same bytes stored, outputs to float rounding."""
-    from app.models import kernel_build, ragged_attention
+    from app.models.kernels import compiled
+    from app.models.layers import ragged_attention
 
     defines = {"H": 3, "G": 3, "D": 64, "CH": ragged_attention.CHUNK, **ragged_attention.kv_defines(kv_dtype)}
-    def build(off: tuple[str, ...]) -> ragged_attention.Kernel | None:
-        return kernel_build.load(ragged_attention.SOURCE, "decode kernel",
-                                 lambda p: ragged_attention.Kernel(p, 3, 3, 64), defines,
+    def build(off: tuple[str, ...]) -> ragged_attention.DecodeAttentionKernel | None:
+        return compiled.load(ragged_attention.SOURCE, "decode kernel",
+                                 lambda p: ragged_attention.DecodeAttentionKernel(p, 3, 3, 64), defines,
                                  extra_flags=("-ffast-math", *off))  # fmt: skip
 
     kernels = [build(()), build(("-mno-avx512f",))]

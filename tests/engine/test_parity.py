@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from app.engine.types import GenerationRequest, SamplingParams
-from app.models.loader import LoadedModel
+from app.models.loading.loader import LoadedModel
 from tests.engine.helpers import PROMPTS, assert_greedy, make_engine, reference_greedy, run_request
 
 

@@ -7,7 +7,7 @@ import torch
 
 from app.engine.prefix_cache import PrefixCache
 from app.engine.types import GenerationRequest, RequestFinished, ScoreRequest, Scores
-from app.models.loader import LoadedModel
+from app.models.loading.loader import LoadedModel
 from tests.api.test_sentiment_api import direct_logprob
 from tests.engine.helpers import make_engine, reference_greedy, run_request
 

@@ -12,7 +12,7 @@ import torch
 
 from app.config import Settings
 from app.engine.types import GenerationRequest
-from app.models.loader import LoadedModel, load_model
+from app.models.loading.loader import LoadedModel, load_model
 from tests.engine.helpers import PROMPTS, make_engine, reference_greedy, run_request
 
 WINDOW = 6
@@ -45,7 +45,7 @@ def tiny_gemma(tiny: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> L
 async def _greedy(model: LoadedModel, n: int, sliding: bool = True) -> list[list[int]]:
     engine = make_engine(model)
     if not sliding:
-        engine.batch.sliding_window = None
+        engine.model_runner.sliding_window = None
     try:
         outs = await asyncio.gather(*(run_request(engine, GenerationRequest(prompt=p, max_new_tokens=n,
                                                                           ignore_eos=True), delay=0.003 * i)

@@ -2,7 +2,7 @@
 
    At decode a SmolLM2 layer is ~70 torch ops, most on a few thousand numbers: RMSNorm alone is a cast, pow,
    mean, add, rsqrt and two multiplies, rotary another seven. Each costs microseconds of dispatch, ~10 ms of a
-   one-row step. These loops do the same arithmetic in one pass over each row (app/models/elementwise.py).
+   one-row step. These loops do the same arithmetic in one pass over each row (app/models/numerics/elementwise.py).
    Built with -ffast-math: sums are reordered and exp is glibc's vector expf, so results differ from torch's
    in the last bits. They run only in modes that are not token-exact against transformers anyway (the int4 x
    int8 mode); each row is computed on its own, by the same code whatever else is in the batch.

@@ -11,7 +11,7 @@
    Why: PyTorch's int4 kernel computes in fp32 after unpacking, so at 32 rows it runs ~115 GOP/s; integer dot
    products (vpdpbusd: 16 lanes x 4 unsigned weight bytes x 4 signed activation bytes) do the same work in a
    fraction of the instructions, and at one row the kernel reads 4 or 8 bits a weight. Built at run time with
-   -march=native (app/models/group_quant.py) for one of two instruction sets, the same layout and results:
+   -march=native (app/models/numerics/group_quant.py) for one of two instruction sets, the same layout and results:
    - AVX512-VNNI (Zen 4, Ice Lake and later): vpdpbusd, 16 outputs a vector; with AMX (Sapphire Rapids and
      later) blocks of 16 rows take the tile unit's tdpbsud for the integer sums instead (the same sums, so the
      same outputs; see amx_rows);
@@ -62,7 +62,7 @@
 #error "group_quant needs AVX512F, AVX512BW and AVX512-VNNI, or AVX2 and FMA"
 #endif
 
-enum { Q4 = 4, Q8 = 8, Q8Z = 9 };  /* the weights' kinds, above (app/models/group_quant.py names them alike) */
+enum { Q4 = 4, Q8 = 8, Q8Z = 9 };  /* the weights' kinds, above (app/models/numerics/group_quant.py names them alike) */
 #define GS 32   /* inputs per group */
 #define NT 16   /* outputs per tile */
 #define DYNAMIC_ROWS 64  /* calls with at least this many rows hand tiles out dynamically (see run) */

@@ -6,7 +6,7 @@
    for a 110-token SmolLM2 prompt). Here keys are transposed once per prompt and head, so 16 scores are one
    vector and every key vector loaded serves 8 query rows; the softmax is exact (two passes over a row's
    scores, which fit: a prompt here is at most a chunk). Built at run time with the model's shape as
-   constants (app/models/prompt_attention.py): D (head dim, a multiple of 16), G (query heads per key-value
+   constants (app/models/layers/prompt_attention.py): D (head dim, a multiple of 16), G (query heads per key-value
    head), H (key-value heads), KV_BF16 / KV_I8 (the cache's K/V dtype, for `prompt_attention_cached`; int8
    blocks end with their tokens' scales, kv_type.h).
 

@@ -1,6 +1,6 @@
 /* Decode attention over a ragged KV cache: one query token per row, each row attending to its own tokens only.
 
-   Built at run time for the CPU it runs on (app/models/ragged_attention.py: cc -O3 -march=native), with the
+   Built at run time for the CPU it runs on (app/models/layers/ragged_attention.py: cc -O3 -march=native), with the
    model's shape as constants: D (head dim, a multiple of 16), G (query heads per key-value head), H (key-value
    heads), CH (most tokens one job reads). Blocks of 16 tokens, head-major so that one head's blocks of a row
    are consecutive in memory (the hardware prefetcher streams them; interleaved heads halved the speed):

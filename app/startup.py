@@ -1,0 +1,43 @@
+"""An engine as the server starts it: its limits read from the settings, and the warm-up that proves every device
+path before the first client. The server (app/main.py) and the tools (app/bench, app/eval) start engines the same
+way through here."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from app.config import Settings
+from app.engine.engine import Engine
+from app.engine.limits import EngineLimits
+from app.engine.types import Constraint, GenerationRequest, RequestFailed, SamplingParams, ScoreRequest
+
+
+def engine_limits(settings: Settings) -> EngineLimits:
+    """Every limit the engine has, read from the setting of the same name: a new limit is a field of
+    EngineLimits and of Settings, and /info shows it (its `limits` is EngineLimits itself)."""
+    values = {f.name: getattr(settings, f.name) for f in fields(EngineLimits) if f.name != "prefix_cache_bytes"}
+    return EngineLimits(**values, prefix_cache_bytes=settings.prefix_cache_mb * 2**20)
+
+
+WARM_UP_TEXT = "The quick brown fox jumps over the lazy dog, and then it runs back into the deep green forest."
+
+
+async def warm_up(engine: Engine) -> None:
+    """Every kind of device work a request can do, once, so a path that is broken on this device (CUDA, a
+    kernel, a dtype) fails at start-up instead of on the first client: a prompt long enough for the prefix
+    cache, greedy with log-probabilities (it is stored); the same head again, sampled with every control (a
+    prefix-cache hit); a scoring request (a hit too); and a constrained one (the token masks)."""
+    sampled = SamplingParams(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.1, seed=0)
+    requests: list[GenerationRequest | ScoreRequest] = [
+        GenerationRequest(prompt=WARM_UP_TEXT, max_new_tokens=4, ignore_eos=True, logprobs=2),
+        GenerationRequest(prompt=WARM_UP_TEXT + " Then", max_new_tokens=4, ignore_eos=True, sampling=sampled),
+        ScoreRequest(prompt=WARM_UP_TEXT, continuations=(" Yes", " No")),
+    ]
+    if await engine.on_input(engine.grammars.prepare):  # builds the grammar library's view of the vocabulary
+        requests.append(GenerationRequest(prompt=WARM_UP_TEXT, max_new_tokens=4,
+                                          constraint=Constraint("choice", ["yes", "no"])))  # fmt: skip
+    for request in requests:
+        stream = await engine.submit(request)
+        async for event in stream:
+            if isinstance(event, RequestFailed):
+                raise event.error
