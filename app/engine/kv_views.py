@@ -5,7 +5,7 @@
   where it runs, else row by row over views of each segment. `window` gathers right-aligned padded windows
   for a model's own forward (`as_cache`, with `window_index`'s mask).
 - `PrefillCache`: a transformers Cache a prompt's forward writes through, into its segment.
-- `PromptView`: several prompts in one written-out pass (app/models/decode_step.LlamaStep.prefill): per layer,
+- `PromptView`: several prompts in one written-out pass (app/models/layers/decode_step.LlamaStep.prefill): per layer,
   `attend` stores every prompt token's K/V in its prompt's segment and returns each prompt's causal attention.
 """
 

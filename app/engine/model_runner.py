@@ -4,7 +4,7 @@ Holds the sequences (`seqs`, in batch order) next to the cache; each joined sequ
 (`seq.segment`). A prompt takes its segment when its prefill starts (`open`, until its first sequence joins;
 its siblings copy it), and every prompt, whole or in chunks, with or without a reused prefix, is computed
 into that segment the same way (`prefill_chunk`): through the model's forward, or where the model has a
-written-out prompt pass (app/models/decode_step.LlamaStep.prefill), through it, several prompts in one pass
+written-out prompt pass (app/models/layers/decode_step.LlamaStep.prefill), through it, several prompts in one pass
 (`prefill_group`). `join` and `leave` are the only places that change the
 rows, and `leave` gives the segment back.
 """

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from app.engine.types import GenerationRequest, SamplingParams
+from app.models.layers.decode_step import LlamaStep, for_model
 from app.models.loading.loader import LoadedModel
 from tests.engine.helpers import PROMPTS, assert_greedy, make_engine, reference_greedy, run_request
 
@@ -40,6 +41,13 @@ async def test_tiny_greedy_alone_matches_generate(tiny: LoadedModel) -> None:
 async def test_tiny_greedy_joins_and_leaves_match_generate(tiny: LoadedModel) -> None:
     max_new = [5 + (i * 13) % 60 for i in range(20)]
     await check_parity(tiny, 20, max_new, stagger=0.01)
+
+
+async def test_tiny_qwen2_greedy_joins_and_leaves_match_generate(tiny_qwen2: LoadedModel) -> None:
+    # Qwen2 runs the written-out step (Llama's, with the q/k/v biases), fp32: token for token
+    assert isinstance(for_model(tiny_qwen2.model), LlamaStep)
+    max_new = [5 + (i * 13) % 40 for i in range(8)]
+    await check_parity(tiny_qwen2, 8, max_new, stagger=0.01)
 
 
 @pytest.mark.smollm

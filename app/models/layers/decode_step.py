@@ -17,7 +17,8 @@ outside its products and attention, and one pass per prompt makes 30 x 7 small c
 
 `for_model` returns None for any model it does not know or any option it does not implement (then the
 caller runs the model's forward): Llama-style models (Llama, SmolLM2 and others with `LlamaForCausalLM`'s
-layout) and GPT-2, on the CPU decode attention. The GPU and the stock model keep the model's forward.
+layout; Qwen2, whose q/k/v carry biases) and GPT-2, on the CPU decode attention. The GPU and the stock model
+keep the model's forward.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class LlamaStep:
-    """LlamaForCausalLM's decode: RMSNorm -> q/k/v -> rotary -> attention -> o -> RMSNorm -> gate/up -> down."""
+    """LlamaForCausalLM's decode (and Qwen2's: the same block, q/k/v with biases): RMSNorm -> q/k/v -> rotary ->
+    attention -> o -> RMSNorm -> gate/up -> down."""
 
     def __init__(self, model: Any) -> None:
         config = model.config
@@ -243,6 +245,9 @@ def for_model(model: Any) -> Step | None:
     if model.training or getattr(config, "_attn_implementation", None) != NAME:
         return None
     if kind == "LlamaForCausalLM" and getattr(config, "pretraining_tp", 1) == 1:
+        return LlamaStep(model)
+    # Qwen2 is Llama's block with biases on q/k/v (the products carry them); not with its sliding window in use
+    if kind == "Qwen2ForCausalLM" and not getattr(config, "use_sliding_window", False):
         return LlamaStep(model)
     if kind == "GPT2LMHeadModel" and not (config.scale_attn_by_inverse_layer_idx or config.reorder_and_upcast_attn
                                           or config.add_cross_attention):  # fmt: skip

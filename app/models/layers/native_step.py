@@ -1,7 +1,7 @@
 """A Llama-style decode step's layers in one C call (kernels/decode_layers.c), where every product runs the
 group-quantized kernel and attention the ragged C kernel.
 
-The written-out step (app/models/decode_step.LlamaStep) calls ~9 kernels a layer from Python; at one row each
+The written-out step (app/models/layers/decode_step.LlamaStep) calls ~9 kernels a layer from Python; at one row each
 call costs ~10-15 us in argument conversion and allocation, about as much as the arithmetic of a SmolLM2 step.
 This module hands the same kernels, as function pointers, to a C loop over the layers: the same calls in the
 same order on the same buffers, so the logits are the Python loop's bit for bit

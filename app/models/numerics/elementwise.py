@@ -146,7 +146,8 @@ class SwiGLU(nn.Module):
 
 
 def install(model: nn.Module) -> int:
-    """Swap `model`'s LlamaRMSNorm and fused-SwiGLU LlamaMLP modules for the C ones; how many it swapped."""
+    """Swap `model`'s RMSNorm and fused-SwiGLU MLP modules (Llama's, and Qwen2's, the same) for the C ones; how
+    many it swapped."""
     ops = load()
     if ops is None:
         return 0
@@ -155,10 +156,10 @@ def install(model: nn.Module) -> int:
         for name, module in list(parent.named_children()):
             child: Any = module
             kind = type(child).__name__
-            if kind == "LlamaRMSNorm":
+            if kind in ("LlamaRMSNorm", "Qwen2RMSNorm"):
                 setattr(parent, name, RMSNorm(child, ops))
                 swapped += 1
-            elif kind == "LlamaMLP" and getattr(child.config, "hidden_act", None) == "silu":
+            elif kind in ("LlamaMLP", "Qwen2MLP") and getattr(child.config, "hidden_act", None) == "silu":
                 gate_up = fused_product([child.gate_proj, child.up_proj])
                 if gate_up is not None:
                     setattr(parent, name, SwiGLU(child, gate_up, ops))

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from app.config import Settings
 from app.engine.model_runner import ModelRunner
@@ -89,6 +89,21 @@ def _tiny_llama(mode: str) -> Any:
     return model
 
 
+def _tiny_qwen2(mode: str, dtype: str = "auto") -> Any:
+    """Qwen2's block: Llama's with biases on q/k/v (random here: they start at zero) and tied embeddings."""
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=320, tie_word_embeddings=True)  # fmt: skip
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+    modes.apply(model, None, modes.choose(torch.device("cpu"), dtype, mode, True, CPU_FEATURES))
+    assert use_decode_attention(model)
+    return model
+
+
 def _load(name: str, **settings: Any) -> LoadedModel:
     return load_model(Settings(model=name, model_store=STORE, threads=2, **settings))
 
@@ -111,6 +126,12 @@ def test_tiny_llama_fused_and_not(quantize: str) -> None:
     modes.apply(fp32, None, modes.choose(torch.device("cpu"), "float32", "none", True, CPU_FEATURES))
     use_decode_attention(fp32)
     _assert_same(fp32, LlamaStep)
+
+
+@pytest.mark.parametrize("quantize", ["none", "int4", *(["int8"] if group_quant.usable(CPU_FEATURES) else [])])
+def test_tiny_qwen2_biased_qkv(quantize: str) -> None:
+    _assert_same(_tiny_qwen2(quantize), LlamaStep)
+    _assert_same(_tiny_qwen2("none", "float32"), LlamaStep)  # fp32 does not fuse q/k/v: the step's other branch
 
 
 @pytest.mark.smollm
@@ -193,6 +214,13 @@ def test_prompts_in_one_pass_tiny_llama(quantize: str) -> None:
 @pytest.mark.parametrize("quantize", ON_KERNEL)
 def test_layers_in_one_c_call_tiny_llama(quantize: str) -> None:
     _assert_native_layers(_tiny_llama(quantize))
+
+
+@pytest.mark.skipif(not KERNEL, reason="the prompt pass and the C layer loop run with the group-quantized kernel")
+@pytest.mark.parametrize("quantize", ON_KERNEL)
+def test_prompts_in_one_pass_and_layers_in_one_c_call_tiny_qwen2(quantize: str) -> None:
+    _assert_prompt_pass(_tiny_qwen2(quantize))
+    _assert_native_layers(_tiny_qwen2(quantize))
 
 
 @pytest.mark.smollm

@@ -215,13 +215,15 @@ def _qwen_index(tmp_path: Path, parts: int | None = None) -> tuple[Path, bytes]:
     return links, payload
 
 
-def test_the_qwen_builtins_are_pinned_chunks_with_their_licence() -> None:
+def test_the_qwen_builtins_are_pinned_chunks_with_their_licence(tmp_path: Path) -> None:
     for name, count, size in ((QWEN_CODER_05B, 6, 491_400_064), (QWEN_CODER_15B, 22, 1_117_320_768)):
         spec = BUILTIN[name]
         assert isinstance(spec, PypiChunkedGguf)
         assert len(spec.parts) == count and spec.size == size and len(spec.sha256) == 64
         assert spec.licence.startswith("Apache-2.0")
-    models = subprocess.run([sys.executable, "-m", "app.cli", "models"], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "TEXTGEN_MODEL_STORE": str(tmp_path)}  # an empty store: every built-in is "available"
+    models = subprocess.run([sys.executable, "-m", "app.cli", "models"], env=env, capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
     assert "qwen2.5-coder-1.5b-instruct (Apache-2.0 (Qwen2.5-Coder))" in models.stdout
 
 
