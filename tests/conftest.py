@@ -61,12 +61,27 @@ def smollm() -> LoadedModel:
     return _loaded(OFFLINE_DEFAULT)
 
 
+def random_qwen2(vocab_size: int, **config: Any) -> Any:
+    """A tiny random Qwen2ForCausalLM: Llama's block with biases on q/k/v (random here: they start at zero) and
+    tied embeddings."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                                         tie_word_embeddings=True, **config)).eval()  # fmt: skip
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    """A tiny random Qwen2 (Llama's block with biases on q/k/v, random here; tied embeddings) with GPT-2's BPE
-    tokenizer, saved as a local Hugging Face folder and loaded as one, in fp32."""
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    """`random_qwen2` with GPT-2's BPE tokenizer, saved as a local Hugging Face folder and loaded as one, in fp32."""
+    from transformers import AutoTokenizer
 
     _loaded(TINY_GPT2)  # pulled: its tokenizer files are what this model reads
     located = ModelStore(STORE).locate(TINY_GPT2)
@@ -74,16 +89,8 @@ def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     folder = tmp_path_factory.mktemp("tiny-qwen2")
     tokenizer = AutoTokenizer.from_pretrained(located.path)
     tokenizer.save_pretrained(folder)
-    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+    model = random_qwen2(len(tokenizer), max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0.0, 0.5)
     model.save_pretrained(folder)
     return load_model(Settings(model=str(folder), model_store=STORE, threads=2, dtype="float32"))
 

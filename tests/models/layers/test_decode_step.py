@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from app.config import Settings
 from app.engine.model_runner import ModelRunner
@@ -20,7 +20,7 @@ from app.models.loading.store import OFFLINE_DEFAULT, TINY_GPT2
 from app.models.numerics import group_quant, modes
 from app.models.numerics.int4 import Int4Linear
 from app.models.numerics.int8 import Int8Linear
-from tests.conftest import STORE
+from tests.conftest import STORE, random_qwen2
 
 PROMPTS = [[5, 17, 99, 3, 250], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42, 43]]
 CPU_FEATURES = modes.cpu_features()
@@ -90,15 +90,7 @@ def _tiny_llama(mode: str) -> Any:
 
 
 def _tiny_qwen2(mode: str, dtype: str = "auto") -> Any:
-    """Qwen2's block: Llama's with biases on q/k/v (random here: they start at zero) and tied embeddings."""
-    torch.manual_seed(0)
-    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=320, tie_word_embeddings=True)  # fmt: skip
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0.0, 0.5)
+    model = random_qwen2(320)
     modes.apply(model, None, modes.choose(torch.device("cpu"), dtype, mode, True, CPU_FEATURES))
     assert use_decode_attention(model)
     return model
