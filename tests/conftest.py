@@ -156,6 +156,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """TEXTGEN_TEST_PROCESS=shared | own: `make test` runs the tests marked own_process (they load models of
     their own: numeric modes, converted GGUFs, gemma) in a second pytest process, so that neither process
     holds every model at once (one process peaked at 24.2 GB RSS on this 24 GB machine). Unset: all of them."""
+    if os.environ.get("TEXTGEN_TEST_SLOW") != "1":  # real-size models: run with TEXTGEN_TEST_SLOW=1
+        slow = [item for item in items if item.get_closest_marker("slow") is not None]
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item not in slow]
     which = os.environ.get("TEXTGEN_TEST_PROCESS")
     if which not in ("shared", "own"):
         return

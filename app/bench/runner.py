@@ -27,6 +27,8 @@ from typing import Any
 
 import httpx
 
+from app.bench import llama_cpp
+
 TEXT = (
     "The history of the river town begins with a ferry crossing, a mill and a handful of farms along the "
     "northern bank. Over three centuries the settlement grew into a market centre, then an industrial city "
@@ -79,10 +81,14 @@ BENCH_SCHEMA = {"type": "object", "properties": {"topic": {"enum": ["news", "sci
                 "required": ["topic", "text"], "additionalProperties": False}  # fmt: skip
 
 
-async def _one(session: Any, url: str, job: Job, stream: bool, constraint: dict[str, Any] | None = None) -> Result:
-    """One request through an aiohttp `session`, timed: status, time to the first token event, tokens."""
+async def _one(session: Any, url: str, job: Job, stream: bool, constraint: dict[str, Any] | None = None,
+               peer: bool = False) -> Result:  # fmt: skip
+    """One request through an aiohttp `session`, timed: status, time to the first token event, tokens. `peer`: the
+    server is llama.cpp's (its /completion, app/bench/llama_cpp.py)."""
     import aiohttp
 
+    if peer:
+        return await _one_peer(session, url, job, stream)
     body: dict[str, Any] = {"prompt": job.prompt, "max_new_tokens": job.max_new_tokens, "ignore_eos": True,
                             "stream": stream}  # fmt: skip
     if constraint is not None:
@@ -112,8 +118,28 @@ async def _one(session: Any, url: str, job: Job, stream: bool, constraint: dict[
     return Result(status == 200, status, ttft if ttft is not None else latency, latency, tokens)
 
 
-async def drive(url: str, jobs: list[Job], concurrency: int, stream: bool,
-                constraint: dict[str, Any] | None = None) -> tuple[list[Result], float]:  # fmt: skip
+async def _one_peer(session: Any, url: str, job: Job, stream: bool) -> Result:
+    import aiohttp
+
+    started = time.perf_counter()
+    ttft, tokens = None, 0
+    try:
+        async with session.post(f"{url}/completion", json=llama_cpp.body(job.prompt, job.max_new_tokens, stream)) as r:
+            status = r.status
+            async for line in r.content:
+                text, count = llama_cpp.event(line if stream else b"data: " + line)  # unstreamed: one JSON body
+                if text and ttft is None:
+                    ttft = time.perf_counter() - started
+                if count is not None:
+                    tokens = count
+    except (TimeoutError, aiohttp.ClientError):
+        return Result(False, 0, 0, time.perf_counter() - started, 0)
+    latency = time.perf_counter() - started
+    return Result(status == 200, status, ttft if ttft is not None else latency, latency, tokens)
+
+
+async def drive(url: str, jobs: list[Job], concurrency: int, stream: bool, constraint: dict[str, Any] | None = None,
+                peer: bool = False) -> tuple[list[Result], float]:  # fmt: skip
     """`jobs` against `url`, `concurrency` at a time. The client is aiohttp: on two cores it shares the CPU with
     the server it measures, and per W1 run (~5,000 token events) httpx's client took 0.63-0.72 s of CPU, aiohttp's
     0.21-0.25 s (docs/benchmarks.md)."""
@@ -122,12 +148,13 @@ async def drive(url: str, jobs: list[Job], concurrency: int, stream: bool,
     except ImportError:
         raise SystemExit("textgen bench needs aiohttp: pip install 'textgen[bench]'") from None
     gate = asyncio.Semaphore(concurrency)
-    connector = aiohttp.TCPConnector(limit=concurrency)
+    # llama-server closes a kept-alive connection after a stream, so the next request on it fails: a fresh one each
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=peer)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=3600)) as session:
 
         async def gated(job: Job) -> Result:
             async with gate:
-                return await _one(session, url, job, stream, constraint)
+                return await _one(session, url, job, stream, constraint, peer)
 
         started = time.perf_counter()
         results = await asyncio.gather(*(gated(j) for j in jobs))
@@ -212,13 +239,13 @@ def peak_gpu_mb(url: str) -> float | None:
     return peak / 2**20 if peak else None
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600, path: str = "/ready") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -241,15 +268,16 @@ def mode_env(mode: str) -> dict[str, str]:
 
 
 @contextmanager
-def serving_all(servers: list[tuple[list[str], dict[str, str], str]]) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Server processes, each (command, env, url), started together and ready at their urls; stopped (Ctrl-C,
-    then kill) on the way out."""
+def serving_all(servers: list[tuple[list[str], dict[str, str], str]],
+                ready: str = "/ready") -> Iterator[list[subprocess.Popen[bytes]]]:  # fmt: skip
+    """Server processes, each (command, env, url), started together and ready at their urls (`ready`: the path that
+    answers 200 once loaded; llama.cpp's is /health); stopped (Ctrl-C, then kill) on the way out."""
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for command, env, _ in servers:
             procs.append(subprocess.Popen(command, env=env))
         for proc, (_, _, url) in zip(procs, servers, strict=True):
-            _wait_ready(url, proc)
+            _wait_ready(url, proc, path=ready)
         yield procs
     finally:
         for proc in procs:
@@ -262,9 +290,10 @@ def serving_all(servers: list[tuple[list[str], dict[str, str], str]]) -> Iterato
 
 
 @contextmanager
-def serving(command: list[str], env: dict[str, str], url: str) -> Iterator[subprocess.Popen[bytes]]:
+def serving(command: list[str], env: dict[str, str], url: str,
+            ready: str = "/ready") -> Iterator[subprocess.Popen[bytes]]:  # fmt: skip
     """A server process started with `command`, ready at `url`; stopped (Ctrl-C, then kill) on the way out."""
-    with serving_all([(command, env, url)]) as procs:
+    with serving_all([(command, env, url)], ready) as procs:
         yield procs[0]
 
 
@@ -297,6 +326,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--packed-baselines", action="store_true", help="with --compare: baselines use prepacked CPU weights too"
     )
     parser.add_argument("--port", type=int, default=8123, help="with --compare: port for the servers it starts")
+    parser.add_argument("--llama-server", type=Path, metavar="PATH",
+                        help="with --compare and the system llama.cpp: its llama-server binary (docs/benchmarks.md)")
+    parser.add_argument("--gguf", type=Path, metavar="FILE",
+                        help="with --compare: the GGUF file every system serves (the engine's --model too)")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, nargs=2, default=(20, 200), metavar=("MIN", "MAX"))
@@ -381,6 +414,8 @@ def run_bench(args: argparse.Namespace) -> int:
           f"ignore_eos; {os.cpu_count()} CPUs")  # fmt: skip
     rows = []
     rounds: dict[str, list[float]] = {}  # with --modes: each row's tokens/s per round
+    if args.gguf is not None and not args.model:  # the engine serves the peer's file
+        args.model = str(args.gguf)
     if args.rounds is None:
         args.rounds = 3 if args.modes else 1
     if not args.compare:
@@ -394,18 +429,27 @@ def run_bench(args: argparse.Namespace) -> int:
                 rows.extend(mode_rows)
                 print_table(rows)
                 continue
-            command = _command(system, args.model, args.port, args.concurrency, args.packed_baselines)
-            with serving(command, mode_env("auto"), url) as proc:
+            peer = system == llama_cpp.NAME
+            if peer:
+                if args.llama_server is None or args.gguf is None:
+                    raise SystemExit("the llama.cpp system needs --llama-server PATH and --gguf FILE")
+                command = llama_cpp.command(args.llama_server, args.gguf, args.port, args.concurrency)
+            else:
+                command = _command(system, args.model, args.port, args.concurrency, args.packed_baselines)
+            with serving(command, mode_env("auto"), url, "/health" if peer else "/ready") as proc:
                 engine = system == "engine"
                 if engine:
                     print(f"{system}: numerics {httpx.get(f'{url}/info', timeout=10).json().get('numerics')}")
                 load = jobs[: args.sequential_requests] if system == "sequential" and args.sequential_requests else jobs
-                results, wall = asyncio.run(drive(url, load, args.concurrency, stream=engine))
+                results, wall = asyncio.run(drive(url, load, args.concurrency, stream=engine or peer, peer=peer))
                 rows.append(summarize(system, results, wall, peak_rss_mb(proc.pid), peak_gpu_mb(url)))
                 if engine:
                     print_engine_time(url, wall)
                 if args.constrained and engine:
                     rows.append(_constrained_row(system, url, jobs, args.concurrency, peak_rss_mb(proc.pid)))
+                if engine or peer:  # one user: the same fresh prompts on both
+                    results, wall = asyncio.run(drive(url, one_stream_jobs(args.seed), 1, stream=True, peer=peer))
+                    rows.append(summarize(f"{system} 1-stream", results, wall, peak_rss_mb(proc.pid)))
             print_table(rows)  # as it goes: the sequential run is long
     print()
     print_table(rows)
@@ -422,6 +466,11 @@ def run_bench(args: argparse.Namespace) -> int:
                       if len(each) > 1 else "")  # fmt: skip
             print(f"{name} / {ref}: {by[name] / by[ref]:.2f}x tokens/s{spread}")
     ratios = {}
+    for name in ("engine", "engine 1-stream"):  # against the peer on the same file
+        peer_name = name.replace("engine", llama_cpp.NAME)
+        if by.get(name) and by.get(peer_name):
+            ratios[f"{name} / {peer_name}"] = round(by[name] / by[peer_name], 2)
+            print(f"{name} / {peer_name}: {ratios[f'{name} / {peer_name}']:.2f}x tokens/s")
     for other in ("static", "sequential"):
         if "engine" in by and other in by and by[other]:
             ratios[f"engine / {other}"] = round(by["engine"] / by[other], 2)

@@ -1,10 +1,12 @@
-"""GGUF files (llama.cpp, Ollama, LM Studio) into plain Hugging Face folders, once.
+"""GGUF files (llama.cpp, Ollama, LM Studio) into the store, once.
 
-transformers' GGUF loader dequantizes the file's tensors to fp32 and builds the model and its tokenizer
-from the file's metadata; the folder is then saved as safetensors, which loads in under a second from then
-on. Everything that can be known before that slow step is checked first, each with one line that says what
-to do: the file is a readable GGUF, its architecture is one the loader converts, and the store's disk holds
-the fp32 weights.
+The architectures app/models/loading/gguf_weights.py builds (Llama, Qwen2, Gemma, GPT-2 and their kin) are served
+from the file itself: `describe` writes only what its metadata says as Hugging Face files (config, generation
+config, tokenizer with its chat template), which load in a second where parsing a 151k-token vocabulary out of
+the file takes ~20. Other architectures are converted: transformers' GGUF loader dequantizes the tensors to fp32,
+saved as safetensors (`convert`). Everything that can be known before either is checked first, each with one
+line that says what to do: the file is a readable GGUF, its architecture is one we serve or transformers
+converts, and the store's disk holds what will be written.
 """
 
 from __future__ import annotations
@@ -42,20 +44,41 @@ def supported_architectures() -> list[str]:
 
 
 def read_header(path: Path) -> GgufHeader:
-    """The file's architecture, name and size, from its metadata (memory-mapped: no tensor is read)."""
-    from gguf import GGUFReader
+    """The file's architecture, name and size, from its metadata (no tensor is read)."""
+    from app.models.loading.gguf_weights import index
 
     try:
-        reader = GGUFReader(path)
-        architecture = str(reader.fields["general.architecture"].contents())
-        name_field = reader.fields.get("general.name")
-        name = str(name_field.contents()) if name_field is not None else path.stem
-        parameters = sum(int(t.n_elements) for t in reader.tensors)
+        fields, tensors = index(path)
+        architecture = str(fields["general.architecture"])
+        name = str(fields.get("general.name", path.stem))
+        parameters = sum(t.elements for t in tensors)
     except KeyError as exc:
         raise GgufError(f"{path} is not a usable GGUF file: its metadata has no {exc}") from None
-    except Exception as exc:  # a truncated or foreign file: gguf raises ValueError, struct or numpy errors
+    except Exception as exc:  # a truncated or foreign file: struct, numpy, unicode or value errors
         raise GgufError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
     return GgufHeader(architecture, name, parameters)
+
+
+def direct(header: GgufHeader) -> bool:
+    """Whether the file is served from its own tensors (app/models/loading/gguf_weights.py), not converted."""
+    from app.models.loading.gguf_weights import DIRECT
+
+    return header.architecture in DIRECT
+
+
+def describe(path: Path, out: Path) -> None:
+    """The file's config, generation config and tokenizer (with its chat template), from its metadata, into `out`."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise GgufError(f"transformers could not read {path.name}'s metadata ({type(exc).__name__}: {first})") from None
+    config.save_pretrained(out)
+    GenerationConfig.from_model_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def check(path: Path, header: GgufHeader, into: Path) -> None:

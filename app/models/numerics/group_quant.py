@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from app.models.kernels import compiled
+from app.models.numerics.levels import SourceWeight, tiles
 
 GROUP = 32  # inputs per group: the weights' and the activations'
 TILE = 16  # outputs per tile: one vector of int32 sums
@@ -72,7 +73,7 @@ def pack4(q: torch.Tensor, scales_zeros: torch.Tensor) -> tuple[torch.Tensor, to
     return weights, scales  # (T, G, 4, 16, 4), (T, G, 2, 16)
 
 
-def quantize8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+def quantize8(weight: torch.Tensor, measure: bool = True) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(N, K) float -> q int8 (N, K), symmetric per output and group of 32 (GGUF Q8_0: d = amax / 127), d (N,
     K / 32) fp32, and the mean reconstruction error in steps (~0 for weights that came from a Q8_0 file)."""
     n, k = weight.shape
@@ -80,7 +81,7 @@ def quantize8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     d = w.abs().amax(dim=-1) / 127  # (N, G)
     safe = torch.where(d > 0, d, torch.ones_like(d)).unsqueeze(-1)  # (N, G, 1)
     q = torch.round(w / safe).clamp_(-127, 127)  # (N, G, 32)
-    error = float((q * safe - w).abs().div(safe).mean())
+    error = float((q * safe - w).abs().div(safe).mean()) if measure else float("nan")  # measure: a pass more
     return q.reshape(n, k).to(torch.int8), d, error
 
 
@@ -108,6 +109,31 @@ def pack8(u: torch.Tensor, d: torch.Tensor, z: torch.Tensor | None = None) -> tu
     planes = [d] if z is None else [d, z]
     scales = torch.stack([p.float().reshape(tiles, TILE, groups) for p in planes], dim=2)  # (T, 16, P, G)
     return weights, scales.permute(0, 3, 2, 1).contiguous().squeeze(2)  # (T, G, P, 16), P = 1 dropped
+
+
+def pack4_levels(source: SourceWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """A file's 4-bit levels -> pack4's weights and scales, filled a few tiles at a time."""
+    n, k = source.shape
+    weights = torch.empty(n // TILE, k // GROUP, 4, TILE, 4, dtype=torch.uint8)
+    scales = torch.empty(n // TILE, k // GROUP, 2, TILE, dtype=torch.int16)
+    for row, chunk in tiles(source.chunks()):
+        at = slice(row // TILE, (row + chunk.shape[0]) // TILE)
+        weights[at], scales[at] = pack4(*chunk.four_bit_scales())
+    return weights, scales
+
+
+def pack8_levels(source: SourceWeight, zeros: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A file's levels (any width) -> pack8's weights and scales (with a zero plane where `zeros`), filled a few tiles
+    at a time."""
+    n, k = source.shape
+    weights = torch.empty(n // TILE, k // GROUP, 8, TILE, 4, dtype=torch.uint8)
+    scales = torch.empty(n // TILE, k // GROUP, *((2,) if zeros else ()), TILE)
+    for row, chunk in tiles(source.chunks()):
+        eight = chunk.as_eight_bits()
+        z = eight.z if eight.z is not None or not zeros else torch.zeros_like(eight.d)
+        at = slice(row // TILE, (row + chunk.shape[0]) // TILE)
+        weights[at], scales[at] = pack8(eight.u, eight.d, z)
+    return weights, scales
 
 
 def supports(weight: torch.Tensor) -> bool:
@@ -187,9 +213,17 @@ class Int8GroupLinear(nn.Module):
     any other takes a scale and a zero per group (Q8Z), whose 255 levels span the group's own range: a 4-bit
     source is held exactly, and other weights round to a level at least as fine as the symmetric grid's."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: GroupQuantKernel) -> None:
+    def __init__(self, weight: torch.Tensor | SourceWeight, bias: torch.Tensor | None,
+                 kernel: GroupQuantKernel) -> None:  # fmt: skip
+        """`weight`: (N, K) float, rounded here, or a file's levels (any width: numerics/levels.py), as they are."""
         super().__init__()
         self.out_features, self.in_features = weight.shape  # (N, K)
+        if not isinstance(weight, torch.Tensor):
+            self.kind, self.error = (Q8 if weight.symmetric else Q8Z), 0.0
+            self.kernel = kernel
+            self.packed, self.scales = pack8_levels(weight, self.kind == Q8Z)
+            self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
+            return
         q, d, self.error = quantize8(weight)
         if self.error < LOSSLESS_ERROR:
             self.kind, z = Q8, None

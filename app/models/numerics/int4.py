@@ -28,6 +28,7 @@ from torch import nn
 
 from app.models.numerics import group_quant
 from app.models.numerics.group_quant import GroupQuantKernel
+from app.models.numerics.levels import SourceWeight, concat
 from app.models.numerics.packing import PackedLinear
 
 GROUP = 32  # input channels per scale: GGUF's Q4_0 / Q4_1 block
@@ -97,9 +98,24 @@ class Int4Linear(nn.Module):
     to int8 per row and group, int32 sums. Without: PyTorch's int4 kernel on bf16 activations for decode
     steps and a bf16 copy of the weights for prompt passes (see `prompt_pass`)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: GroupQuantKernel | None = None) -> None:
+    def __init__(self, weight: torch.Tensor | SourceWeight, bias: torch.Tensor | None,
+                 kernel: GroupQuantKernel | None = None) -> None:  # fmt: skip
+        """`weight`: (N, K) float, rounded to 16 levels per group here, or a file's 4-bit levels (numerics/levels.py),
+        taken as they are."""
         super().__init__()
         self.out_features, self.in_features = weight.shape  # (N, K)
+        if not isinstance(weight, torch.Tensor):
+            self.error, self.lossless, self.kernel = 0.0, True, kernel
+            self.wide: PackedLinear | None = None
+            self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
+            if kernel is not None:
+                self.packed, self.scales_zeros = group_quant.pack4_levels(weight)
+                return
+            q, scales_zeros = concat(list(weight.chunks())).four_bit_scales()
+            self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)  # (N, K / 2) uint8
+            self.scales_zeros = scales_zeros
+            self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
+            return
         q, scales_zeros, self.error = quantize_groups(weight)
         self.lossless = self.error < LOSSLESS_ERROR
         self.kernel = kernel
@@ -107,7 +123,7 @@ class Int4Linear(nn.Module):
         if kernel is not None:
             self.packed, self.scales_zeros = group_quant.pack4(q, scales_zeros)  # (N/16, K/32, 4, 16, 4), (.., 2, 16)
             self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
-            self.wide: PackedLinear | None = None
+            self.wide = None
             return
         self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)  # (N, K / 2) uint8
         self.scales_zeros = scales_zeros  # (K / 32, N, 2) bf16

@@ -46,6 +46,7 @@ from app.models.numerics.group_quant import Int8GroupLinear
 from app.models.numerics.int4 import Int4Linear, is_four_bit, supports
 from app.models.numerics.int4 import prompt_pass as prompt_pass  # the engine marks prompt passes; the layers act on it
 from app.models.numerics.int8 import Int8Linear
+from app.models.numerics.levels import SourceWeight, Stacked, Weight, dense, materialize
 from app.models.numerics.packing import PackedLinear, own_memory, pack_linears
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,13 @@ def kv_cache_dtype(model: nn.Module, setting: str = "auto") -> torch.dtype | Non
     return torch.bfloat16 if inexact(model) else None
 
 
+def file_tiles(source: SourceWeight) -> bool:
+    """Whether the kernel takes a file's weight: whole groups of inputs, and whole tiles of outputs in each of its
+    parts (a fused group's members are packed one after another)."""
+    parts = source.parts if isinstance(source, Stacked) else [source]
+    return source.shape[1] % group_quant.GROUP == 0 and all(p.shape[0] % group_quant.TILE == 0 for p in parts)
+
+
 def keeps_int8(group: list[nn.Module], weight: torch.Tensor, output_layer: nn.Module | None) -> bool:
     """Whether a layer (or fused group) runs in int8 in the int8 mode on oneDNN's kernel (where ours does not
     run; on ours every layer does). Two kinds stay in bf16 (fp32 without avx512_bf16), measured on SmolLM2,
@@ -207,6 +215,9 @@ def apply(model: Any, tokenizer: Any, numerics: Numerics) -> Numerics:
         pack_linears(model)
         return numerics
     started = time.perf_counter()
+    kernel = group_quant.load() if numerics.own_kernel else None
+    if kernel is None:  # what runs without our kernel (oneDNN's int8, torch's int4) starts from float weights
+        materialize(model)
     layers = [layer for _, _, layer in linear_layers(model)]
     groups = find_groups(model, layers)
     grouped = {id(layer) for g in groups for layer in g}
@@ -215,15 +226,26 @@ def apply(model: Any, tokenizer: Any, numerics: Numerics) -> Numerics:
     output_layer = model.get_output_embeddings()
     # int8 layers: the int8 mode's, and under auto those int4 does not take where the CPU runs int8 next
     with_int8 = numerics.mode == "int8" or (numerics.lossless_only and numerics.rest == "int8")
-    kernel = group_quant.load() if numerics.own_kernel else None
     # oneDNN's int8 (no kernel of ours) scales activations per row: SmoothQuant's ranges first
     ranges = input_ranges(model, layers, calibration_ids(tokenizer)) if with_int8 and kernel is None else {}
     int8 = 0
+    file_int8 = 0  # of them, layers a file holds in 8 bits (or 5, 6), on the kernel as it holds them
     int4: list[Int4Linear] = []
 
-    def make(group: list[nn.Module], weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-        nonlocal int8
+    def make(group: list[nn.Module], source: Weight, bias: torch.Tensor | None) -> nn.Module:
+        nonlocal int8, file_int8
         output = any(layer is output_layer for layer in group)
+        # a quantized file's weights (numerics/levels.py) go to the kernel as the file holds them: its 4-bit layers
+        # as int4 (not the output layer: below), the rest in 8 bits (a 4-bit one widened without change)
+        bits = None if isinstance(source, torch.Tensor) or numerics.mode not in ("int4", "int8") else source.bits
+        if bits is not None and not isinstance(source, torch.Tensor) and kernel is not None and file_tiles(source):
+            if bits == 4 and numerics.mode == "int4" and not output:
+                int4.append(Int4Linear(source, bias, kernel=kernel))
+                return int4[-1]
+            int8 += len(group)
+            file_int8 += 0 if output else len(group)
+            return Int8GroupLinear(source, bias, kernel)
+        weight = dense(source)
         # int4: every layer but the output layer, which stays 8-bit on the kernel (bf16 without it): in int4 it
         # costs +5.4% perplexity (SmolLM2, whose file holds it in 8 bits). Under auto only the layers whose
         # weights are 4-bit already.
@@ -252,9 +274,10 @@ def apply(model: Any, tokenizer: Any, numerics: Numerics) -> Numerics:
     own_memory(model)
     ran = numerics
     if numerics.lossless_only and not int4:
-        # what int8 leaves out runs fp32 there: a CPU with avx512_bf16 would have had rest == "bf16"
-        ran = replace(numerics, name=_name(numerics.rest, "fp32", numerics.own_kernel), mode=numerics.rest,
-                      lossless_only=False)
+        # what int8 leaves out runs fp32 there: a CPU with avx512_bf16 would have had rest == "bf16"; a file's
+        # 8-bit layers run on the kernel as it holds them, beside the rest
+        mode, rest = ("int8", numerics.rest) if file_int8 else (numerics.rest, "fp32")
+        ran = replace(numerics, name=_name(mode, rest, numerics.own_kernel), mode=mode, lossless_only=False)
     low = f"{int8} 8-bit" + (f", {len(int4)} int4 ({sum(q.lossless for q in int4)} lossless)" if int4 else "")
     log.info("numerics %s: %d linear layers (%s), %d of them fused into %d products, in %.1fs", ran.name,
              len(layers), low, sum(len(g) for g in groups), len(groups), time.perf_counter() - started)  # fmt: skip

@@ -23,7 +23,8 @@ import time
 import torch
 from torch import nn
 
-from app.models.numerics.fusion import as_linear, linear_layers
+from app.models.numerics.fusion import WeightBias, as_linear, linear_layers
+from app.models.numerics.levels import dense
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +98,13 @@ def own_memory(model: nn.Module) -> None:
 def pack_linears(model: nn.Module) -> int:
     """Replace every linear layer of `model` (in place) with a PackedLinear; return how many."""
     started = time.perf_counter()
-    targets: list[tuple[nn.Module, str, tuple[torch.Tensor, torch.Tensor | None]]] = []
+    targets: list[tuple[nn.Module, str, WeightBias]] = []
     for parent, name, child in linear_layers(model):
         found = as_linear(child)
         assert found is not None
         targets.append((parent, name, found))
     for parent, name, (weight, bias) in targets:
-        setattr(parent, name, PackedLinear(weight, bias))
+        setattr(parent, name, PackedLinear(dense(weight), bias))
     own_memory(model)
     log.info("packed %d linear layers for oneDNN in %.1fs", len(targets), time.perf_counter() - started)
     return len(targets)

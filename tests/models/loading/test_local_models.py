@@ -107,12 +107,12 @@ def test_refused_ggufs_are_one_line_and_leave_the_store_clean(tmp_path: Path) ->
     truncated.write_bytes(real[: len(real) // 2])
     assert "GGUF file" in _one_line(_pull(store, str(truncated)))
     # a llama file whose metadata lacks what a model needs: transformers' own error, in one line
-    assert "transformers could not convert llama.gguf" in _one_line(_pull(store, str(tmp_path / "llama.gguf")))
+    assert "transformers could not read llama.gguf's metadata" in _one_line(_pull(store, str(tmp_path / "llama.gguf")))
     assert [n for n in _clean(store)] == []  # no scratch folder, no half-converted model
 
 
 def test_not_enough_disk_is_refused_before_converting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = _fake_gguf(tmp_path / "big.gguf", "llama")
+    path = _fake_gguf(tmp_path / "big.gguf", "falcon")  # converted to fp32 (not served from its blocks)
     store = ModelStore(tmp_path / "store")
     monkeypatch.setattr(gguf_module.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10, 10, 1000))  # type: ignore[attr-defined]
     with pytest.raises(StoreError, match=r"converting big.gguf needs 0.1 GiB in .* 0.0 GiB are free"):
