@@ -61,7 +61,7 @@ class Settings(BaseSettings):
         default=32768,
         ge=16,
         description="KV-cache budget in tokens: the sum over running rows of prompt + max new tokens. "
-        "Allocated when the engine starts.",
+        "Allocated when the engine starts. Unset: 32768, or what 1 GiB of the model's KV cache holds where fewer.",
     )
     max_prefill_tokens: int = Field(
         default=2048, ge=16, description="Prompt tokens prefilled in one step, so decoding rows are not starved."

@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
             log.error("textgen cannot start: %s", exc)
             raise SystemExit(f"textgen cannot start: {exc}") from None
         engine = Engine(
-            model.model, model.tokenizer, engine_limits(settings),
+            model.model, model.tokenizer, engine_limits(settings, model.model),
             context_length=model.info.context_length, eos_token_ids=model.info.eos_token_ids, observer=metrics,
             threads=model.info.threads,
         )  # fmt: skip

@@ -5,17 +5,29 @@ way through here."""
 from __future__ import annotations
 
 from dataclasses import fields
+from typing import Any
 
 from app.config import Settings
 from app.engine.engine import Engine
+from app.engine.kv_cache import token_bytes
 from app.engine.limits import EngineLimits
 from app.engine.types import Constraint, GenerationRequest, RequestFailed, SamplingParams, ScoreRequest
 
+# The KV arena's ceiling where TEXTGEN_MAX_BATCH_TOKENS is not set: its default, 32,768 tokens, is 0.4-0.5 GB for
+# SmolLM2 or Qwen2.5-1.5B in int8, but 8.8 GB for a Llama-7B shape (32 full key-value heads): allocated at start.
+KV_DEFAULT_BYTES = 2**30
+KV_FLOOR_TOKENS = 2048  # however large a model's tokens, at least this many fit
 
-def engine_limits(settings: Settings) -> EngineLimits:
+
+def engine_limits(settings: Settings, model: Any | None = None) -> EngineLimits:
     """Every limit the engine has, read from the setting of the same name: a new limit is a field of
-    EngineLimits and of Settings, and /info shows it (its `limits` is EngineLimits itself)."""
+    EngineLimits and of Settings, and /info shows it (its `limits` is EngineLimits itself). With `model`, an unset
+    max_batch_tokens is also held to what KV_DEFAULT_BYTES of its KV cache hold."""
     values = {f.name: getattr(settings, f.name) for f in fields(EngineLimits) if f.name != "prefix_cache_bytes"}
+    if model is not None and "max_batch_tokens" not in settings.model_fields_set:
+        per_token = token_bytes(model, settings.kv_cache_dtype)
+        fit = max(KV_FLOOR_TOKENS, KV_DEFAULT_BYTES // per_token) if per_token else values["max_batch_tokens"]
+        values["max_batch_tokens"] = min(values["max_batch_tokens"], fit)
     return EngineLimits(**values, prefix_cache_bytes=settings.prefix_cache_mb * 2**20)
 
 

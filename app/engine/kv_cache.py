@@ -24,10 +24,12 @@ arena doubles when it is full.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from app.models.layers import ragged_attention
+from app.models.numerics import modes
 
 BLOCK = ragged_attention.BLOCK
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, H, P, D) keys and values
@@ -83,6 +85,22 @@ class SegmentSpace:
                 seg.start = at
             at += seg.blocks
         return moved
+
+
+def token_bytes(model: Any, setting: str = "auto") -> int:
+    """Bytes one token takes in the KV cache of `model` under TEXTGEN_KV_CACHE_DTYPE `setting` (int8: a byte an element
+    and a fp32 scale per head), from its config; 0 where the config does not say."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    dim = getattr(config, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    if not (layers and kv_heads and dim):
+        return 0
+    dtype = modes.kv_cache_dtype(model, setting) or next(model.parameters()).dtype
+    per_head = dim + 4 if dtype == torch.int8 else dim * dtype.itemsize
+    return int(2 * layers * kv_heads * per_head)
 
 
 class RaggedCache:

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from app.engine.kv_cache import BLOCK, RaggedCache, SegmentSpace, blocks_for
+from app.engine.kv_cache import BLOCK, RaggedCache, SegmentSpace, blocks_for, token_bytes
 from app.engine.kv_views import DecodeView
+from app.models.loading.loader import LoadedModel
 
 
 def like(heads: int = 2, dim: int = 32, layers: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -250,3 +251,21 @@ def test_the_padded_window_holds_what_reads_hand_back(kv_dtype: torch.dtype | No
     for row, (seg, n) in enumerate(zip(segs, lengths, strict=True)):
         k, v = cache.read(0, seg, n)  # (1, H, n, D)
         assert torch.equal(keys[row, :, 40 - n :], k[0]) and torch.equal(values[row, :, 40 - n :], v[0])
+
+
+def test_an_unset_kv_budget_is_held_to_a_gib_of_the_cache(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app import startup
+    from app.config import Settings
+
+    config = tiny.model.config  # fp32 K/V: 4 bytes an element
+    assert token_bytes(tiny.model) == 2 * config.n_layer * config.n_head * (config.n_embd // config.n_head) * 4
+    assert token_bytes(tiny.model, "int8") == 2 * config.n_layer * config.n_head * (config.n_embd // config.n_head + 4)
+    assert startup.engine_limits(Settings(), tiny.model).max_batch_tokens == 32768  # 16 MB: the default holds
+    # a model whose 32,768 tokens would take more (a 7B shape: 8.8 GB) gets what the ceiling holds, not less than
+    # the floor, unless the budget was set
+    monkeypatch.setattr(startup, "KV_DEFAULT_BYTES", 4096 * token_bytes(tiny.model))
+    assert startup.engine_limits(Settings(), tiny.model).max_batch_tokens == 4096
+    monkeypatch.setattr(startup, "KV_DEFAULT_BYTES", 16 * token_bytes(tiny.model))
+    assert startup.engine_limits(Settings(), tiny.model).max_batch_tokens == startup.KV_FLOOR_TOKENS
+    assert startup.engine_limits(Settings(max_batch_tokens=32768), tiny.model).max_batch_tokens == 32768
+    assert startup.engine_limits(Settings()).max_batch_tokens == 32768  # no model: the setting as it is
