@@ -20,9 +20,9 @@ def command(server: Path, gguf: Path, port: int, parallel: int) -> list[str]:
             "-c", str(parallel * SLOT_TOKENS), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
 
 
-def body(prompt: str, max_new_tokens: int, stream: bool) -> dict[str, Any]:
-    """The bench's job as llama.cpp's /completion takes it: greedy, every token generated."""
-    return {"prompt": prompt, "n_predict": max_new_tokens, "ignore_eos": True, "stream": stream, "temperature": 0.0,
+def body(prompt: str, max_new_tokens: int) -> dict[str, Any]:
+    """The bench's job as llama.cpp's /completion takes it: greedy, every token generated, streamed."""
+    return {"prompt": prompt, "n_predict": max_new_tokens, "ignore_eos": True, "stream": True, "temperature": 0.0,
             "top_k": 1}  # fmt: skip
 
 

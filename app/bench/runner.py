@@ -88,7 +88,7 @@ async def _one(session: Any, url: str, job: Job, stream: bool, constraint: dict[
     import aiohttp
 
     if peer:
-        return await _one_peer(session, url, job, stream)
+        return await _one_peer(session, url, job)
     body: dict[str, Any] = {"prompt": job.prompt, "max_new_tokens": job.max_new_tokens, "ignore_eos": True,
                             "stream": stream}  # fmt: skip
     if constraint is not None:
@@ -118,16 +118,17 @@ async def _one(session: Any, url: str, job: Job, stream: bool, constraint: dict[
     return Result(status == 200, status, ttft if ttft is not None else latency, latency, tokens)
 
 
-async def _one_peer(session: Any, url: str, job: Job, stream: bool) -> Result:
+async def _one_peer(session: Any, url: str, job: Job) -> Result:
+    """One job through llama.cpp's /completion, always streamed (the time to its first token event)."""
     import aiohttp
 
     started = time.perf_counter()
     ttft, tokens = None, 0
     try:
-        async with session.post(f"{url}/completion", json=llama_cpp.body(job.prompt, job.max_new_tokens, stream)) as r:
+        async with session.post(f"{url}/completion", json=llama_cpp.body(job.prompt, job.max_new_tokens)) as r:
             status = r.status
             async for line in r.content:
-                text, count = llama_cpp.event(line if stream else b"data: " + line)  # unstreamed: one JSON body
+                text, count = llama_cpp.event(line)
                 if text and ttft is None:
                     ttft = time.perf_counter() - started
                 if count is not None:
@@ -441,7 +442,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 if engine:
                     print(f"{system}: numerics {httpx.get(f'{url}/info', timeout=10).json().get('numerics')}")
                 load = jobs[: args.sequential_requests] if system == "sequential" and args.sequential_requests else jobs
-                results, wall = asyncio.run(drive(url, load, args.concurrency, stream=engine or peer, peer=peer))
+                results, wall = asyncio.run(drive(url, load, args.concurrency, stream=engine, peer=peer))
                 rows.append(summarize(system, results, wall, peak_rss_mb(proc.pid), peak_gpu_mb(url)))
                 if engine:
                     print_engine_time(url, wall)

@@ -17,7 +17,6 @@ lose their +1. Architectures whose tensors need more than that (the MoE ones) ta
 
 from __future__ import annotations
 
-import logging
 import os
 import struct
 from collections.abc import Iterator
@@ -31,8 +30,6 @@ from torch import nn
 
 from app.models.numerics.group_quant import quantize8, quantize8_zero
 from app.models.numerics.levels import Levels, LevelsEmbedding, SourceLinear
-
-log = logging.getLogger(__name__)
 
 # GGUF architectures built here: those whose tensors need at most a row permutation (llama), a transpose back
 # to a layer's own layout (gpt2's Conv1D, which we never build) or a change of a float tensor (gemma's norms)
@@ -223,8 +220,8 @@ def _half(b: np.ndarray) -> np.ndarray:
     return b.copy().view(np.float16).astype(np.float32)
 
 
-def _nibbles(qs: np.ndarray, width: int) -> np.ndarray:
-    """(B, ..., width) bytes -> (B, ..., 2 width): the low nibbles, then the high ones (ggml's order)."""
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(B, ..., W) bytes -> (B, ..., 2 W): the low nibbles, then the high ones (ggml's order)."""
     return np.concatenate([qs & 15, qs >> 4], axis=-1)
 
 
@@ -240,14 +237,14 @@ def _decode(qtype: Any, blocks: np.ndarray) -> tuple[np.ndarray, int, np.ndarray
         q = blocks[:, 2:].copy().view(np.int8)
         return (q.astype(np.int16) + 128).astype(np.uint8), 128, _half(blocks[:, :2]), None, 8
     if qtype == T.Q4_0:  # d, 16 bytes of nibbles: w = d (q - 8)
-        return _nibbles(blocks[:, 2:], 16), 8, _half(blocks[:, :2]), None, 4
+        return _nibbles(blocks[:, 2:]), 8, _half(blocks[:, :2]), None, 4
     if qtype == T.Q4_1:  # d, m, nibbles: w = d q + m
-        return _nibbles(blocks[:, 4:], 16), 0, _half(blocks[:, :2]), _half(blocks[:, 2:4]), 4
+        return _nibbles(blocks[:, 4:]), 0, _half(blocks[:, :2]), _half(blocks[:, 2:4]), 4
     if qtype in (T.Q5_0, T.Q5_1):  # d, [m,] 32 high bits, nibbles
         at = 2 if qtype == T.Q5_0 else 4
         qh = blocks[:, at : at + 4].copy().view(np.uint32)  # (B, 1)
         high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # (B, 32)
-        q = _nibbles(blocks[:, at + 4 :], 16) | (high << 4)
+        q = _nibbles(blocks[:, at + 4 :]) | (high << 4)
         if qtype == T.Q5_0:  # w = d (q - 16)
             return q, 16, _half(blocks[:, :2]), None, 5
         return q, 0, _half(blocks[:, :2]), _half(blocks[:, 2:4]), 5  # w = d q + m
@@ -257,16 +254,12 @@ def _decode(qtype: Any, blocks: np.ndarray) -> tuple[np.ndarray, int, np.ndarray
         scale = d * sc.astype(np.float32)  # (B, 8): exact in fp32 (11 bits times 6)
         zero = -(dmin * m.astype(np.float32))  # w = scale q - dmin m
         if qtype == T.Q4_K:
-            q = _nibbles(blocks[:, 16:].reshape(b, 4, 32), 32).reshape(b, 256)
+            q = _nibbles(blocks[:, 16:].reshape(b, 4, 32)).reshape(b, 256)
             return q, 0, scale, zero, 4
         qh = blocks[:, 16:48].reshape(b, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)  # (B, 8, 32)
-        low = _nibbles(blocks[:, 48:].reshape(b, 4, 32), 32).reshape(b, 8, 32)
+        low = _nibbles(blocks[:, 48:].reshape(b, 4, 32)).reshape(b, 8, 32)
         return (low | ((qh & 1) << 4)).reshape(b, 256), 0, scale, zero, 5
     return None
-
-
-def _modules(model: nn.Module) -> dict[str, nn.Module]:
-    return dict(model.named_modules())
 
 
 def _names(model: nn.Module, architecture: str, config: Any) -> dict[str, str] | None:
@@ -335,7 +328,7 @@ def build(path: Path, fd: int, config: Any) -> nn.Module:
                                       parsed_parameters={"tensors": {}})  # fmt: skip
         return torch.from_numpy(np.array(processed.weights, dtype=np.float32))
 
-    modules = _modules(model)
+    modules = dict(model.named_modules())
     output = model.get_output_embeddings()
     embed = model.get_input_embeddings()
     embed_name = next(n for n, m in modules.items() if m is embed)

@@ -104,26 +104,22 @@ class Int4Linear(nn.Module):
         taken as they are."""
         super().__init__()
         self.out_features, self.in_features = weight.shape  # (N, K)
-        if not isinstance(weight, torch.Tensor):
-            self.error, self.lossless, self.kernel = 0.0, True, kernel
-            self.wide: PackedLinear | None = None
-            self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
-            if kernel is not None:
-                self.packed, self.scales_zeros = group_quant.pack4_levels(weight)
-                return
-            q, scales_zeros = concat(list(weight.chunks())).four_bit_scales()
-            self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)  # (N, K / 2) uint8
-            self.scales_zeros = scales_zeros
-            self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
-            return
-        q, scales_zeros, self.error = quantize_groups(weight)
-        self.lossless = self.error < LOSSLESS_ERROR
         self.kernel = kernel
+        self.wide: PackedLinear | None = None
+        if isinstance(weight, torch.Tensor):
+            q, scales_zeros, self.error = quantize_groups(weight)
+        elif kernel is not None:  # packed a few tiles at a time: the layer is never held unpacked whole
+            self.error, self.lossless = 0.0, True
+            self.packed, self.scales_zeros = group_quant.pack4_levels(weight)
+            self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
+            return
+        else:
+            (q, scales_zeros), self.error = concat(list(weight.chunks())).four_bit_scales(), 0.0
+        self.lossless = self.error < LOSSLESS_ERROR
         # plain attributes: the packed tensors' layouts are the kernels' own, not weights to save or move
         if kernel is not None:
             self.packed, self.scales_zeros = group_quant.pack4(q, scales_zeros)  # (N/16, K/32, 4, 16, 4), (.., 2, 16)
             self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
-            self.wide = None
             return
         self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)  # (N, K / 2) uint8
         self.scales_zeros = scales_zeros  # (K / 32, N, 2) bf16

@@ -237,9 +237,9 @@ def apply(model: Any, tokenizer: Any, numerics: Numerics) -> Numerics:
         output = any(layer is output_layer for layer in group)
         # a quantized file's weights (numerics/levels.py) go to the kernel as the file holds them: its 4-bit layers
         # as int4 (not the output layer: below), the rest in 8 bits (a 4-bit one widened without change)
-        bits = None if isinstance(source, torch.Tensor) or numerics.mode not in ("int4", "int8") else source.bits
-        if bits is not None and not isinstance(source, torch.Tensor) and kernel is not None and file_tiles(source):
-            if bits == 4 and numerics.mode == "int4" and not output:
+        if (kernel is not None and numerics.mode in ("int4", "int8") and not isinstance(source, torch.Tensor)
+                and source.bits is not None and file_tiles(source)):  # fmt: skip
+            if source.bits == 4 and numerics.mode == "int4" and not output:
                 int4.append(Int4Linear(source, bias, kernel=kernel))
                 return int4[-1]
             int8 += len(group)
