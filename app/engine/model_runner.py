@@ -48,7 +48,7 @@ class ModelRunner:
         # the model's decode written out without transformers' plumbing (same results), where there is one
         self.step = decode_step.for_model(model)
         # prompts through the step's written-out pass too, several in one (`prefill_group`), where it has one
-        self.prompt_step = self.step if isinstance(self.step, decode_step.LlamaStep) and self.step.prompts else None
+        self.prompt_step = self.step if isinstance(self.step, decode_step.WrittenOut) and self.step.prompts else None
         self.cache_kw = cache_keyword(model)
         # models whose layers mix full and sliding-window attention (Gemma 3): the decode mask differs by layer
         config = model.config

@@ -1,17 +1,18 @@
-/* A Llama-style decode step's layers in one call: the same kernels the written-out step calls from Python
-   (group_quant.c's products, gate/up with SwiGLU in its store, elementwise.c's norms / rotary, ragged_decode.c's
-   attention), called here in the same order on the same buffers, through the function pointers the caller hands
-   over.
+/* A decode step's layers in one call: the same kernels the written-out step calls from Python (group_quant.c's
+   products, gate/up with SwiGLU in its store, elementwise.c's norms / rotary / GELU, ragged_decode.c's attention),
+   called here in the same order on the same buffers, through the function pointers the caller hands over. Two
+   blocks: Llama's (RMSNorm, rotary, SwiGLU; Qwen2's too) and, with `gpt2`, GPT-2's (LayerNorm with bias, no
+   rotary, c_fc -> GELU -> c_proj).
 
    Why: at one row a SmolLM2 int4 step is ~4 ms of arithmetic and ~5 ms of Python between the ~270 kernel
    calls (argument conversion, tensor allocation, shape checks: ~10-15 us each). Here a call is a C call.
    Results are those of the Python loop bit for bit: same kernels, same inputs, same order.
 
-   Per layer l, ptrs[l * PTRS + ...]: for each product p in QKV, O, GATE_UP, DOWN its (weights, scales, bias or
-   0), then the post-attention norm's weight and the next norm's weight (the next layer's input norm, after the
-   last layer the final norm); dims[l * 3 * PRODUCTS + 3 p + ...]: the product's kind (group_quant.c's Q4 4, Q8 8,
-   Q8Z 9), K, N; eps[2 l
-   + ...]: the two norms' epsilons; kv[2 l + ...]: the layer's K and V arena. */
+   Per layer l, ptrs[l * PTRS + ...]: for each product p in QKV, O, GATE_UP (GPT-2: c_fc), DOWN its (weights,
+   scales, bias or 0), then the post-attention norm's weight and bias (0 for RMSNorm) and the next norm's (the
+   next layer's input norm, after the last layer the final norm); dims[l * 3 * PRODUCTS + 3 p + ...]: the
+   product's kind (group_quant.c's Q4 4, Q8 8, Q8Z 9), K, N; eps[2 l + ...]: the two norms' epsilons; kv[2 l +
+   ...]: the layer's K and V arena. */
 #include <stddef.h>
 #include <stdint.h>
 #include <time.h>
@@ -19,13 +20,15 @@
 typedef void (*linear_fn)(const float*, int, int, int, const uint8_t*, const void*, const float*, float*, int8_t*,
                           float*, float*, int32_t*, int);
 typedef void (*norm_fn)(float*, const float*, const float*, float, int, int, float*, int);
+typedef void (*layer_norm_fn)(float*, const float*, const float*, const float*, float, int, int, float*, int);
+typedef void (*gelu_fn)(float*, int, int, int);
 typedef void (*rope_fn)(const float*, const float*, const float*, int, int, int, int, float*, float*, float*, int);
 typedef void (*attn_fn)(const float*, float, void*, void*, int, const float*, const float*, const int32_t*,
                         const int32_t*, int, const int32_t*, int, const int32_t*, float*, float*, float*, float*, int);
 
 enum { QKV, O, GATE_UP, DOWN, PRODUCTS };
 #define SLOT(kind) ((kind) == 4 ? 0 : (kind) == 8 ? 1 : 2)  /* a product's kind -> its function in `linear` */
-#define PTRS (3 * PRODUCTS + 2)
+#define PTRS (3 * PRODUCTS + 4)
 
 static double now(void) {
   struct timespec t;
@@ -40,7 +43,8 @@ static double now(void) {
 enum { LINEARS, ATTENTION, ELEMENTWISE };
 
 /* fns: group_quant (Q4), q8_linear (Q8), q8z_linear (Q8Z), add_rms_norm, rope_split, group_quant_swiglu,
-   q8_linear_swiglu, q8z_linear_swiglu (the gate/up product with SwiGLU in its store), ragged_decode.
+   q8_linear_swiglu, q8z_linear_swiglu (the gate/up product with SwiGLU in its store), ragged_decode,
+   add_layer_norm, gelu_tanh. gpt2: GPT-2's block (cos_ and sin_ unread).
    x (B, E): the residual stream, updated in place; h (B, E): the first layer's normed input on entry, the
    final norm's output on return. cos, sin (B, D). held ... pacc: the ragged kernel's plan and scratch.
    work: y (B, most N), q (B, HQ, D), k, v (B, HKV, D), a (B, HQ, D), m (B, I) one after another;
@@ -51,12 +55,14 @@ void decode_layers(const int64_t* fns, int layers, const int64_t* ptrs, const in
                    const float* cos_, const float* sin_, float scale, int nbt, const int32_t* held,
                    const int32_t* starts, const int32_t* jobs, int njobs, const int32_t* first, float* pm,
                    float* pl, float* pacc, float* work, int8_t* xq, float* dx, float* sx, int32_t* so, int threads,
-                   double* times) {
+                   int gpt2, double* times) {
   const linear_fn linear[3] = {(linear_fn)fns[0], (linear_fn)fns[1], (linear_fn)fns[2]};  /* Q4, Q8, Q8Z */
   const norm_fn norm = (norm_fn)fns[3];
   const rope_fn rope = (rope_fn)fns[4];
   const linear_fn swiglu[3] = {(linear_fn)fns[5], (linear_fn)fns[6], (linear_fn)fns[7]};  /* Q4, Q8, Q8Z */
   const attn_fn attend = (attn_fn)fns[8];
+  const layer_norm_fn layer_norm = (layer_norm_fn)fns[9];
+  const gelu_fn gelu = (gelu_fn)fns[10];
   float* y = work;
   float* q = y + (size_t)B * most_n;
   float* k = q + (size_t)B * HQ * D;
@@ -69,15 +75,27 @@ void decode_layers(const int64_t* fns, int layers, const int64_t* ptrs, const in
 #define PRODUCT(fn, i, in, out) fn[SLOT(dm[3 * (i)])]((in), B, dm[3 * (i) + 1], dm[3 * (i) + 2], \
                                                      (const uint8_t*)p[3 * (i)], (const void*)p[3 * (i) + 1], \
                                                      (const float*)p[3 * (i) + 2], (out), xq, dx, sx, so, threads)
+#define NORM(i, r) do { \
+      const float* w_ = (const float*)p[3 * PRODUCTS + 2 * (i)]; \
+      const float* b_ = (const float*)p[3 * PRODUCTS + 2 * (i) + 1]; \
+      if (gpt2) layer_norm(x, (r), w_, b_, eps[2 * l + (i)], B, E, h, threads); \
+      else norm(x, (r), w_, eps[2 * l + (i)], B, E, h, threads); \
+    } while (0)
     TIMED(LINEARS, PRODUCT(linear, QKV, h, y));
-    TIMED(ELEMENTWISE, rope(y, cos_, sin_, B, HQ, HKV, D, q, k, v, threads));
+    TIMED(ELEMENTWISE, rope(y, gpt2 ? NULL : cos_, gpt2 ? NULL : sin_, B, HQ, HKV, D, q, k, v, threads));
     TIMED(ATTENTION, attend(q, scale, (void*)kv[2 * l], (void*)kv[2 * l + 1], nbt, k, v, held, starts, B, jobs, njobs,
                             first, pm, pl, pacc, a, threads));
     TIMED(LINEARS, PRODUCT(linear, O, a, y));
-    TIMED(ELEMENTWISE, norm(x, y, (const float*)p[3 * PRODUCTS], eps[2 * l], B, E, h, threads));
-    TIMED(LINEARS, PRODUCT(swiglu, GATE_UP, h, m));  /* m (B, I) = silu(gate) * up */
+    TIMED(ELEMENTWISE, NORM(0, y));
+    if (gpt2) {  /* m (B, I) = gelu(c_fc(h)) */
+      TIMED(LINEARS, PRODUCT(linear, GATE_UP, h, m));
+      TIMED(ELEMENTWISE, gelu(m, B, I, threads));
+    } else {
+      TIMED(LINEARS, PRODUCT(swiglu, GATE_UP, h, m));  /* m (B, I) = silu(gate) * up */
+    }
     TIMED(LINEARS, PRODUCT(linear, DOWN, m, y));
-    TIMED(ELEMENTWISE, norm(x, y, (const float*)p[3 * PRODUCTS + 1], eps[2 * l + 1], B, E, h, threads));
+    TIMED(ELEMENTWISE, NORM(1, y));
+#undef NORM
 #undef PRODUCT
   }
 }

@@ -15,17 +15,23 @@
 
 #define PARALLEL_ROWS 8
 
+/* row b of x (B, E), r's row b added first when r is given (the residual add before a norm) */
+static inline float* add_row(float* restrict x, const float* restrict r, int b, int E) {
+  float* xb = x + (size_t)b * E;
+  if (r) {
+    const float* rb = r + (size_t)b * E;
+    for (int i = 0; i < E; i++) xb[i] += rb[i];
+  }
+  return xb;
+}
+
 /* x (B, E) += r (B, E) when r is given; h (B, E) = x / sqrt(mean(x^2) + eps) * w: LlamaRMSNorm after the residual. */
 void add_rms_norm(float* restrict x, const float* restrict r, const float* restrict w, float eps, int B, int E,
                   float* restrict h, int threads) {
   #pragma omp parallel for schedule(static) num_threads(threads) if (B >= PARALLEL_ROWS)
   for (int b = 0; b < B; b++) {
-    float* xb = x + (size_t)b * E;
+    float* xb = add_row(x, r, b, E);
     float* hb = h + (size_t)b * E;
-    if (r) {
-      const float* rb = r + (size_t)b * E;
-      for (int i = 0; i < E; i++) xb[i] += rb[i];
-    }
     float ss = 0.0f;
     for (int i = 0; i < E; i++) ss += xb[i] * xb[i];
     const float inv = 1.0f / sqrtf(ss / (float)E + eps);
@@ -33,17 +39,53 @@ void add_rms_norm(float* restrict x, const float* restrict r, const float* restr
   }
 }
 
+/* x (B, E) += r (B, E) when r is given; h (B, E) = (x - mean(x)) / sqrt(var(x) + eps) * w + b: GPT-2's LayerNorm
+   after the residual (the biased variance, as torch's). */
+void add_layer_norm(float* restrict x, const float* restrict r, const float* restrict w, const float* restrict bias,
+                    float eps, int B, int E, float* restrict h, int threads) {
+  #pragma omp parallel for schedule(static) num_threads(threads) if (B >= PARALLEL_ROWS)
+  for (int b = 0; b < B; b++) {
+    float* xb = add_row(x, r, b, E);
+    float* hb = h + (size_t)b * E;
+    float sum = 0.0f;
+    for (int i = 0; i < E; i++) sum += xb[i];
+    const float mean = sum / (float)E;
+    float ss = 0.0f;
+    for (int i = 0; i < E; i++) ss += (xb[i] - mean) * (xb[i] - mean);
+    const float inv = 1.0f / sqrtf(ss / (float)E + eps);
+    for (int i = 0; i < E; i++) hb[i] = (xb[i] - mean) * inv * w[i] + bias[i];
+  }
+}
+
+/* y (B, N) = gelu(y) in place, the tanh form (GPT-2's gelu_new, torch's gelu(approximate="tanh")):
+   0.5 y (1 + tanh(sqrt(2 / pi) (y + 0.044715 y^3))). */
+void gelu_tanh(float* restrict y, int B, int N, int threads) {
+  #pragma omp parallel for schedule(static) num_threads(threads) if (B >= PARALLEL_ROWS)
+  for (int b = 0; b < B; b++) {
+    float* yb = y + (size_t)b * N;
+    for (int i = 0; i < N; i++) {
+      const float v = yb[i];
+      yb[i] = 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    }
+  }
+}
+
 /* y (B, (HQ + 2 HKV) D), the fused q/k/v product -> q (B, HQ, D) and k (B, HKV, D) rotated by cos, sin (B, D)
-   (rotate_half: the first half of a head pairs with the second), v (B, HKV, D) copied. */
+   (rotate_half: the first half of a head pairs with the second), v (B, HKV, D) copied. cos NULL: no rotation
+   (GPT-2's positions are in its embeddings), q and k copied too. */
 void rope_split(const float* restrict y, const float* restrict cos_, const float* restrict sin_, int B, int HQ,
                 int HKV, int D, float* restrict q, float* restrict k, float* restrict v, int threads) {
   const int half = D / 2, width = (HQ + 2 * HKV) * D;
   #pragma omp parallel for schedule(static) num_threads(threads) if (B >= PARALLEL_ROWS)
   for (int b = 0; b < B; b++) {
     const float* yb = y + (size_t)b * width;
-    const float* c = cos_ + (size_t)b * D;
-    const float* s = sin_ + (size_t)b * D;
-    for (int h = 0; h < HQ + HKV; h++) {
+    const float* c = cos_ ? cos_ + (size_t)b * D : NULL;
+    const float* s = cos_ ? sin_ + (size_t)b * D : NULL;
+    if (!cos_) {
+      for (int i = 0; i < HQ * D; i++) q[(size_t)b * HQ * D + i] = yb[i];
+      for (int i = 0; i < HKV * D; i++) k[(size_t)b * HKV * D + i] = yb[HQ * D + i];
+    }
+    for (int h = 0; h < (cos_ ? HQ + HKV : 0); h++) {
       const float* src = yb + h * D;
       float* dst = h < HQ ? q + ((size_t)b * HQ + h) * D : k + ((size_t)b * HKV + (h - HQ)) * D;
       for (int i = 0; i < half; i++) dst[i] = src[i] * c[i] - src[i + half] * s[i];

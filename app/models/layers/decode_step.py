@@ -11,8 +11,8 @@ where it runs); on the cache's torch path its logits equal the model's own forwa
 q/k/v or gate/up were fused into one product (numerics/fusion.py), it calls that product once and rotates
 q and k together.
 
-Where the elementwise work runs in C (int4 x int8, bf16), `LlamaStep.prefill` is the same layers over
-several prompts' tokens at once: transformers' forward of one 110-token SmolLM2 prompt spends ~15 ms of ~110
+Where the elementwise work runs in C (int4 x int8, int8, bf16), `prefill` (Llama's and GPT-2's) is the same
+layers over several prompts' tokens at once: transformers' forward of one 110-token SmolLM2 prompt spends ~15 ms of ~110
 outside its products and attention, and one pass per prompt makes 30 x 7 small calls per prompt.
 
 `for_model` returns None for any model it does not know or any option it does not implement (then the
@@ -62,7 +62,28 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class LlamaStep:
+class WrittenOut:
+    """What the written-out steps share: the C elementwise ops where the mode runs them, and with them a prompt
+    pass (`prefill`)."""
+
+    ops: elementwise.Elementwise | None
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def prompts(self) -> bool:
+        """Whether `prefill` runs: prompts take the written-out pass where the C elementwise ops do."""
+        return self.ops is not None
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor,
+                cache: AttendPrompts) -> torch.Tensor:  # fmt: skip
+        """Several prompts' tokens in one pass: ids and positions (T,), the prompts one after another; `last`
+        (P,) the index of each prompt's last token -> logits (P, V) there."""
+        raise NotImplementedError
+
+
+class LlamaStep(WrittenOut):
     """LlamaForCausalLM's decode (and Qwen2's: the same block, q/k/v with biases): RMSNorm -> q/k/v -> rotary ->
     attention -> o -> RMSNorm -> gate/up -> down."""
 
@@ -89,7 +110,14 @@ class LlamaStep:
         self.norms_after = [layer.input_layernorm for layer, _, _ in self.layers[1:]] + [self.base.norm]
         # where every product is the group-quantized kernel's: the layers in one C call (layers/native_step.py)
         shape = (config.hidden_size, self.q_heads, self.kv_heads, self.head_dim, config.intermediate_size)
-        self.native = None if self.ops is None else native_step.build(self.layers, self.norms_after, self.ops, shape)
+        self.native = None
+        if self.ops is not None:
+            products = [[qkv, layer.self_attn.o_proj, gate_up, layer.mlp.down_proj]
+                        for layer, qkv, gate_up in self.layers]  # fmt: skip
+            posts = [layer.post_attention_layernorm for layer, _, _ in self.layers]
+            norms = list(zip(posts, self.norms_after, strict=True))
+            scales = {float(layer.self_attn.scaling) for layer, _, _ in self.layers}
+            self.native = native_step.build(products, norms, scales, self.ops, shape)
         # the rotary cos / sin of positions [0, P), (P, D) each: a row's are looked up, not computed each step
         # (the module's forward, ~100 us a call). Only where they depend on the position alone: not dynamic
         # scaling, whose frequencies change with the sequence length.
@@ -179,11 +207,6 @@ class LlamaStep:
         logits: torch.Tensor = self.model.lm_head(h)  # (B, V)
         return logits
 
-    @property
-    def prompts(self) -> bool:
-        """Whether `prefill` runs: prompts take the written-out pass where the C elementwise ops do."""
-        return self.ops is not None
-
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor,
                 cache: AttendPrompts) -> torch.Tensor:  # fmt: skip
         """Several prompts' tokens in one pass: ids and positions (T,), the prompts one after another; `last`
@@ -213,16 +236,34 @@ class LlamaStep:
         return logits
 
 
-class Gpt2Step:
-    """GPT2LMHeadModel's decode: LayerNorm -> c_attn -> attention -> c_proj -> LayerNorm -> MLP."""
+class Gpt2Step(WrittenOut):
+    """GPT2LMHeadModel's decode: LayerNorm -> c_attn -> attention -> c_proj -> LayerNorm -> c_fc -> GELU -> c_proj.
+    Where the elementwise work runs in C (as LlamaStep's: int4 x int8, int8, bf16), the norms, the q/k/v split and
+    GELU are one call each, the layers one C call where every product is the kernel's, and `prefill` the same
+    layers over several prompts' tokens at once."""
 
     def __init__(self, model: Any) -> None:
+        config = model.config
         self.model = model
         self.base = model.transformer
-        self.heads = model.config.n_head
-        self.head_dim = model.config.n_embd // self.heads
+        self.q_heads = self.kv_heads = self.heads = config.n_head
+        self.head_dim = config.n_embd // self.heads
+        blocks = list(self.base.h)
+        # the norm that follows each block's MLP: the next block's first norm, after the last one the final norm
+        self.norms_after = [block.ln_1 for block in blocks[1:]] + [self.base.ln_f]
+        tanh_gelu = config.activation_function in ("gelu_new", "gelu_pytorch_tanh")
+        self.ops = elementwise.load() if modes.inexact(model) and tanh_gelu else None
+        self.native = None
+        if self.ops is not None:
+            products = [[b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj] for b in blocks]
+            norms = [(b.ln_2, after) for b, after in zip(blocks, self.norms_after, strict=True)]
+            shape = (config.n_embd, self.heads, self.heads, self.head_dim, config.n_inner or 4 * config.n_embd)
+            scales = {float(b.attn.scaling) for b in blocks}
+            self.native = native_step.build(products, norms, scales, self.ops, shape, gpt2=True)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: Attend) -> torch.Tensor:
+        if self.ops is not None:
+            return self._with_ops(self.ops, ids, positions, cache)
         rows, heads, d = ids.shape[0], self.heads, self.head_dim
         x = self.base.wte(ids[:, None]) + self.base.wpe(positions[:, None])  # (B, 1, E)
         for i, block in enumerate(self.base.h):
@@ -234,6 +275,61 @@ class Gpt2Step:
             x = x + block.mlp.c_proj(block.mlp.act(block.mlp.c_fc(block.ln_2(x))))
         logits: torch.Tensor = self.model.lm_head(self.base.ln_f(x))  # (B, 1, V)
         return logits[:, -1, :]
+
+    def _start(self, ops: elementwise.Elementwise, ids: torch.Tensor,
+               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The residual stream x (N, E) fp32 of tokens `ids` at `positions` (N,), and the first norm's h (N, E)."""
+        wte, wpe = self.base.wte, self.base.wpe
+        tokens = wte.weight.index_select(0, ids) if type(wte) is nn.Embedding else wte(ids)
+        x = (tokens.float() + wpe.weight.index_select(0, positions).float()).contiguous()
+        ln = self.base.h[0].ln_1
+        return x, ops.add_layer_norm(x, None, ln.weight, ln.bias, ln.eps)
+
+    def _block(self, ops: elementwise.Elementwise, i: int, x: torch.Tensor, h: torch.Tensor,
+               attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+               last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Block i over rows x, h (N, E) -> (x, h) after it; `attend(q, k, v)` (N, H, D) each -> (N, H, D); `last`:
+        the rows to keep after attention (the prompt pass's last layer)."""
+        block, after = self.base.h[i], self.norms_after[i]
+        q, k, v = ops.rope_split(block.attn.c_attn(h), None, None, self.heads, self.heads, self.head_dim)
+        a = attend(q, k, v).reshape(-1, self.heads * self.head_dim)  # (N, E)
+        if last is not None:
+            a, x = a[last].contiguous(), x[last].contiguous()
+        h = ops.add_layer_norm(x, block.attn.c_proj(a), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
+        m = ops.gelu(block.mlp.c_fc(h))
+        return x, ops.add_layer_norm(x, block.mlp.c_proj(m), after.weight, after.bias, after.eps)
+
+    def _with_ops(self, ops: elementwise.Elementwise, ids: torch.Tensor, positions: torch.Tensor,
+                  cache: Attend) -> torch.Tensor:  # fmt: skip
+        """The same step with its norms, split and GELU in C (and its layers in one C call where they run there)."""
+        x, h = self._start(ops, ids, positions)  # (B, E) each
+        scale = float(self.base.h[0].attn.scaling)
+        ragged = None if self.native is None else cache.ragged()
+        if self.native is not None and ragged is not None:
+            h = self.native(x, h, None, None, scale, ragged)
+        else:
+            for i in range(len(self.base.h)):
+                def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: int = i) -> torch.Tensor:
+                    a = cache.attend(i, self.base.h[i].attn, q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), scale)
+                    return a.reshape(q.shape)  # (B, 1, H, D) -> (B, H, D)
+                x, h = self._block(ops, i, x, h, attend)
+        logits: torch.Tensor = self.model.lm_head(h)  # (B, V)
+        return logits
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor,
+                cache: AttendPrompts) -> torch.Tensor:  # fmt: skip
+        """Several prompts' tokens in one pass, as LlamaStep.prefill: ids and positions (T,), `last` (P,) each
+        prompt's last token -> logits (P, V) there."""
+        ops = self.ops
+        assert ops is not None, "the prompt pass runs where the elementwise ops do"
+        x, h = self._start(ops, ids, positions)  # (T, E) each
+        final = len(self.base.h) - 1
+        for i in range(len(self.base.h)):
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: int = i) -> torch.Tensor:
+                return cache.attend(i, q, k, v, float(self.base.h[i].attn.scaling))
+            x, h = self._block(ops, i, x, h, attend, last if i == final else None)
+        logits: torch.Tensor = self.model.lm_head(h)  # (P, V)
+        return logits
 
 
 def for_model(model: Any) -> Step | None:

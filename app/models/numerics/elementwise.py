@@ -1,6 +1,6 @@
-"""The elementwise work between the matrix products in C (kernels/elementwise.c): RMSNorm with its residual add,
-rotary with the q/k/v split, SwiGLU. One call each where the model's modules run a dozen torch ops (see the
-C file's note).
+"""The elementwise work between the matrix products in C (kernels/elementwise.c): RMSNorm (GPT-2: LayerNorm) with
+its residual add, rotary with the q/k/v split, SwiGLU (GPT-2: GELU). One call each where the model's modules run
+a dozen torch ops (see the C file's note).
 
 Used only where the model runs the int4 x int8 kernel (app/models/numerics/group_quant.py): that mode is not
 token-exact against transformers anyway, and these loops reorder sums (-ffast-math). There the decode step
@@ -40,7 +40,11 @@ class Elementwise:
         self._swiglu.argtypes = [p, i, i, p, i]
         self._argmax = lib.argmax_rows
         self._argmax.argtypes = [p, i, i, p, i]
-        for fn in (self._norm, self._rope, self._swiglu, self._argmax):
+        self._layer_norm = lib.add_layer_norm
+        self._layer_norm.argtypes = [p, p, p, p, f, i, i, p, i]
+        self._gelu = lib.gelu_tanh
+        self._gelu.argtypes = [p, i, i, i]
+        for fn in (self._norm, self._rope, self._swiglu, self._argmax, self._layer_norm, self._gelu):
             fn.restype = None
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -52,15 +56,32 @@ class Elementwise:
                    width, h.data_ptr(), torch.get_num_threads())  # fmt: skip
         return h
 
-    def rope_split(self, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: int, kv_heads: int,
-                   dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-        """y (B, (Hq + 2 Hkv) D), cos and sin (B, D) -> q (B, Hq, D), k (B, Hkv, D) rotated, v (B, Hkv, D)."""
+    def add_layer_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                       bias: torch.Tensor, eps: float) -> torch.Tensor:  # fmt: skip
+        """x (B, E) contiguous fp32, updated in place to x + residual; returns LayerNorm(x) * weight + bias (B, E)."""
+        rows, width = x.shape
+        h = torch.empty_like(x)
+        self._layer_norm(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
+                         bias.data_ptr(), eps, rows, width, h.data_ptr(), torch.get_num_threads())  # fmt: skip
+        return h
+
+    def gelu(self, y: torch.Tensor) -> torch.Tensor:
+        """y (B, N) contiguous fp32 -> gelu(y) in its tanh form (GPT-2's gelu_new), in place."""
+        rows, width = y.shape
+        self._gelu(y.data_ptr(), rows, width, torch.get_num_threads())
+        return y
+
+    def rope_split(self, y: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, q_heads: int,
+                   kv_heads: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """y (B, (Hq + 2 Hkv) D), cos and sin (B, D) -> q (B, Hq, D), k (B, Hkv, D) rotated, v (B, Hkv, D); cos and
+        sin None: the three split, unrotated (GPT-2)."""
         rows = y.shape[0]
         q = y.new_empty(rows, q_heads, dim)
         k = y.new_empty(rows, kv_heads, dim)
         v = y.new_empty(rows, kv_heads, dim)
-        self._rope(y.data_ptr(), cos.data_ptr(), sin.data_ptr(), rows, q_heads, kv_heads, dim, q.data_ptr(),
-                   k.data_ptr(), v.data_ptr(), torch.get_num_threads())  # fmt: skip
+        self._rope(y.data_ptr(), None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(),
+                   rows, q_heads, kv_heads, dim, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                   torch.get_num_threads())  # fmt: skip
         return q, k, v
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:

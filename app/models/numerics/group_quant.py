@@ -136,10 +136,11 @@ def pack8_levels(source: SourceWeight, zeros: bool) -> tuple[torch.Tensor, torch
     return weights, scales
 
 
-def supports(weight: torch.Tensor) -> bool:
-    """Whether the kernel takes this (N, K) weight: whole groups of inputs, whole tiles of outputs."""
+def supports(weight: torch.Tensor, padded: bool = False) -> bool:
+    """Whether the kernel takes this (N, K) weight: whole groups of inputs, whole tiles of outputs (`padded`: any
+    number of outputs, the last tile filled with zero rows, as Int8GroupLinear does)."""
     out_features, in_features = weight.shape
-    return in_features % GROUP == 0 and out_features % TILE == 0
+    return in_features % GROUP == 0 and (padded or out_features % TILE == 0)
 
 
 class _Scratch(threading.local):
@@ -219,11 +220,18 @@ class Int8GroupLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape  # (N, K)
         if not isinstance(weight, torch.Tensor):
-            self.kind, self.error = (Q8 if weight.symmetric else Q8Z), 0.0
+            self.kind, self.error, self.padding = (Q8 if weight.symmetric else Q8Z), 0.0, 0
             self.kernel = kernel
             self.packed, self.scales = pack8_levels(weight, self.kind == Q8Z)
             self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
             return
+        # outputs past a whole tile (GPT-2's 50,257-token output layer) take zero rows to the next one; the call
+        # computes them and returns the real ones
+        self.padding = -self.out_features % TILE
+        if self.padding:
+            weight = torch.cat([weight.detach().float(), weight.new_zeros(self.padding, self.in_features).float()])
+            if bias is not None:
+                bias = torch.cat([bias.detach().float(), bias.new_zeros(self.padding).float()])
         q, d, self.error = quantize8(weight)
         if self.error < LOSSLESS_ERROR:
             self.kind, z = Q8, None
@@ -236,6 +244,9 @@ class Int8GroupLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
+        if self.padding:
+            y = self.kernel(x, self.packed, self.scales, self.bias, self.out_features + self.padding, self.kind)
+            return y[..., : self.out_features].contiguous()
         return self.kernel(x, self.packed, self.scales, self.bias, self.out_features, self.kind)
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N / 2)

@@ -59,8 +59,9 @@ INT4_FEATURES = ("avx512_f", "avx2")  # PyTorch's int4 kernel is vectorized for 
 # WikiText-2 perplexity is within 1% of fp32's (`textgen eval perplexity --modes ...`, test set: int4 on our
 # kernel +0.31%, bf16 -0.03%, int8 on our kernel +0.24%). int4 first, for the layers that are 4-bit already
 # (see `Numerics.lossless_only`): it is the fastest mode on W1 and on one stream (`textgen bench --compare
-# --systems engine --modes fp32,bf16,int8,int4`; docs/benchmarks.md). The rest of the layers: bf16, else int8
-# (a CPU with VNNI but without avx512_bf16 still runs its products in 8 bits), else fp32.
+# --systems engine --modes fp32,bf16,int8,int4`; docs/benchmarks.md). The rest of the layers: int8 where our
+# kernel runs (a float checkpoint's layers too: GPT-2 small reads half bf16's bytes a token and its layers run
+# in one C call, 2.7x bf16's one stream; docs/numerics.md), else bf16, else int8 on oneDNN, else fp32.
 AUTO_CPU_ORDER = ("int4", "bf16", "int8", "fp32")
 
 
@@ -127,8 +128,9 @@ def choose(
         if mode == "fp32":
             fallback = "this CPU has none of " + ", ".join(need[m] for m in order if m != "fp32") + "; running fp32"
         if mode == "int4":
-            rest = usable_order[1]
             own = group_quant.usable(features)
+            # the rest on our kernel in 8 bits where it runs (AUTO_CPU_ORDER's note)
+            rest = "int8" if own and quantize == "auto" else usable_order[1]
             return Numerics(_name("int4", rest, own), "int4", torch.float32, rest=rest, lossless_only=True,
                             own_kernel=own)  # fmt: skip
     wide_bf16 = mode in ("int8", "int4") and usable["bf16"] and dtype != "float32"
@@ -253,7 +255,7 @@ def apply(model: Any, tokenizer: Any, numerics: Numerics) -> Numerics:
                 not numerics.lossless_only or is_four_bit(weight)):  # fmt: skip
             int4.append(Int4Linear(weight, bias, kernel=kernel))
             return int4[-1]
-        if kernel is not None and (with_int8 or output) and group_quant.supports(weight):
+        if kernel is not None and (with_int8 or output) and group_quant.supports(weight, padded=True):
             # 8 bits per group x int8 activations: every layer of the int8 mode (the down projections and the output
             # layer too: the per-group activation scales take their outlier channels, which one scale per row
             # could not), and int4's output layer (Q8_0 in SmolLM2's file: half bf16's bytes, held exactly)

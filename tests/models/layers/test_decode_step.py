@@ -42,7 +42,7 @@ def _decode(model: Any, written_out: bool, prompts: list[list[int]], steps: int 
     batch = ModelRunner(model, max_rows=8, max_tokens=4096, kernel=kernel)
     if not written_out:
         batch.step = batch.prompt_step = None
-    if not native and isinstance(batch.step, LlamaStep):
+    if not native and isinstance(batch.step, (LlamaStep, Gpt2Step)):
         batch.step.native = None
     with torch.inference_mode():
         for ids in prompts:
@@ -158,7 +158,8 @@ def _assert_prompt_pass(model: Any) -> None:
                 expected, expected_kv = alone[prompts.index(r.prompt_ids)]
                 assert torch.equal(logits, expected)
                 assert all(torch.equal(a, b) for a, b in zip(_segment_kv(batch, r), expected_kv, strict=True))
-                assert kv[0][0].shape == (1, model.config.num_key_value_heads, r.prompt_len, kv[0][0].shape[-1])
+                heads = getattr(model.config, "num_key_value_heads", model.config.num_attention_heads)
+                assert kv[0][0].shape == (1, heads, r.prompt_len, kv[0][0].shape[-1])
                 batch.discard(r)
         step, batch.prompt_step = batch.prompt_step, None  # the model's own forward
         for ids, (expected, expected_kv) in zip(prompts, alone, strict=True):
@@ -183,7 +184,7 @@ KERNEL = group_quant.load() is not None and group_quant.usable(CPU_FEATURES)
 def _assert_native_layers(model: Any) -> None:
     """The step's layers in one C call give the Python loop's logits bit for bit, rows joining as they go."""
     step = for_model(model)
-    assert isinstance(step, LlamaStep) and step.native is not None
+    assert isinstance(step, (LlamaStep, Gpt2Step)) and step.native is not None
     vocab = model.config.vocab_size
     prompts = [[(5 * i + n) % vocab for i in range(n)] for n in (3, 17, 1, 40, 9)]
     in_c = _decode(model, True, prompts, steps=6, kernel=True)
@@ -213,6 +214,14 @@ def test_layers_in_one_c_call_tiny_llama(quantize: str) -> None:
 def test_prompts_in_one_pass_and_layers_in_one_c_call_tiny_qwen2(quantize: str) -> None:
     _assert_prompt_pass(_tiny_qwen2(quantize))
     _assert_native_layers(_tiny_qwen2(quantize))
+
+
+@pytest.mark.skipif(not KERNEL, reason="the prompt pass and the C layer loop run with the group-quantized kernel")
+@pytest.mark.parametrize("quantize", ON_KERNEL)
+def test_prompts_in_one_pass_and_layers_in_one_c_call_tiny_gpt2(quantize: str) -> None:
+    model = _load(TINY_GPT2, quantize=quantize).model
+    _assert_prompt_pass(model)
+    _assert_native_layers(model)
 
 
 @pytest.mark.smollm

@@ -44,6 +44,33 @@ def test_rows_split_over_threads_equal_rows_alone(ops: elementwise.Elementwise) 
     assert torch.allclose(together[1], torch.nn.functional.silu(g[:, :1536]) * g[:, 1536:], rtol=1e-5, atol=1e-5)
 
 
+def test_gpt2_ops_compute_torch_s_and_split_rows_alike(ops: elementwise.Elementwise) -> None:
+    """LayerNorm after the residual, GELU's tanh form and the unrotated q/k/v split (GPT-2's block): torch's values
+    to float rounding, and each row's result the same alone and among 37."""
+    torch.manual_seed(0)
+    rows, width = 37, 768
+    x, r, w, b = torch.randn(rows, width) + 3, torch.randn(rows, width), torch.randn(width), torch.randn(width)
+    y, qkv = torch.randn(rows, 3072) * 3, torch.randn(rows, 3 * width)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        together_x = x.clone()
+        h = ops.add_layer_norm(together_x, r, w, b, 1e-5)
+        g = ops.gelu(y.clone())
+        q, k, v = ops.rope_split(qkv, None, None, 12, 12, 64)
+        for i in range(rows):
+            alone_x = x[i : i + 1].clone()
+            assert torch.equal(ops.add_layer_norm(alone_x, r[i : i + 1], w, b, 1e-5)[0], h[i])
+            assert torch.equal(alone_x[0], together_x[i])
+            assert torch.equal(ops.gelu(y[i : i + 1].clone())[0], g[i])
+    finally:
+        torch.set_num_threads(before)
+    expected = torch.nn.functional.layer_norm(x + r, (width,), w, b, 1e-5)
+    assert torch.allclose(h, expected, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(g, torch.nn.functional.gelu(y, approximate="tanh"), rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.cat([q, k, v], dim=1), qkv.view(rows, 36, 64))  # copies, in order
+
+
 @pytest.mark.parametrize("shape", [(1, 49152), (32, 49152), (5, 17)])
 def test_greedy_is_torch_argmax_ties_to_the_first(ops: elementwise.Elementwise, shape: tuple[int, int]) -> None:
     torch.manual_seed(0)

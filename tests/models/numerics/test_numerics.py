@@ -36,6 +36,7 @@ HAS_FAST = HAS_INT8 and HAS_BF16
 W4A8 = group_quant.usable(FEATURES)  # the int4 x int8 kernel (AVX512-VNNI or AVX2)
 # what runs the layers int4 leaves out on this CPU (modes.AUTO_CPU_ORDER after int4)
 REST = "bf16" if HAS_BF16 else "int8" if HAS_INT8 else "fp32"
+AUTO_REST = "int8" if W4A8 else REST  # under auto: 8 bits on our kernel where it runs
 
 
 def _choose(dtype: str = "auto", quantize: str = "auto", features: set[str] = ZEN4) -> modes.Numerics:
@@ -210,6 +211,14 @@ def test_the_int4_by_int8_kernel_computes_its_formula_and_each_row_alone() -> No
                                + bias, rtol=1e-5, atol=1e-5)  # fmt: skip
     assert torch.equal(got8, alone8) and torch.equal(got_symmetric, alone_symmetric)
     assert float((got8 - exact).norm() / exact.norm()) < 0.01
+    # outputs past whole tiles (GPT-2's 50,257-token output layer): zero rows up to the next tile, computed and
+    # dropped; the first 200 outputs are those of the same rows' product
+    ragged = group_quant.Int8GroupLinear(weight[:203], bias[:203], kernel)
+    assert ragged.padding == 5 and ragged.out_features == 203
+    with torch.inference_mode():
+        got_ragged = ragged(x)
+    assert got_ragged.shape == (37, 203) and got_ragged.is_contiguous()
+    assert torch.equal(got_ragged, got8[:, :203])
 
 
 def _swiglu_layers(kernel: group_quant.GroupQuantKernel) -> list[torch.nn.Module]:
@@ -429,19 +438,19 @@ def test_smollm_int8_logits_stay_near_fp32(smollm: LoadedModel) -> None:
 
 def test_auto_takes_int4_only_for_weights_that_are_four_bit_already(smollm: LoadedModel) -> None:
     """The offline default comes from a Q4_1 file: under auto its block layers go to int4 unchanged. The tiny
-    model's random weights are not 4-bit: auto leaves it in the next mode."""
+    model's random weights are not 4-bit: auto leaves it in the next mode (8 bits on our kernel where it runs)."""
     if not HAS_INT4:
         pytest.skip("this CPU has no int4 kernel")
     tiny = _load(TINY_GPT2)
     assert not any(isinstance(m, int4.Int4Linear) for m in tiny.model.modules())
-    # not 4-bit: the next mode, int8 with what it leaves out in fp32 (no avx512_bf16), or fp32
+    # not 4-bit: the next mode, int8 with what it leaves out in fp32, or bf16, or fp32
     int8 = "int8-w8a8-g32+fp32" if W4A8 else "int8-w8a8-per-row+fp32"
-    assert tiny.info.numerics == {"bf16": "bf16-packed", "int8": int8, "fp32": "fp32-packed"}[REST]
+    assert tiny.info.numerics == {"bf16": "bf16-packed", "int8": int8, "fp32": "fp32-packed"}[AUTO_REST]
     if HAS_FAST:  # VNNI without avx512_bf16
         no_bf16 = _load(TINY_GPT2, cpu_features="avx2,avx512_f,avx512_vnni")
         assert no_bf16.info.numerics == "int8-w8a8-per-row+fp32"
     default = _load(OFFLINE_DEFAULT)
-    assert default.info.numerics == f"int4-{'w4a8' if W4A8 else 'w4'}-g32+{REST}"
+    assert default.info.numerics == f"int4-{'w4a8' if W4A8 else 'w4'}-g32+{AUTO_REST}"
     layers = [m for m in default.model.modules() if isinstance(m, int4.Int4Linear)]
     assert len(layers) == sum(m.lossless for m in layers) == 4 * default.model.config.num_hidden_layers  # qkv, o,
     # gate/up, down; the output layer (its file holds it in Q8_0): the kernel's 8-bit weights, else bf16
