@@ -29,6 +29,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -137,6 +138,9 @@ class Manifest:
     licence: str = ""
     source_sha256: str = ""  # of the file it was converted from (a GGUF)
     source_stat: list[int] = field(default_factory=list)  # that file's size and mtime (ns) when converted
+    # weight file -> its size and mtime (ns) when its sha256 last matched: `verify` hashes it again only once
+    # either changes (hashing a 1.1 GB file took 1.2 s of every start)
+    checked: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
     def read(cls, folder: Path) -> Manifest:
@@ -144,7 +148,10 @@ class Manifest:
         return cls(**data)
 
     def write(self, folder: Path) -> None:
-        (folder / MANIFEST).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        """Written whole or not at all (a temporary file renamed over it): a reader never sees half of one."""
+        scratch = folder / f".{MANIFEST}.{os.getpid()}"
+        scratch.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        scratch.replace(folder / MANIFEST)
 
 
 @dataclass(frozen=True)
@@ -259,16 +266,27 @@ class ModelStore:
     def verify(self, located: Located) -> None:
         if located.manifest is None:
             return
-        for file_name, expected in located.manifest.weights.items():
+        manifest, matched = located.manifest, False
+        for file_name, expected in manifest.weights.items():
             path = located.path / file_name
             if not path.is_file():
                 raise StoreError(f"model '{located.name}' is missing {path}; run: textgen pull {located.name} --force")
+            stat = path.stat()
+            if manifest.checked.get(file_name) == [stat.st_size, stat.st_mtime_ns]:  # unchanged since it matched
+                continue
             actual = sha256_file(path)
             if actual != expected:
                 raise StoreError(
                     f"model '{located.name}': sha256 of {file_name} is {actual[:12]}…, the manifest says "
                     f"{expected[:12]}…; the file is damaged. Run: textgen pull {located.name} --force"
                 )
+            manifest.checked[file_name] = [stat.st_size, stat.st_mtime_ns]
+            matched = True
+        if matched:
+            try:
+                manifest.write(located.path)
+            except OSError as exc:  # a read-only store: checked again next time
+                log.info("could not record the check in %s: %s", located.path / MANIFEST, exc)
 
     # ---- pull ---------------------------------------------------------------------------------
     def pull(self, name: str, *, force: bool = False, revision: str | None = None) -> Located:

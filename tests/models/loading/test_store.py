@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from app.models.loading import store
 from app.models.loading.store import (
     BUILTIN,
     MANIFEST,
@@ -87,6 +88,26 @@ def test_verify_catches_a_damaged_weight_file(store_copy: ModelStore) -> None:
     weights.write_bytes(bytes(data))
     with pytest.raises(StoreError, match=r"damaged.*textgen pull tiny-gpt2 --force"):
         store_copy.verify(located)
+
+
+def test_verify_hashes_a_file_again_only_once_it_changed(store_copy: ModelStore,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    located = store_copy.locate(TINY_GPT2)
+    assert located is not None
+    store_copy.verify(located)  # hashes, and records the file's size and mtime in the manifest
+    weights = located.path / "model.safetensors"
+    recorded = json.loads((located.path / MANIFEST).read_text())["checked"]
+    assert recorded == {"model.safetensors": [weights.stat().st_size, weights.stat().st_mtime_ns]}
+    hashed: list[Path] = []
+    real = store.sha256_file
+    monkeypatch.setattr(store, "sha256_file", lambda path: hashed.append(path) or real(path))
+    again = store_copy.locate(TINY_GPT2)
+    assert again is not None
+    store_copy.verify(again)
+    assert hashed == []  # unchanged since it matched: not read again
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    store_copy.verify(again)
+    assert hashed == [weights]
 
 
 def test_default_is_gpt2_when_present_else_the_offline_default(store_copy: ModelStore, tmp_path: Path) -> None:
