@@ -38,15 +38,16 @@ async def warm_up(engine: Engine) -> None:
     """Every kind of device work a request can do, once, so a path that is broken on this device (CUDA, a
     kernel, a dtype) fails at start-up instead of on the first client: a prompt long enough for the prefix
     cache, greedy with log-probabilities (it is stored); the same head again, sampled with every control (a
-    prefix-cache hit); a scoring request (a hit too); and a constrained one (the token masks)."""
+    prefix-cache hit); a scoring request (a hit too); and a constrained one (the token masks). One at a time
+    (the limits may admit one), two tokens each: the prefill's and one decode step's."""
     sampled = SamplingParams(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.1, seed=0)
     requests: list[GenerationRequest | ScoreRequest] = [
-        GenerationRequest(prompt=WARM_UP_TEXT, max_new_tokens=4, ignore_eos=True, logprobs=2),
-        GenerationRequest(prompt=WARM_UP_TEXT + " Then", max_new_tokens=4, ignore_eos=True, sampling=sampled),
+        GenerationRequest(prompt=WARM_UP_TEXT, max_new_tokens=2, ignore_eos=True, logprobs=2),
+        GenerationRequest(prompt=WARM_UP_TEXT + " Then", max_new_tokens=2, ignore_eos=True, sampling=sampled),
         ScoreRequest(prompt=WARM_UP_TEXT, continuations=(" Yes", " No")),
     ]
     if await engine.on_input(engine.grammars.prepare):  # builds the grammar library's view of the vocabulary
-        requests.append(GenerationRequest(prompt=WARM_UP_TEXT, max_new_tokens=4,
+        requests.append(GenerationRequest(prompt=WARM_UP_TEXT, max_new_tokens=2,
                                           constraint=Constraint("choice", ["yes", "no"])))  # fmt: skip
     for request in requests:
         stream = await engine.submit(request)

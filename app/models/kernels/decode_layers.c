@@ -11,7 +11,7 @@
    Per layer l, ptrs[l * PTRS + ...]: for each product p in QKV, O, GATE_UP (GPT-2: c_fc), DOWN its (weights,
    scales, bias or 0), then the post-attention norm's weight and bias (0 for RMSNorm) and the next norm's (the
    next layer's input norm, after the last layer the final norm); dims[l * 3 * PRODUCTS + 3 p + ...]: the
-   product's kind (group_quant.c's Q4 4, Q8 8, Q8Z 9), K, N; eps[2 l + ...]: the two norms' epsilons; kv[2 l +
+   product's kind (group_quant.c's Q4 4, Q4K 5, Q8 8, Q8Z 9), K, N; eps[2 l + ...]: the two norms' epsilons; kv[2 l +
    ...]: the layer's K and V arena. */
 #include <stddef.h>
 #include <stdint.h>
@@ -27,7 +27,8 @@ typedef void (*attn_fn)(const float*, float, void*, void*, int, const float*, co
                         const int32_t*, int, const int32_t*, int, const int32_t*, float*, float*, float*, float*, int);
 
 enum { QKV, O, GATE_UP, DOWN, PRODUCTS };
-#define SLOT(kind) ((kind) == 4 ? 0 : (kind) == 8 ? 1 : 2)  /* a product's kind -> its function in `linear` */
+/* a product's kind (group_quant.c's Q4 4, Q4K 5, Q8 8, Q8Z 9) -> its function in `linear` and `swiglu` */
+#define SLOT(kind) ((kind) == 4 ? 0 : (kind) == 8 ? 1 : (kind) == 9 ? 2 : 3)
 #define PTRS (3 * PRODUCTS + 4)
 
 static double now(void) {
@@ -44,7 +45,8 @@ enum { LINEARS, ATTENTION, ELEMENTWISE };
 
 /* fns: group_quant (Q4), q8_linear (Q8), q8z_linear (Q8Z), add_rms_norm, rope_split, group_quant_swiglu,
    q8_linear_swiglu, q8z_linear_swiglu (the gate/up product with SwiGLU in its store), ragged_decode,
-   add_layer_norm, gelu_tanh. gpt2: GPT-2's block (cos_ and sin_ unread).
+   add_layer_norm, gelu_tanh, group_quant_q4k (Q4K) and its SwiGLU entry. gpt2: GPT-2's block (cos_ and sin_
+   unread).
    x (B, E): the residual stream, updated in place; h (B, E): the first layer's normed input on entry, the
    final norm's output on return. cos, sin (B, D). held ... pacc: the ragged kernel's plan and scratch.
    work: y (B, most N), q (B, HQ, D), k, v (B, HKV, D), a (B, HQ, D), m (B, I) one after another;
@@ -56,10 +58,11 @@ void decode_layers(const int64_t* fns, int layers, const int64_t* ptrs, const in
                    const int32_t* starts, const int32_t* jobs, int njobs, const int32_t* first, float* pm,
                    float* pl, float* pacc, float* work, int8_t* xq, float* dx, float* sx, int32_t* so, int threads,
                    int gpt2, double* times) {
-  const linear_fn linear[3] = {(linear_fn)fns[0], (linear_fn)fns[1], (linear_fn)fns[2]};  /* Q4, Q8, Q8Z */
+  const linear_fn linear[4] = {(linear_fn)fns[0], (linear_fn)fns[1], (linear_fn)fns[2],
+                               (linear_fn)fns[11]};  /* Q4, Q8, Q8Z, Q4K */
   const norm_fn norm = (norm_fn)fns[3];
   const rope_fn rope = (rope_fn)fns[4];
-  const linear_fn swiglu[3] = {(linear_fn)fns[5], (linear_fn)fns[6], (linear_fn)fns[7]};  /* Q4, Q8, Q8Z */
+  const linear_fn swiglu[4] = {(linear_fn)fns[5], (linear_fn)fns[6], (linear_fn)fns[7], (linear_fn)fns[12]};
   const attn_fn attend = (attn_fn)fns[8];
   const layer_norm_fn layer_norm = (layer_norm_fn)fns[9];
   const gelu_fn gelu = (gelu_fn)fns[10];

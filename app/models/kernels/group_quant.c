@@ -2,6 +2,9 @@
    inputs at the start of each call, summed in int32 on AVX512-VNNI (llama.cpp's Q4_1 / Q8_0 x Q8 scheme):
    - 4-bit weights (GGUF Q4_1's blocks; kind Q4): w = (q - 8) * d + z, q in [0, 15], d and z bf16 per output
      and group;
+   - 4-bit weights as GGUF Q4_K holds them (kind Q4K): w = q * (D sc) - Dmin m, q in [0, 15], sc and m 6-bit
+     integers per output and group, D and Dmin fp16 per output and 8 groups: exact (D sc needs 17 bits, which
+     fp32 holds and bf16 does not), 4.625 bits a weight against Q4's 5;
    - 8-bit weights, symmetric (GGUF Q8_0's blocks; kind Q8): w = (u - 128) * d, u in [1, 255], d fp32 per output
      and group;
    - 8-bit weights with a zero (kind Q8Z): w = (u - 128) * d + z, u in [0, 255], d and z fp32 per output and
@@ -44,7 +47,8 @@
    Weight layout, per tile t of 16 outputs and group g: vectors of 16 lanes x 4 bytes, lane n holding 4
    consecutive inputs of output 16t + n, the vpdpbusd operand for those 4 inputs.
    - 4 bits, 256 bytes: 4 vectors p = 0..3, lane n's byte i holding q[16t + n, 32g + 8p + i] in its low nibble
-     and q[16t + n, 32g + 8p + 4 + i] in its high nibble. Scales (T, G, 2, 16) bf16: d then z.
+     and q[16t + n, 32g + 8p + 4 + i] in its high nibble. Scales (T, G, 2, 16) bf16: d then z; Q4K's (T, G / 8,
+     320) bytes: per 8 groups D (16 fp16), Dmin (16 fp16), then each group's sc (16 bytes) and m (16 bytes).
    - 8 bits, 512 bytes: 8 vectors j = 0..7, lane n's byte i holding u[16t + n, 32g + 4j + i]. Scales (T, G, 16)
      fp32 (Q8), or (T, G, 2, 16) fp32, d then z (Q8Z). */
 #include <immintrin.h>
@@ -62,7 +66,10 @@
 #error "group_quant needs AVX512F, AVX512BW and AVX512-VNNI, or AVX2 and FMA"
 #endif
 
-enum { Q4 = 4, Q8 = 8, Q8Z = 9 };  /* the weights' kinds, above (app/models/numerics/group_quant.py names them alike) */
+enum { Q4 = 4, Q4K = 5, Q8 = 8, Q8Z = 9 };  /* the weights' kinds, above (app/models/numerics/group_quant.py names
+                                               them alike) */
+#define FOUR(bits) ((bits) == Q4 || (bits) == Q4K)  /* 4-bit weights: the same nibbles, other scales */
+#define Q4K_SUPER 320  /* bytes of a tile's Q4K scales per 8 groups */
 #define GS 32   /* inputs per group */
 #define NT 16   /* outputs per tile */
 #define DYNAMIC_ROWS 64  /* calls with at least this many rows hand tiles out dynamically (see run) */
@@ -131,7 +138,15 @@ static void quantize_row(const float* x, int K, int8_t* xq, float* dx, float* sx
 /* group g's d and m = z - OFF d for a tile's 16 outputs (Q8's m goes unread: its offset is taken in the
    integers); the VNNI and the AMX paths both take them from here, so they compute the same values */
 static inline void group_dm(const int bits, const void* restrict st, int g, __m512* d, __m512* m) {
-  if (bits == Q4) {
+  if (bits == Q4K) {  /* d = D sc, m = -Dmin m: exact */
+    const uint8_t* sb = (const uint8_t*)st + (size_t)(g / 8) * Q4K_SUPER;
+    const uint8_t* sg = sb + 64 + (g % 8) * 32;
+    const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)sb));
+    const __m512 Dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sb + 32)));
+    *d = _mm512_mul_ps(D, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)sg))));
+    *m = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), Dmin),
+                       _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(sg + 16)))));
+  } else if (bits == Q4) {
     const uint16_t* sg = (const uint16_t*)st + (size_t)g * 2 * NT;
     *d = bf16_to_f32(sg);
     *m = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), *d, bf16_to_f32(sg + NT));  /* z - 8 d */
@@ -158,7 +173,7 @@ static inline void tile_rows(const int bits, const int mode, const int rb, const
   for (int g = 0; g < G; g++) {
     __m512i w[8];
     __m512 d, m;
-    if (bits == Q4) {
+    if (FOUR(bits)) {
       const __m512i* wg = (const __m512i*)(wt + (size_t)g * 256);
       for (int p = 0; p < 4; p++) {
         __m512i packed = _mm512_loadu_si512(wg + p);
@@ -378,7 +393,7 @@ static inline void tile_rows(const int bits, const int mode, const int rb, const
     for (int g = 0; g < G; g++) {
       __m256i s[RB];
       for (int r = 0; r < rb; r++) s[r] = _mm256_setzero_si256();
-      if (bits == Q4) {
+      if (FOUR(bits)) {
         const uint8_t* wg = wt + (size_t)g * 256 + 32 * h;
         for (int p = 0; p < 4; p++) {
           __m256i packed = _mm256_loadu_si256((const __m256i*)(wg + 64 * p));
@@ -391,9 +406,20 @@ static inline void tile_rows(const int bits, const int mode, const int rb, const
             s[r] = _mm256_adds_epi16(s[r], _mm256_maddubs_epi16(w1, _mm256_set1_epi32(xr[2 * p + 1])));
           }
         }
-        const uint16_t* sg = (const uint16_t*)st + (size_t)g * 2 * NT + 8 * h;
-        const __m256 d = bf16_to_f32(sg);
-        const __m256 m = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), d, bf16_to_f32(sg + NT));  /* z - 8 d */
+        __m256 d, m;
+        if (bits == Q4K) {  /* d = D sc, m = -Dmin m, as the AVX-512 version */
+          const uint8_t* sb = (const uint8_t*)st + (size_t)(g / 8) * Q4K_SUPER;
+          const uint8_t* sc = sb + 64 + (g % 8) * 32 + 8 * h;
+          const __m256 D = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sb + 16 * h)));
+          const __m256 Dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sb + 32 + 16 * h)));
+          d = _mm256_mul_ps(D, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)sc))));
+          m = _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), Dmin),
+                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(sc + 16)))));
+        } else {
+          const uint16_t* sg = (const uint16_t*)st + (size_t)g * 2 * NT + 8 * h;
+          d = bf16_to_f32(sg);
+          m = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), d, bf16_to_f32(sg + NT));  /* z - 8 d */
+        }
         for (int r = 0; r < rb; r++) {
           const __m256 isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[r], ones));
           const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(dx[(size_t)r * G + g]));
@@ -456,7 +482,7 @@ static int amx_wanted = 1;
 #if AMX
 #define AMX_BLOCKS() do { \
     const uint8_t* wb = wt; \
-    if (bits == Q4) { unpack4(wt, G, wbuf); wb = wbuf; } \
+    if (FOUR(bits)) { unpack4(wt, G, wbuf); wb = wbuf; } \
     group_scales(bits, st, G, dmbuf); \
     for (; r0 + AR <= M; r0 += AR) amx_rows(bits, mode_, wb, dmbuf, G, K, xq + (size_t)r0 * K, dx + (size_t)r0 * G, \
                                             sx + (size_t)r0 * G, so + (size_t)r0 * G, bt, yt + (size_t)r0 * ldy, \
@@ -500,8 +526,9 @@ static void run(const int bits, const int swiglu, const float* x, int M, int K, 
                 int threads) {
   const int G = K / GS, T = N / NT;
   const int units = swiglu ? T / 2 : T, ldy = units * NT;  /* y's row: all outputs, or the N / 2 SwiGLU gives */
-  const size_t tile_bytes = (size_t)G * (bits == Q4 ? 256 : 512);
-  const size_t tile_scales = (size_t)G * (bits == Q4 ? 2 * NT * 2 : bits == Q8 ? NT * 4 : 2 * NT * 4);  /* bytes */
+  const size_t tile_bytes = (size_t)G * (FOUR(bits) ? 256 : 512);
+  const size_t tile_scales = bits == Q4K ? (size_t)G / 8 * Q4K_SUPER  /* bytes */
+                             : (size_t)G * (bits == Q4 ? 2 * NT * 2 : bits == Q8 ? NT * 4 : 2 * NT * 4);
 #if AMX
   const int amx_call = amx_wanted && M >= AMX_MIN_ROWS && amx_usable();
 #endif
@@ -513,10 +540,10 @@ static void run(const int bits, const int swiglu, const float* x, int M, int K, 
     float* dmbuf = NULL;
 #if AMX
     if (amx_call) {
-      if (bits == Q4) wbuf = aligned_alloc(64, (size_t)G * GS * NT);
+      if (FOUR(bits)) wbuf = aligned_alloc(64, (size_t)G * GS * NT);
       cbuf = aligned_alloc(64, (size_t)CHUNK * AR * NT * 4);
       dmbuf = aligned_alloc(64, (size_t)G * 2 * NT * 4);
-      amx = cbuf && dmbuf && (bits != Q4 || wbuf);
+      amx = cbuf && dmbuf && (!FOUR(bits) || wbuf);
       if (amx) amx_configure();
       else { free(wbuf); free(cbuf); free(dmbuf); }
     }
@@ -565,8 +592,10 @@ int group_quant_amx(int on) {
     run(BITS, SWIGLU, x, M, K, N, weights, scales, bias, y, xq, dx, sx, so, threads); \
   }
 ENTRY(group_quant, Q4, uint16_t, 0)
+ENTRY(group_quant_q4k, Q4K, uint8_t, 0)
 ENTRY(q8_linear, Q8, float, 0)
 ENTRY(q8z_linear, Q8Z, float, 0)
 ENTRY(group_quant_swiglu, Q4, uint16_t, 1)
+ENTRY(group_quant_q4k_swiglu, Q4K, uint8_t, 1)
 ENTRY(q8_linear_swiglu, Q8, float, 1)
 ENTRY(q8z_linear_swiglu, Q8Z, float, 1)

@@ -53,7 +53,7 @@ def _load() -> Any:
 def _product(module: Any) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None, int, int] | None:
     """(kind, weights, scales, bias, K, N) of a product the kernel runs, or None."""
     if isinstance(module, Int4Linear) and module.kernel is not None:
-        return group_quant.Q4, module.packed, module.scales_zeros, module.bias, module.in_features, module.out_features
+        return module.kind, module.packed, module.scales_zeros, module.bias, module.in_features, module.out_features
     if isinstance(module, Int8GroupLinear) and not module.padding:
         return module.kind, module.packed, module.scales, module.bias, module.in_features, module.out_features
     return None
@@ -99,7 +99,9 @@ class NativeLayers:
         kinds = (group_quant.Q4, group_quant.Q8, group_quant.Q8Z)
         self.fns = [*(_address(kernel.fns[kind]) for kind in kinds), _address(ops._norm), _address(ops._rope),
                     *(_address(kernel.swiglu_fns[kind]) for kind in kinds)]  # the C file's order
-        self.fns_after = [_address(ops._layer_norm), _address(ops._gelu)]  # after the attention kernel's
+        # after the attention kernel's: GPT-2's ops, then the Q4K kind's product and its SwiGLU
+        self.fns_after = [_address(ops._layer_norm), _address(ops._gelu), _address(kernel.fns[group_quant.Q4K]),
+                          _address(kernel.swiglu_fns[group_quant.Q4K])]  # fmt: skip
         self._table: tuple[Any, torch.Tensor] | None = None  # (the attention kernel's function, the table with it)
 
     def __call__(self, x: torch.Tensor, h: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,

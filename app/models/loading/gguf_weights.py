@@ -85,6 +85,12 @@ class GgufTensor:
 
         return self.qtype not in (T.Q4_1, T.Q5_1, T.Q4_K, T.Q5_K, T.Q2_K, T.F32, T.F16, T.BF16)
 
+    @property
+    def q4k(self) -> bool:
+        from gguf import GGMLQuantizationType as T
+
+        return bool(self.qtype == T.Q4_K)
+
     def chunks(self) -> Iterator[Levels]:
         assert self.bits is not None, f"{self.name} is a float tensor"
         for a, b in self._chunks():
@@ -106,10 +112,12 @@ class GgufTensor:
                 return Levels((signed.to(torch.int16) + 128).to(torch.uint8), 128, d, None, 8, exact=False)
             u, d, z, _ = quantize8_zero(w)  # 255 levels over [min w, max w]
             return Levels(u, 128, d, z, 8, exact=False)
-        q, off, scale, zero, bits = decoded
+        q, off, scale, zero, bits, own = decoded
         groups = k // 32
+        held = None if own is None else tuple(torch.from_numpy(a.reshape(rows, -1)) for a in own)
         return Levels(torch.from_numpy(q.reshape(rows, k)), off, torch.from_numpy(scale.reshape(rows, groups)),
-                      None if zero is None else torch.from_numpy(zero.reshape(rows, groups)), bits)  # fmt: skip
+                      None if zero is None else torch.from_numpy(zero.reshape(rows, groups)), bits,
+                      k=held)  # type: ignore[arg-type]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -225,29 +233,33 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 15, qs >> 4], axis=-1)
 
 
-def _decode(qtype: Any, blocks: np.ndarray) -> tuple[np.ndarray, int, np.ndarray, np.ndarray | None, int] | None:
-    """(u (B, block) uint8, off, d (B, groups) fp32, z or None, bits) of `blocks` (B, type size), where w =
+# (u (B, block) uint8, off, d (B, groups) fp32, z or None, bits, Q4_K's own scales or None)
+Decoded = tuple[np.ndarray, int, np.ndarray, np.ndarray | None, int, tuple[np.ndarray, ...] | None]
+
+
+def _decode(qtype: Any, blocks: np.ndarray) -> Decoded | None:
+    """(u (B, block) uint8, off, d (B, groups) fp32, z or None, bits, own) of `blocks` (B, type size), where w =
     (u - off) d + z per group of 32 holds the type exactly (GGUF's dequantization computes the same products);
-    None for a type without such a form."""
+    `own`: Q4_K's D, Dmin (B, 1) fp16 and sc, m (B, 8) uint8 (Levels.k). None for a type without such a form."""
     from gguf import GGMLQuantizationType as T
     from gguf.quants import Q4_K
 
     b = blocks.shape[0]
     if qtype == T.Q8_0:  # d, 32 int8
         q = blocks[:, 2:].copy().view(np.int8)
-        return (q.astype(np.int16) + 128).astype(np.uint8), 128, _half(blocks[:, :2]), None, 8
+        return (q.astype(np.int16) + 128).astype(np.uint8), 128, _half(blocks[:, :2]), None, 8, None
     if qtype == T.Q4_0:  # d, 16 bytes of nibbles: w = d (q - 8)
-        return _nibbles(blocks[:, 2:]), 8, _half(blocks[:, :2]), None, 4
+        return _nibbles(blocks[:, 2:]), 8, _half(blocks[:, :2]), None, 4, None
     if qtype == T.Q4_1:  # d, m, nibbles: w = d q + m
-        return _nibbles(blocks[:, 4:]), 0, _half(blocks[:, :2]), _half(blocks[:, 2:4]), 4
+        return _nibbles(blocks[:, 4:]), 0, _half(blocks[:, :2]), _half(blocks[:, 2:4]), 4, None
     if qtype in (T.Q5_0, T.Q5_1):  # d, [m,] 32 high bits, nibbles
         at = 2 if qtype == T.Q5_0 else 4
         qh = blocks[:, at : at + 4].copy().view(np.uint32)  # (B, 1)
         high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # (B, 32)
         q = _nibbles(blocks[:, at + 4 :]) | (high << 4)
         if qtype == T.Q5_0:  # w = d (q - 16)
-            return q, 16, _half(blocks[:, :2]), None, 5
-        return q, 0, _half(blocks[:, :2]), _half(blocks[:, 2:4]), 5  # w = d q + m
+            return q, 16, _half(blocks[:, :2]), None, 5, None
+        return q, 0, _half(blocks[:, :2]), _half(blocks[:, 2:4]), 5, None  # w = d q + m
     if qtype in (T.Q4_K, T.Q5_K):  # d, dmin, 12 bytes of 6-bit scales and mins, [32 high bits,] nibbles (256)
         d, dmin = _half(blocks[:, :2]), _half(blocks[:, 2:4])  # (B, 1)
         sc, m = Q4_K.get_scale_min(blocks[:, 4:16].copy())  # (B, 8) each
@@ -255,10 +267,12 @@ def _decode(qtype: Any, blocks: np.ndarray) -> tuple[np.ndarray, int, np.ndarray
         zero = -(dmin * m.astype(np.float32))  # w = scale q - dmin m
         if qtype == T.Q4_K:
             q = _nibbles(blocks[:, 16:].reshape(b, 4, 32)).reshape(b, 256)
-            return q, 0, scale, zero, 4
+            own = (blocks[:, :2].copy().view(np.float16), blocks[:, 2:4].copy().view(np.float16),
+                   sc.astype(np.uint8), m.astype(np.uint8))  # fmt: skip
+            return q, 0, scale, zero, 4, own
         qh = blocks[:, 16:48].reshape(b, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)  # (B, 8, 32)
         low = _nibbles(blocks[:, 48:].reshape(b, 4, 32)).reshape(b, 8, 32)
-        return (low | ((qh & 1) << 4)).reshape(b, 256), 0, scale, zero, 5
+        return (low | ((qh & 1) << 4)).reshape(b, 256), 0, scale, zero, 5, None
     return None
 
 

@@ -45,13 +45,14 @@ import torch
 from torch import nn
 
 from app.models.kernels import compiled
-from app.models.numerics.levels import SourceWeight, tiles
+from app.models.numerics.levels import Q4KScales, SourceWeight, tiles
 
 GROUP = 32  # inputs per group: the weights' and the activations'
 TILE = 16  # outputs per tile: one vector of int32 sums
 # The weights' kinds, kernels/group_quant.c's numbers: 4 bits with a scale and a zero (Q4_1), 8 bits symmetric
 # (Q8_0), 8 bits with a scale and a zero per group (Q8Z)
-Q4, Q8, Q8Z = 4, 8, 9
+Q4, Q4K, Q8, Q8Z = 4, 5, 8, 9
+Q4K_GROUPS = 8  # Q4K's groups per super-block (GGUF Q4_K's 256 weights), whose D and Dmin they share
 # A weight that sits on the symmetric 8-bit grid of its groups already (a Q8_0 source) reconstructs to within
 # float rounding; round-to-nearest of other weights errs by ~a quarter level on average.
 LOSSLESS_ERROR = 1e-3  # mean |w - dequantized| in levels
@@ -60,7 +61,7 @@ PROFILE_NAME = "textgen::group_quant"  # what app/bench/step_profile counts as a
 NEEDS = (("avx512_f", "avx512_bw", "avx512_vnni"), ("avx2", "fma3"))
 
 
-def pack4(q: torch.Tensor, scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack4(q: torch.Tensor, scales_zeros: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """q (N, K) in [0, 15] and scales/zeros (K / 32, N, 2) bf16 -> the kernel's weights (N / 16, K / 32, 4,
     16, 4) uint8 and scales (N / 16, K / 32, 2, 16) as bf16 bits (see kernels/group_quant.c for the layout)."""
     n, k = q.shape
@@ -69,6 +70,8 @@ def pack4(q: torch.Tensor, scales_zeros: torch.Tensor) -> tuple[torch.Tensor, to
     q6 = q.to(torch.uint8).reshape(tiles, TILE, groups, 4, 2, 4)  # (T, 16, G, p, h, i)
     nibbles = q6[..., 0, :] | (q6[..., 1, :] << 4)  # (T, 16, G, p, i)
     weights = nibbles.permute(0, 2, 3, 1, 4).contiguous()  # (T, G, p, 16, i)
+    if scales_zeros is None:  # the weights alone (pack4k)
+        return weights, weights.new_empty(0)
     scales = scales_zeros.view(torch.int16).reshape(groups, tiles, TILE, 2).permute(1, 0, 3, 2).contiguous()
     return weights, scales  # (T, G, 4, 16, 4), (T, G, 2, 16)
 
@@ -111,15 +114,41 @@ def pack8(u: torch.Tensor, d: torch.Tensor, z: torch.Tensor | None = None) -> tu
     return weights, scales.permute(0, 3, 2, 1).contiguous().squeeze(2)  # (T, G, P, 16), P = 1 dropped
 
 
-def pack4_levels(source: SourceWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """A file's 4-bit levels -> pack4's weights and scales, filled a few tiles at a time."""
+def pack4k(q: torch.Tensor, scales: Q4KScales) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (N, K) in [0, 15] and Q4_K's scales (D, Dmin (N, K / 256) fp16, sc, m (N, K / 32) uint8) -> the kernel's
+    weights (as pack4's) and Q4K scales (N / 16, K / 256, 320) bytes (kernels/group_quant.c's layout)."""
+    n, k = q.shape
+    tiles, supers = n // TILE, k // (GROUP * Q4K_GROUPS)
+    D, Dmin, sc, m = scales
+
+    def per_tile(x: torch.Tensor) -> torch.Tensor:  # (N, S) fp16 -> (T, S, 32) bytes: 16 outputs' values
+        return x.contiguous().view(torch.uint8).reshape(tiles, TILE, supers, 2).permute(0, 2, 1, 3).reshape(
+            tiles, supers, 2 * TILE)  # fmt: skip
+
+    levels = torch.stack([sc, m], dim=-1).reshape(tiles, TILE, supers, Q4K_GROUPS, 2)  # (T, 16, S, 8, 2)
+    levels = levels.permute(0, 2, 3, 4, 1).reshape(tiles, supers, Q4K_GROUPS * 2 * TILE)  # (T, S, 8 x (sc, m) x 16)
+    packed = torch.cat([per_tile(D), per_tile(Dmin), levels], dim=-1).contiguous()  # (T, S, 320)
+    return pack4(q, None)[0], packed
+
+
+def pack4_levels(source: SourceWeight) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A file's 4-bit levels -> the kernel's weights, scales and kind, filled a few tiles at a time: Q4K where the
+    file's are Q4_K's (exact), else pack4's (Q4)."""
     n, k = source.shape
+    kind = Q4K if source.q4k else Q4
     weights = torch.empty(n // TILE, k // GROUP, 4, TILE, 4, dtype=torch.uint8)
-    scales = torch.empty(n // TILE, k // GROUP, 2, TILE, dtype=torch.int16)
+    if kind == Q4K:
+        scales = torch.empty(n // TILE, k // (GROUP * Q4K_GROUPS), 320, dtype=torch.uint8)
+    else:
+        scales = torch.empty(n // TILE, k // GROUP, 2, TILE, dtype=torch.int16)
     for row, chunk in tiles(source.chunks()):
         at = slice(row // TILE, (row + chunk.shape[0]) // TILE)
-        weights[at], scales[at] = pack4(*chunk.four_bit_scales())
-    return weights, scales
+        if kind == Q4K:
+            assert chunk.k is not None
+            weights[at], scales[at] = pack4k(chunk.u, chunk.k)
+        else:
+            weights[at], scales[at] = pack4(*chunk.four_bit_scales())
+    return weights, scales, kind
 
 
 def pack8_levels(source: SourceWeight, zeros: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,9 +195,10 @@ class GroupQuantKernel:
     def __init__(self, path: Path) -> None:
         lib = ctypes.CDLL(str(path))
         p, i = ctypes.c_void_p, ctypes.c_int
-        self.fns = {Q4: lib.group_quant, Q8: lib.q8_linear, Q8Z: lib.q8z_linear}
+        self.fns = {Q4: lib.group_quant, Q4K: lib.group_quant_q4k, Q8: lib.q8_linear, Q8Z: lib.q8z_linear}
         # a fused gate/up product with SwiGLU at its store: y (M, N / 2) = silu(gate) * up
-        self.swiglu_fns = {Q4: lib.group_quant_swiglu, Q8: lib.q8_linear_swiglu, Q8Z: lib.q8z_linear_swiglu}
+        self.swiglu_fns = {Q4: lib.group_quant_swiglu, Q4K: lib.group_quant_q4k_swiglu, Q8: lib.q8_linear_swiglu,
+                           Q8Z: lib.q8z_linear_swiglu}  # fmt: skip
         lib.group_quant_isa.restype = ctypes.c_int
         lib.group_quant_amx.restype = ctypes.c_int
         lib.group_quant_amx.argtypes = [ctypes.c_int]

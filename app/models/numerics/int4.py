@@ -106,11 +106,12 @@ class Int4Linear(nn.Module):
         self.out_features, self.in_features = weight.shape  # (N, K)
         self.kernel = kernel
         self.wide: PackedLinear | None = None
+        self.kind = group_quant.Q4  # the kernel's: Q4K for a file's Q4_K levels, held with their own scales
         if isinstance(weight, torch.Tensor):
             q, scales_zeros, self.error = quantize_groups(weight)
         elif kernel is not None:  # packed a few tiles at a time: the layer is never held unpacked whole
             self.error, self.lossless = 0.0, True
-            self.packed, self.scales_zeros = group_quant.pack4_levels(weight)
+            self.packed, self.scales_zeros, self.kind = group_quant.pack4_levels(weight)
             self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
             return
         else:
@@ -131,7 +132,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
         if self.kernel is not None:
-            return self.kernel(x, self.packed, self.scales_zeros, self.bias, self.out_features, group_quant.Q4)
+            return self.kernel(x, self.packed, self.scales_zeros, self.bias, self.out_features, self.kind)
         if in_prompt_pass() and self.wide is not None:
             wide: torch.Tensor = self.wide(x)
             return wide
@@ -145,11 +146,12 @@ class Int4Linear(nn.Module):
         """As a fused gate/up product (gate's N / 2 outputs, then up's): silu(gate) * up, in the kernel's store.
         Only with `kernel`."""
         assert self.kernel is not None, "SwiGLU in the product needs the group-quantized kernel"
-        return self.kernel(x, self.packed, self.scales_zeros, self.bias, self.out_features, group_quant.Q4,
+        return self.kernel(x, self.packed, self.scales_zeros, self.bias, self.out_features, self.kind,
                            swiglu=True)  # fmt: skip
 
     def extra_repr(self) -> str:
         kind = "lossless" if self.lossless else f"error {self.error:.2f} steps"
+        kind += ", Q4_K's scales" if self.kind == group_quant.Q4K else ""
         kernel = f"w4a8 {self.kernel.isa}" if self.kernel is not None else "torch int4"
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{GROUP} ({kind}, {kernel})"
 

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 GROUP = 32
+# GGUF Q4_K's own scales: D, Dmin (N, K / 256) fp16, sc, m (N, K / 32) uint8, with d = D sc and z = -Dmin m
+Q4KScales = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -33,6 +35,7 @@ class Levels:
     z: torch.Tensor | None  # (N, K / 32) fp32
     bits: int
     exact: bool = True
+    k: Q4KScales | None = None  # where they are a Q4_K's: d and z as it holds them (the kernel's exact Q4K kind)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -73,8 +76,10 @@ def concat(parts: list[Levels]) -> Levels:
     zs = [p.z for p in widened]
     z = None if all(x is None for x in zs) else torch.cat([x if x is not None else torch.zeros_like(p.d)
                                                           for x, p in zip(zs, widened, strict=True)])  # fmt: skip
+    ks = [p.k for p in widened]
+    k = None if any(x is None for x in ks) else tuple(torch.cat(t) for t in zip(*ks, strict=True))
     return Levels(torch.cat([p.u for p in widened]), widened[0].off, torch.cat([p.d for p in widened]), z,
-                  widened[0].bits, all(p.exact for p in widened))  # fmt: skip
+                  widened[0].bits, all(p.exact for p in widened), k)  # type: ignore[arg-type]  # fmt: skip
 
 
 class SourceWeight(Protocol):
@@ -89,6 +94,10 @@ class SourceWeight(Protocol):
     @property
     def symmetric(self) -> bool:
         """Its levels have no z."""
+
+    @property
+    def q4k(self) -> bool:
+        """Its levels carry Q4_K's own scales (`Levels.k`) in every chunk."""
 
     def dense(self) -> torch.Tensor:
         """(N, K) fp32: the file's own dequantization."""
@@ -193,6 +202,7 @@ class Stacked:
         bits = [p.bits for p in parts]
         self.bits = None if None in bits else 4 if all(b == 4 for b in bits) else 8
         self.symmetric = all(p.symmetric for p in parts)
+        self.q4k = self.bits == 4 and all(p.q4k for p in parts)
 
     def dense(self) -> torch.Tensor:
         return torch.cat([p.dense() for p in self.parts])

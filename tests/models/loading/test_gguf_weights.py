@@ -118,6 +118,35 @@ def test_the_kernel_computes_with_the_files_levels(typed_file: tuple[Path, dict[
     assert torch.allclose(pair(x)[:, :ROWS], layer(x), rtol=0.02, atol=0.02 * float(want.abs().mean()))
 
 
+@pytest.mark.skipif(group_quant.load() is None, reason="the group-quantized kernel does not build here")
+def test_q4_k_runs_its_own_scales_exactly(typed_file: tuple[Path, dict[T, np.ndarray]]) -> None:
+    """A Q4_K weight takes the kernel's Q4K kind (D sc and Dmin m per group, exact in fp32, where Q4's bf16 scales
+    round them): its products are those of the same levels widened to 8 bits (Q8Z, exact too) to float rounding,
+    on the VNNI path and the AMX one alike, each row alone as in a batch."""
+    path, _ = typed_file
+    kernel = group_quant.load()
+    assert kernel is not None
+    x = torch.randn(37, COLS, generator=torch.Generator().manual_seed(2))
+    with path.open("rb") as fh:
+        tensor = _tensor(path, fh, T.Q4_K)
+        four = Int4Linear(tensor, None, kernel=kernel)
+        eight = Int8GroupLinear(tensor, None, kernel)
+    assert four.kind == group_quant.Q4K and eight.kind == group_quant.Q8Z
+    assert four.scales_zeros.numel() == ROWS * (COLS // 256) * 20  # 2.5 bytes of scales per group of 32
+    with torch.inference_mode():
+        want = eight(x)
+        got = four(x)
+        alone = torch.cat([four(x[i : i + 1]) for i in range(37)])
+        was = kernel.amx
+        kernel.use_amx(False)
+        try:
+            vnni = four(x)
+        finally:
+            kernel.use_amx(was)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    assert torch.equal(got, alone) and torch.equal(got, vnni)
+
+
 def test_an_embedding_table_stays_in_its_levels(typed_file: tuple[Path, dict[T, np.ndarray]]) -> None:
     path, expected = typed_file
     ids = torch.tensor([[0, 5], [47, 5]])
