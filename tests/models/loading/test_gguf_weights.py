@@ -13,6 +13,7 @@ from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter, dequantize, quantize
 from gguf import GGMLQuantizationType as T
 
 from app.config import Settings
+from app.models.loading import gguf_weights
 from app.models.loading.gguf_weights import GgufTensor, index
 from app.models.loading.loader import LoadedModel, load_model
 from app.models.loading.store import GGUF_FILE, OFFLINE_DEFAULT, ModelStore
@@ -116,6 +117,16 @@ def test_the_kernel_computes_with_the_files_levels(typed_file: tuple[Path, dict[
     # int8 activations per group of 32 (and bf16 scales for 4 bits): ~1% of a product
     assert float((layer(x) - want).norm() / want.norm()) < 0.02
     assert torch.allclose(pair(x)[:, :ROWS], layer(x), rtol=0.02, atol=0.02 * float(want.abs().mean()))
+
+
+@pytest.mark.skipif(gguf_weights._blocks_kernel() is None, reason="the Q6_K converter does not build here")
+def test_q6_k_to_8_bits_in_c_is_the_torch_path_bit_for_bit(typed_file: tuple[Path, dict[T, np.ndarray]]) -> None:
+    path, _ = typed_file
+    with path.open("rb") as fh:
+        blocks = _tensor(path, fh, T.Q6_K)._raw(0, ROWS).reshape(-1, GGML_QUANT_SIZES[T.Q6_K][1])
+    u, d = gguf_weights._q6_k_to_q8(blocks)
+    signed, want_d, _ = group_quant.quantize8(gguf_weights._q6_k(blocks), measure=False)
+    assert torch.equal(u, (signed.to(torch.int16) + 128).to(torch.uint8)) and torch.equal(d, want_d)
 
 
 @pytest.mark.skipif(group_quant.load() is None, reason="the group-quantized kernel does not build here")
