@@ -141,8 +141,9 @@ class SourceLinear(nn.Module):
 
 class LevelsEmbedding(nn.Module):
     """An embedding table held as the file's levels (4 bits two to a byte, or 8), each looked-up row dequantized
-    as the file's own dequantization does: a quarter or less of fp32's bytes, the same vectors. `scale`: a factor the
-    model's own embedding multiplies by (Gemma's sqrt(hidden))."""
+    as the file's own dequantization does: a quarter or less of fp32's bytes, the same vectors. A Q4_K table keeps
+    its own scales (`Levels.k`: 2.5 bytes a group of 32 against fp32 d and z's 8; Qwen2.5-1.5B's 175 -> 135 MB).
+    `scale`: a factor the model's own embedding multiplies by (Gemma's sqrt(hidden))."""
 
     def __init__(self, source: SourceWeight, scale: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -151,11 +152,17 @@ class LevelsEmbedding(nn.Module):
         self.bits, self.off = (4, 0) if source.bits == 4 else (8, 128)  # one type per tensor: one offset (below)
         # buffers: they move with the model (.to(device)); not saved (the file holds them)
         self.u: torch.Tensor
-        self.d: torch.Tensor
-        self.z: torch.Tensor | None
         self.register_buffer("u", torch.empty(v, k // 2 if self.bits == 4 else k, dtype=torch.uint8), persistent=False)
-        self.register_buffer("d", torch.empty(v, k // GROUP), persistent=False)  # (V, K / 32)
-        self.register_buffer("z", None if source.symmetric else torch.empty(v, k // GROUP), persistent=False)
+        self.q4k = source.bits == 4 and source.q4k
+        groups = k // GROUP
+        # Q4_K: D, Dmin (V, K / 256) fp16 and sc, m (V, K / 32) uint8; else d and z (V, K / 32) fp32
+        shapes = ([("D", (v, groups // 8), torch.float16), ("Dmin", (v, groups // 8), torch.float16),
+                   ("sc", (v, groups), torch.uint8), ("m", (v, groups), torch.uint8)] if self.q4k
+                  else [("d", (v, groups), torch.float32),
+                        *([] if source.symmetric else [("z", (v, groups), torch.float32)])])  # fmt: skip
+        self.held = [name for name, _, _ in shapes]
+        for name, shape, dtype in shapes:
+            self.register_buffer(name, torch.empty(shape, dtype=dtype), persistent=False)
         row = 0
         for chunk in source.chunks():
             rows = chunk.shape[0]
@@ -163,9 +170,11 @@ class LevelsEmbedding(nn.Module):
             u = levels.u
             self.off = levels.off
             self.u[row : row + rows] = (u[:, 0::2] | (u[:, 1::2] << 4)) if self.bits == 4 else u
-            self.d[row : row + rows] = levels.d
-            if self.z is not None:
-                self.z[row : row + rows] = levels.z if levels.z is not None else 0
+            assert levels.k is not None or not self.q4k
+            zero = levels.z if levels.z is not None else 0
+            parts = levels.k if levels.k is not None and self.q4k else (levels.d, zero)
+            for name, part in zip(self.held, parts, strict=False):  # d alone where there is no z
+                getattr(self, name)[row : row + rows] = part
             row += rows
         self.scale = scale
 
@@ -174,8 +183,13 @@ class LevelsEmbedding(nn.Module):
         rows = self.u.index_select(0, flat)  # (M, K / 2) or (M, K)
         if self.bits == 4:
             rows = torch.stack([rows & 15, rows >> 4], dim=-1).reshape(flat.shape[0], -1)  # (M, K)
-        z = None if self.z is None else self.z.index_select(0, flat)
-        w = Levels(rows, self.off, self.d.index_select(0, flat), z, self.bits).dequantize()  # (M, K)
+        held = {name: getattr(self, name).index_select(0, flat) for name in self.held}
+        if self.q4k:  # d = D sc, z = -(Dmin m) in fp32: the numbers the file's own dequantization forms
+            d = held["D"].float().repeat_interleave(8, dim=1) * held["sc"].float()
+            z: torch.Tensor | None = -(held["Dmin"].float().repeat_interleave(8, dim=1) * held["m"].float())
+        else:
+            d, z = held["d"], held.get("z")
+        w = Levels(rows, self.off, d, z, self.bits).dequantize()  # (M, K)
         if self.scale is not None:
             w = w * self.scale.to(w.dtype)
         return w.reshape(*ids.shape, self.embedding_dim)
