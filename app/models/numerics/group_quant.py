@@ -53,6 +53,7 @@ TILE = 16  # outputs per tile: one vector of int32 sums
 # (Q8_0), 8 bits with a scale and a zero per group (Q8Z)
 Q4, Q4K, Q8, Q8Z = 4, 5, 8, 9
 Q4K_GROUPS = 8  # Q4K's groups per super-block (GGUF Q4_K's 256 weights), whose D and Dmin they share
+Q4K_SUPER_BYTES = 320  # a tile's Q4K scales per super-block: D and Dmin (16 fp16 each), then 8 x (sc, m) x 16
 # A weight that sits on the symmetric 8-bit grid of its groups already (a Q8_0 source) reconstructs to within
 # float rounding; round-to-nearest of other weights errs by ~a quarter level on average.
 LOSSLESS_ERROR = 1e-3  # mean |w - dequantized| in levels
@@ -61,17 +62,22 @@ PROFILE_NAME = "textgen::group_quant"  # what app/bench/step_profile counts as a
 NEEDS = (("avx512_f", "avx512_bw", "avx512_vnni"), ("avx2", "fma3"))
 
 
-def pack4(q: torch.Tensor, scales_zeros: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (N, K) in [0, 15] and scales/zeros (K / 32, N, 2) bf16 -> the kernel's weights (N / 16, K / 32, 4,
-    16, 4) uint8 and scales (N / 16, K / 32, 2, 16) as bf16 bits (see kernels/group_quant.c for the layout)."""
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """q (N, K) in [0, 15] -> the kernel's 4-bit weights (N / 16, K / 32, 4, 16, 4) uint8 (Q4's and Q4K's)."""
     n, k = q.shape
     tiles, groups = n // TILE, k // GROUP
     # input k = 32 g + 8 p + 4 h + i: h = 0 goes to the low nibble, h = 1 to the high one
     q6 = q.to(torch.uint8).reshape(tiles, TILE, groups, 4, 2, 4)  # (T, 16, G, p, h, i)
     nibbles = q6[..., 0, :] | (q6[..., 1, :] << 4)  # (T, 16, G, p, i)
-    weights = nibbles.permute(0, 2, 3, 1, 4).contiguous()  # (T, G, p, 16, i)
-    if scales_zeros is None:  # the weights alone (pack4k)
-        return weights, weights.new_empty(0)
+    return nibbles.permute(0, 2, 3, 1, 4).contiguous()  # (T, G, p, 16, i)
+
+
+def pack4(q: torch.Tensor, scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (N, K) in [0, 15] and scales/zeros (K / 32, N, 2) bf16 -> the kernel's weights (N / 16, K / 32, 4,
+    16, 4) uint8 and scales (N / 16, K / 32, 2, 16) as bf16 bits (see kernels/group_quant.c for the layout)."""
+    n, k = q.shape
+    tiles, groups = n // TILE, k // GROUP
+    weights = pack_nibbles(q)
     scales = scales_zeros.view(torch.int16).reshape(groups, tiles, TILE, 2).permute(1, 0, 3, 2).contiguous()
     return weights, scales  # (T, G, 4, 16, 4), (T, G, 2, 16)
 
@@ -128,7 +134,7 @@ def pack4k(q: torch.Tensor, scales: Q4KScales) -> tuple[torch.Tensor, torch.Tens
     levels = torch.stack([sc, m], dim=-1).reshape(tiles, TILE, supers, Q4K_GROUPS, 2)  # (T, 16, S, 8, 2)
     levels = levels.permute(0, 2, 3, 4, 1).reshape(tiles, supers, Q4K_GROUPS * 2 * TILE)  # (T, S, 8 x (sc, m) x 16)
     packed = torch.cat([per_tile(D), per_tile(Dmin), levels], dim=-1).contiguous()  # (T, S, 320)
-    return pack4(q, None)[0], packed
+    return pack_nibbles(q), packed
 
 
 def pack4_levels(source: SourceWeight) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -138,7 +144,7 @@ def pack4_levels(source: SourceWeight) -> tuple[torch.Tensor, torch.Tensor, int]
     kind = Q4K if source.q4k else Q4
     weights = torch.empty(n // TILE, k // GROUP, 4, TILE, 4, dtype=torch.uint8)
     if kind == Q4K:
-        scales = torch.empty(n // TILE, k // (GROUP * Q4K_GROUPS), 320, dtype=torch.uint8)
+        scales = torch.empty(n // TILE, k // (GROUP * Q4K_GROUPS), Q4K_SUPER_BYTES, dtype=torch.uint8)
     else:
         scales = torch.empty(n // TILE, k // GROUP, 2, TILE, dtype=torch.int16)
     for row, chunk in tiles(source.chunks()):
